@@ -1,0 +1,132 @@
+"""Value types and value encoding shared by every backend.
+
+Declared ``value_type`` rules live here, once, so that every backend accepts
+and normalises exactly the same values: switching backend never changes what
+is accepted. This module must stay importable without numpy (the manager
+server imports it), so the type table is plain Python.
+"""
+
+from __future__ import annotations
+
+import operator
+import pickle
+from typing import Any, Callable
+
+__all__ = ["ValueType", "VALUE_TYPES", "value_type", "dumps", "loads"]
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def dumps(value: Any) -> bytes:
+    """Pickle ``value``; an unpicklable value raises ``TypeError`` saying what would work."""
+    try:
+        return pickle.dumps(value, PROTOCOL)
+    except Exception as exc:  # PicklingError, TypeError, AttributeError (local objects)
+        raise TypeError(
+            f"cannot store a value of type {type(value).__name__!r}: it cannot be pickled "
+            f"({exc}). Store plain data (numbers, str, bytes, lists, dicts, dataclasses "
+            f"defined at module level) instead."
+        ) from None
+
+
+loads = pickle.loads
+
+
+class ValueType:
+    """One declared value type: its name, kind and the coercion it applies."""
+
+    __slots__ = ("name", "kind", "lo", "hi", "coerce")
+
+    def __init__(self, name: str, kind: str, lo: int | None = None, hi: int | None = None):
+        self.name, self.kind, self.lo, self.hi = name, kind, lo, hi
+        self.coerce: Callable[[Any], Any] = {
+            "int": self._int,
+            "float": self._float,
+            "bool": self._bool,
+        }[kind]
+
+    def _reject(self, value: Any) -> TypeError:
+        want = {
+            "int": "an int",
+            "float": "an int or a float",
+            "bool": "True or False",
+        }[self.kind]
+        return TypeError(
+            f"this mapping holds {self.name} values (value_type={self.name!r}); "
+            f"got {type(value).__name__} {value!r:.60}, expected {want}"
+        )
+
+    def _int(self, value: Any) -> int:
+        if isinstance(value, bool) or isinstance(value, float):
+            raise self._reject(value)
+        try:
+            v = operator.index(value)
+        except TypeError:
+            raise self._reject(value) from None
+        if not self.lo <= v <= self.hi:  # type: ignore[operator]
+            raise ValueError(
+                f"{v} does not fit value_type={self.name!r} (range {self.lo} .. {self.hi})"
+            )
+        return v
+
+    def _float(self, value: Any) -> float:
+        if isinstance(value, (bool, str, bytes)):
+            raise self._reject(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise self._reject(value) from None
+
+    def _bool(self, value: Any) -> bool:
+        if value is True or value is False or type(value).__name__ == "bool_":
+            return bool(value)
+        raise self._reject(value)
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind in ("int", "float")
+
+    def __repr__(self) -> str:
+        return f"ValueType({self.name!r})"
+
+
+def _int_types() -> dict[str, ValueType]:
+    out = {}
+    for bits in (8, 16, 32, 64):
+        out[f"int{bits}"] = ValueType(f"int{bits}", "int", -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        out[f"uint{bits}"] = ValueType(f"uint{bits}", "int", 0, 2**bits - 1)
+    return out
+
+
+VALUE_TYPES: dict[str, ValueType] = {
+    **_int_types(),
+    "float32": ValueType("float32", "float"),
+    "float64": ValueType("float64", "float"),
+    "bool": ValueType("bool", "bool"),
+}
+_ALIASES = {"int": "int64", "float": "float64", "double": "float64", "bool_": "bool"}
+
+
+def value_type(spec: Any) -> str | None:
+    """Normalise a ``value_type`` option to one of :data:`VALUE_TYPES`' names, or ``None``.
+
+    Accepts the names (``"int64"``), the Python types ``int``/``float``/``bool`` and
+    numpy dtypes or scalar types (anything with a ``.name`` or ``__name__`` that names one).
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, type) and spec in (int, float, bool):
+        name = {int: "int64", float: "float64", bool: "bool"}[spec]
+    elif isinstance(spec, str):
+        name = spec
+    else:
+        name = getattr(spec, "name", None) or getattr(spec, "__name__", None)
+        if not isinstance(name, str):
+            name = repr(spec)
+    name = _ALIASES.get(name, name)
+    if name not in VALUE_TYPES:
+        raise ValueError(
+            f"value_type {spec!r} is not supported; use one of {sorted(VALUE_TYPES)}, "
+            f"or leave it unset to store any picklable value"
+        )
+    return name

@@ -1,0 +1,95 @@
+"""The functions users call: :func:`open`, :func:`destroy`, :func:`backends`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from . import _runtime, config, registry
+from .base import SharedMapping
+from .errors import NotFoundError, ShareitError
+
+__all__ = ["open", "destroy", "backends"]
+
+_builtin_open = open
+
+
+def open(  # noqa: A001 - named like shelve.open and dbm.open on purpose
+    name: str | None = None,
+    *,
+    backend: str | None = None,
+    create: bool = True,
+    **options: Any,
+) -> SharedMapping:
+    """Create or attach to a shared mapping.
+
+    Parameters
+    ----------
+    name
+        Mappings of the same name share data. ``None`` makes an anonymous
+        mapping, shared by passing it to child processes.
+    backend
+        How it is shared: ``"manager"``, ... (see :func:`backends`). When not
+        given, it comes from ``SHAREIT_BACKEND``, the configuration file, or
+        the default.
+    create
+        With ``False``, only attach: :class:`~shareit.NotFoundError` if no
+        live mapping of that name exists.
+    **options
+        ``value_type``, ``keys``, ``capacity``, ``timeout``, ``serializer``,
+        ``persist``, and backend-specific ones such as ``url``. See
+        :mod:`shareit.config` for how they combine with the environment and
+        the configuration file.
+
+    Returns
+    -------
+    SharedMapping
+        A ``MutableMapping``; ``d.config`` shows the resolved options.
+    """
+    if name is not None:
+        _runtime.check_name(name)
+    kwargs = dict(options)
+    if backend is not None:
+        kwargs["backend"] = backend
+    cls = registry.load(config.pick_backend(name, kwargs))
+    cfg = config.resolve(name, kwargs, extra=cls.options)
+    cls.check_config(cfg)
+    return cls._open(name, cfg, create=create)
+
+
+def destroy(name: str) -> None:
+    """Remove the named mapping for every process that uses it."""
+    _runtime.check_name(name)
+    record = _runtime.read_meta(name)
+    if record is None:
+        raise NotFoundError(f"no shared mapping named {name!r} exists")
+    open(name, backend=record["backend"], create=False).destroy()
+
+
+def backends() -> dict[str, dict[str, Any]]:
+    """Every registered backend with its capabilities, or why it is unavailable.
+
+    Returns
+    -------
+    dict
+        ``{name: {"available": bool, "reason": str, <capability>: value, ...}}``
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name in registry.names():
+        try:
+            cls = registry.load(name)
+        except ShareitError as exc:
+            out[name] = {"available": False, "reason": str(exc)}
+            continue
+        caps = dataclasses.asdict(cls.capabilities)
+        caps.pop("extra", None)
+        caps["value_kinds"] = sorted(caps["value_kinds"])
+        caps["start_methods"] = sorted(caps["start_methods"])
+        if caps["key_types"] is not None:
+            caps["key_types"] = [t.__name__ for t in caps["key_types"]]
+        out[name] = {"available": True, "reason": "", "doc": _first_line(cls.__doc__), **caps}
+    return out
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc else ""

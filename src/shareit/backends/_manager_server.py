@@ -1,0 +1,311 @@
+"""The manager backend's server process: holds the data, runs atomic operations.
+
+Started by :mod:`shareit.backends.manager` as ``python -m
+shareit.backends._manager_server`` with its parameters pickled on stdin. It
+listens on a Linux abstract Unix socket (nothing to leak on disk) and checks
+the same HMAC challenge as ``multiprocessing`` managers, per connection, in
+that connection's thread (so a stalled client cannot block ``accept``).
+
+One thread serves each client connection, and a client uses one connection per
+thread, so "the server thread serving this call" identifies the calling
+client thread. That is what ``lock()`` records as its holder: when the client
+dies, its connection ends, its server thread ends, and the lock is released
+at once -- no pid polling, no lease.
+
+Values are kept pickled: the server never needs the classes of user values,
+only ``incr`` unpickles (numbers). The server exits when its owner process
+dies (``pidfd``) unless the mapping is persistent, and on ``shutdown``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
+
+from .. import _codec, _runtime
+from ..errors import LockTimeoutError
+
+_dumps, _loads = pickle.dumps, pickle.loads
+_PROTO = pickle.HIGHEST_PROTOCOL
+
+
+class Store:
+    """The data and the one lock; every op_* method is one client request."""
+
+    def __init__(self, value_type: str | None):
+        self.data: dict = {}
+        self.cond = threading.Condition(threading.Lock())
+        self.holder: threading.Thread | None = None
+        self.depth = 0
+        self.vt = _codec.VALUE_TYPES[value_type] if value_type else None
+        self.tls = threading.local()
+
+    # -- the user lock ------------------------------------------------------------
+
+    def _wait_free(self, timeout: float) -> None:
+        """With ``cond`` held: wait until no *other* client holds the user lock."""
+        me = threading.current_thread()
+        deadline = None
+        while self.holder is not None and self.holder is not me:
+            if not self.holder.is_alive():  # belt and braces; serve() releases on exit
+                self.holder, self.depth = None, 0
+                break
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + timeout
+            if now >= deadline:
+                raise LockTimeoutError(
+                    f"the mapping is locked by another process and was not released within "
+                    f"{timeout:g} s; pass a larger timeout if that is expected"
+                )
+            self.cond.wait(min(deadline - now, 0.5))
+
+    def _take(self, timeout: float) -> bool:
+        try:
+            self._wait_free(timeout)
+        except LockTimeoutError:
+            return False
+        self.holder = threading.current_thread()
+        self.depth += 1
+        return True
+
+    def op_acquire(self, timeout: float) -> bool:
+        with self.cond:
+            return self._take(timeout)
+
+    def op_release(self) -> None:
+        with self.cond:
+            self._release_one()
+
+    def _release_one(self) -> None:
+        if self.holder is not threading.current_thread():
+            raise RuntimeError("release of a lock() this thread does not hold")
+        self.depth -= 1
+        if self.depth == 0:
+            self.holder = None
+            self.cond.notify_all()
+
+    def release_all_of(self, thread: threading.Thread) -> None:
+        with self.cond:
+            if self.holder is thread:
+                self.holder, self.depth = None, 0
+                self.cond.notify_all()
+
+    # -- reads: never wait for the lock -------------------------------------------
+
+    def op_get(self, key):
+        return self.data[key]
+
+    def op_has(self, key) -> bool:
+        return key in self.data
+
+    def op_len(self) -> int:
+        return len(self.data)
+
+    def op_keys(self) -> list:
+        return list(self.data)
+
+    def op_items(self) -> list:
+        return list(self.data.items())
+
+    # -- writes: wait while another client holds the lock ---------------------------
+
+    def op_set(self, key, blob: bytes) -> None:
+        with self.cond:
+            self._wait_free(self.tls.timeout)
+            self.data[key] = blob
+
+    def op_del(self, key) -> None:
+        with self.cond:
+            self._wait_free(self.tls.timeout)
+            del self.data[key]
+
+    def op_update(self, pairs: list) -> None:
+        with self.cond:
+            self._wait_free(self.tls.timeout)
+            self.data.update(pairs)
+
+    def op_clear(self) -> None:
+        with self.cond:
+            self._wait_free(self.tls.timeout)
+            self.data.clear()
+
+    def op_pop(self, key):
+        with self.cond:
+            self._wait_free(self.tls.timeout)
+            return self.data.pop(key)
+
+    def op_popitem(self):
+        with self.cond:
+            self._wait_free(self.tls.timeout)
+            if not self.data:
+                raise KeyError("popitem(): mapping is empty")
+            return self.data.popitem()
+
+    def op_setdefault(self, key, blob: bytes) -> bytes:
+        with self.cond:
+            self._wait_free(self.tls.timeout)
+            return self.data.setdefault(key, blob)
+
+    def op_incr(self, key, delta, default):
+        from ..base import _add  # the same rule and message as the generic incr
+
+        with self.cond:
+            self._wait_free(self.tls.timeout)
+            blob = self.data.get(key)
+            current = default if blob is None else _loads(blob)
+            new = _add(key, current, delta)
+            if self.vt is not None:
+                new = self.vt.coerce(new)
+            self.data[key] = _dumps(new, _PROTO)
+            return new
+
+    def op_lock_get(self, key, timeout: float):
+        """Take the user lock and read ``key`` in one round trip (for transform/edit)."""
+        with self.cond:
+            if not self._take(timeout):
+                return None
+            return (True, self.data.get(key))
+
+    def op_set_release(self, key, blob: bytes) -> None:
+        with self.cond:
+            self.data[key] = blob
+            self._release_one()
+
+    def op_hello(self, timeout: float) -> int:
+        self.tls.timeout = timeout
+        return os.getpid()
+
+    def op_info(self) -> dict:
+        holder = self.holder
+        return {
+            "pid": os.getpid(),
+            "keys": len(self.data),
+            "bytes": sum(len(b) for b in self.data.values()),
+            "lock_held": holder is not None,
+            "lock_holder": getattr(holder, "client_pid", None) if holder else None,
+        }
+
+
+class Server:
+    def __init__(self, params: dict):
+        self.params = params
+        self.store = Store(params["value_type"])
+        self.ops = {
+            name[3:]: getattr(self.store, name) for name in dir(self.store) if name.startswith("op_")
+        }
+        self.authkey: bytes = params["authkey"]
+
+    def serve(self, conn: Connection) -> None:
+        me = threading.current_thread()
+        store, ops = self.store, self.ops
+        store.tls.timeout = self.params["timeout"]
+        try:
+            conn_setup(conn, self.params["timeout"], self.params["timeout"])
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+            conn_setup(conn, 0, self.params["timeout"])  # an idle client may wait forever
+            recv, send = conn.recv_bytes, conn.send_bytes
+            while True:
+                raw = recv()
+                try:
+                    op, *args = _loads(raw)
+                except Exception as exc:
+                    send(_dumps((False, _unloadable(exc)), _PROTO))
+                    continue
+                if op == "shutdown":
+                    self.shutdown(conn)
+                if op == "hello":
+                    me.client_pid = args[1]  # type: ignore[attr-defined]
+                    args = args[:1]
+                try:
+                    reply = (True, ops[op](*args))
+                except BaseException as exc:  # sent back to the caller, raised there
+                    reply = (False, exc)
+                send(_dumps(reply, _PROTO))
+        except (EOFError, OSError):
+            pass  # the client went away (or failed authentication)
+        finally:
+            store.release_all_of(me)
+            conn.close()
+
+    def shutdown(self, conn: Connection | None) -> None:
+        self.remove_record()
+        if conn is not None:
+            try:
+                conn.send_bytes(_dumps((True, None), _PROTO))
+            except OSError:
+                pass
+        os._exit(0)
+
+    def remove_record(self) -> None:
+        name = self.params.get("name")
+        if name is None:
+            return
+        record = _runtime.read_meta(name)
+        if record is not None and record.get("address") == self.params["address"]:
+            _runtime.remove_meta(name)
+
+    def watch_owner(self) -> None:
+        """Exit when the owner process dies, so no server outlives it as an orphan."""
+        pid, start = self.params["owner_pid"], self.params["owner_start"]
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            fd = None
+        while True:
+            if fd is not None:
+                select.select([fd], [], [], 5.0)
+            else:  # pragma: no cover - kernels without pidfd
+                time.sleep(0.2)
+            if not _runtime.pid_alive(pid, start):
+                self.shutdown(None)
+
+    def run(self) -> None:
+        listener = Listener(self.params["address"], family="AF_UNIX", backlog=128)
+        if not self.params["persist"]:
+            threading.Thread(target=self.watch_owner, daemon=True).start()
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        while True:
+            conn = listener.accept()
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+
+def conn_setup(conn: Connection, recv_timeout: float, send_timeout: float) -> None:
+    """Bound reads and writes on ``conn`` (0: no bound), so a stalled peer cannot hang us.
+
+    With SO_RCVTIMEO/SO_SNDTIMEO a stalled read fails with EAGAIN, which costs
+    nothing per call, unlike a ``poll()`` before every ``recv()``.
+    """
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        for opt, t in ((socket.SO_RCVTIMEO, recv_timeout), (socket.SO_SNDTIMEO, send_timeout)):
+            sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", int(t), int((t % 1) * 1e6)))
+    finally:
+        sock.close()
+
+
+def _unloadable(exc: Exception) -> TypeError:
+    return TypeError(
+        f"the manager server cannot load this key ({type(exc).__name__}: {exc}); "
+        f"use keys of built-in types (str, int, bytes, tuples of these)"
+    )
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the owner, who shuts us down
+    params = pickle.loads(sys.stdin.buffer.read())
+    Server(params).run()
+
+
+if __name__ == "__main__":
+    main()

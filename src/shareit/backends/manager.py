@@ -1,0 +1,420 @@
+"""The ``manager`` backend: a server process holds the data.
+
+Features
+--------
+- Any picklable value, any hashable key whose type the server can import
+  (built-in types always).
+- Every call is one round trip; ``incr``, ``update``, ``clear``, ``pop``,
+  ``setdefault``, ``snapshot``/``dict(d)``/``items()`` and iteration each cost
+  one, not one per key. ``transform``/``edit`` cost two (lock+read, then
+  write+unlock), because the user's function runs in the caller, not in the
+  server (the server cannot import functions defined in the caller's
+  ``__main__``).
+- A lock holder that dies releases ``lock()`` at once: the lock is held by the
+  server thread of the holder's connection, which ends when the holder does.
+- A killed server raises :class:`~shareit.BackendDiedError` on every later
+  call; a stopped one :class:`~shareit.BackendTimeoutError` after ``timeout``.
+- The server exits when its owner exits or dies (unless ``persist=True``).
+- A named mapping can be attached by name from any process of the same user:
+  the address (an abstract Unix socket) and the auth key are in
+  ``/dev/shm/shareit-NAME.meta``, mode 0600.
+
+Configuration
+-------------
+``shareit.open("jobs", backend="manager", timeout=5)``; in ``shareit.toml``::
+
+    [mappings.jobs]
+    backend = "manager"
+
+or ``SHAREIT_BACKEND=manager`` in the environment.
+
+Why not ``multiprocessing.Manager`` itself: its proxies have no timeout (a
+stopped server hangs every caller), iterate one round trip per key, cannot
+release a lock whose holder died, and leave the server running as an orphan
+when the owner is killed. The server here keeps Manager's transport
+(``multiprocessing.connection`` with its HMAC challenge) and fixes those.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import secrets
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from typing import Any, Callable, Iterator
+
+from .. import _codec, _runtime
+from ..base import MISSING, Capabilities, SharedMapping, _check_number
+from ..config import Config
+from ..errors import BackendDiedError, BackendTimeoutError, BackendUnavailableError, LockTimeoutError
+from ._manager_server import conn_setup
+
+_dumps, _loads = pickle.dumps, pickle.loads
+_PROTO = pickle.HIGHEST_PROTOCOL
+_GRACE = 2.0  # seconds beyond a server-side wait before the client calls the server hung
+
+# A connection is per (process, thread). After fork, the child must never use the
+# parent's socket: a counter bumped in every forked child invalidates cached ones.
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class ManagerMapping(SharedMapping):
+    """A mapping held by a server process; one round trip per operation."""
+
+    backend = "manager"
+    capabilities = Capabilities(
+        attach_by_name=True,
+        cross_machine=False,
+        ordered=True,
+        notes="server process; one round trip per call",
+    )
+
+    def __init__(self, name: str | None, config: Config, address: str, authkey: bytes):
+        super().__init__(name, config)
+        self._address = address
+        self._authkey = authkey
+        self._tls = threading.local()
+        self._conns: list[Connection] = []
+        self._conns_lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def _create(cls, name: str | None, config: Config) -> "ManagerMapping":
+        address = f"\0shareit-{name or 'anon'}-{os.getpid()}-{secrets.token_hex(6)}"
+        authkey = secrets.token_bytes(32)
+        proc = _start_server(name, config, address, authkey)
+        self = cls(name, config, address, authkey)
+        self._proc = proc
+        if name is not None:
+            self._publish(
+                address=address,
+                authkey=authkey.hex(),
+                server_pid=proc.pid,
+                server_start=_runtime.proc_start_time(proc.pid),
+            )
+        return self
+
+    @classmethod
+    def _attach_record(cls, name: str, config: Config, record: dict) -> "ManagerMapping":
+        self = cls(name, config, record["address"], bytes.fromhex(record["authkey"]))
+        self._call("len")  # fail now, with BackendDiedError, if the server is gone
+        return self
+
+    @classmethod
+    def _cleanup_record(cls, name: str, record: dict) -> None:
+        pid = record.get("server_pid")
+        if pid and _runtime.pid_alive(pid, record.get("server_start")):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
+    def _handle(self) -> tuple:
+        return (self._name, self._config, self._address, self._authkey)
+
+    @classmethod
+    def _from_handle(cls, handle: tuple) -> "ManagerMapping":
+        return cls(*handle)
+
+    def _close(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            if getattr(conn, "_shareit_pid", None) == os.getpid():
+                conn.close()
+        self._tls = threading.local()
+
+    def _destroy(self) -> None:
+        try:
+            self._call("shutdown")
+        except BackendDiedError:
+            pass
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=self._config.timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._name is not None:
+            record = _runtime.read_meta(self._name)
+            if record is not None and record.get("address") == self._address:
+                _runtime.remove_meta(self._name)
+        self._close()
+
+    # ------------------------------------------------------------------ transport
+
+    def _conn(self) -> Connection:
+        tls = self._tls
+        conn = getattr(tls, "conn", None)
+        if conn is not None and tls.generation == _fork_generation:
+            return conn
+        self._check_open()
+        conn = self._connect()
+        tls.conn, tls.generation = conn, _fork_generation
+        return conn
+
+    def _connect(self) -> Connection:
+        timeout = self._config.timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self._address)
+            sock.settimeout(None)
+        except OSError as exc:
+            sock.close()
+            raise self._died(exc) from None
+        conn = Connection(sock.detach())
+        conn._shareit_pid = os.getpid()  # type: ignore[attr-defined]
+        try:
+            conn_setup(conn, timeout + _GRACE, timeout + _GRACE)
+            answer_challenge(conn, self._authkey)
+            deliver_challenge(conn, self._authkey)
+            conn.send_bytes(_dumps(("hello", timeout, os.getpid()), _PROTO))
+            ok, _ = _loads(conn.recv_bytes())
+        except (OSError, EOFError) as exc:
+            conn.close()
+            raise self._died(exc) from None
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._tls, "conn", None)
+        self._tls.conn = None
+        if conn is not None and getattr(conn, "_shareit_pid", None) == os.getpid():
+            conn.close()
+
+    def _died(self, exc: BaseException) -> BackendDiedError:
+        if isinstance(exc, (BlockingIOError, socket.timeout)):
+            return BackendTimeoutError(
+                f"the manager server of mapping {self._label()} did not answer within "
+                f"{self._config.timeout + _GRACE:g} s: it is stopped, hung or overloaded"
+            )
+        return BackendDiedError(
+            f"the manager server of mapping {self._label()} is gone "
+            f"({type(exc).__name__}); its data is lost. Create the mapping again"
+        )
+
+    def _encode_request(self, req: tuple) -> bytes:
+        try:
+            return _dumps(req, _PROTO)
+        except Exception as exc:
+            raise TypeError(f"cannot send this key to the manager server: {exc}") from None
+
+    def _call(self, *req: Any) -> Any:
+        data = self._encode_request(req)
+        conn = self._conn()
+        try:
+            conn.send_bytes(data)
+            ok, result = _loads(conn.recv_bytes())
+        except (OSError, EOFError) as exc:
+            self._drop_conn()
+            raise self._died(exc) from None
+        if ok:
+            return result
+        raise result
+
+    # ------------------------------------------------------------------ the five
+
+    def __getitem__(self, key: Any) -> Any:
+        return _loads(self._call("get", self._check_key(key)))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._call("set", self._check_key(key), _codec.dumps(self._coerce(value)))
+
+    def __delitem__(self, key: Any) -> None:
+        self._call("del", self._check_key(key))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._call("keys"))
+
+    def __len__(self) -> int:
+        return self._call("len")
+
+    # ------------------------------------------------------------------ one round trip each
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            key = self._check_key(key)
+        except KeyError:
+            return False
+        return self._call("has", key)
+
+    def snapshot(self) -> dict:
+        return {k: _loads(b) for k, b in self._call("items")}
+
+    def _update_items(self, items: list[tuple[Any, Any]]) -> None:
+        self._call("update", [(k, _codec.dumps(v)) for k, v in items])
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def pop(self, key: Any, default: Any = MISSING) -> Any:
+        try:
+            return _loads(self._call("pop", self._check_key(key)))
+        except KeyError:
+            if default is MISSING:
+                raise
+            return default
+
+    def popitem(self) -> tuple[Any, Any]:
+        key, blob = self._call("popitem")
+        return key, _loads(blob)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        return _loads(self._call("setdefault", self._check_key(key), _codec.dumps(self._coerce(default))))
+
+    def incr(self, key: Any, delta: Any = 1, default: Any = 0) -> Any:
+        _check_number("delta", delta)
+        return self._call("incr", self._check_key(key), delta, self._coerce(default))
+
+    # ------------------------------------------------------------------ locking
+
+    def _lock_acquire(self, timeout: float) -> bool:
+        return self._call_waiting(timeout, "acquire", timeout)
+
+    def _lock_release(self) -> None:
+        self._call("release")
+
+    def _call_waiting(self, timeout: float, *req: Any) -> Any:
+        """A call the server may hold for up to ``timeout`` s: widen the client's bound for it."""
+        if timeout <= self._config.timeout:
+            return self._call(*req)
+        conn = self._conn()
+        conn_setup(conn, timeout + _GRACE, timeout + _GRACE)
+        try:
+            return self._call(*req)
+        finally:
+            if getattr(self._tls, "conn", None) is conn:
+                t = self._config.timeout + _GRACE
+                conn_setup(conn, t, t)
+
+    def _locked_read(self, key: Any, default: Any) -> Any:
+        """Take the lock and read ``key`` in one round trip; the caller must release."""
+        timeout = self._config.timeout
+        got = self._call_waiting(timeout, "lock_get", key, timeout)
+        if got is None:
+            raise LockTimeoutError(
+                f"could not lock mapping {self._label()} within {timeout:g} s: another "
+                f"process holds it. Pass a larger timeout"
+            )
+        blob = got[1]
+        if blob is not None:
+            return _loads(blob)
+        if default is MISSING:
+            self._call("release")
+            raise KeyError(key)
+        return _copy_default(default)
+
+    def transform(self, key: Any, fn: Callable[[Any], Any], default: Any = MISSING) -> Any:
+        key = self._check_key(key)
+        current = self._locked_read(key, default)
+        try:
+            new = self._coerce(fn(current))
+            blob = _codec.dumps(new)
+        except BaseException:
+            self._call("release")
+            raise
+        self._call("set_release", key, blob)
+        return new
+
+    def edit(self, key: Any, default: Any = MISSING):
+        return _Edit(self, self._check_key(key), default)
+
+    def info(self) -> dict:
+        """Server-side facts: pid, number of keys, bytes held, whether ``lock()`` is held."""
+        return self._call("info")
+
+
+class _Edit:
+    """``edit()`` in two round trips: lock+read on enter, write+unlock on a clean exit."""
+
+    __slots__ = ("_m", "_key", "_default", "_value")
+
+    def __init__(self, m: ManagerMapping, key: Any, default: Any):
+        self._m, self._key, self._default = m, key, default
+
+    def __enter__(self) -> Any:
+        self._value = self._m._locked_read(self._key, self._default)
+        return self._value
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self._m._call("release")
+            return
+        try:
+            blob = _codec.dumps(self._m._coerce(self._value))
+        except BaseException:
+            self._m._call("release")
+            raise
+        self._m._call("set_release", self._key, blob)
+
+
+def _copy_default(default: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(default)
+
+
+def _start_server(name: str | None, config: Config, address: str, authkey: bytes) -> subprocess.Popen:
+    """Start the server process and wait until it listens (or fail with the reason)."""
+    import shareit
+
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(shareit.__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shareit.backends._manager_server"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        close_fds=True,
+        start_new_session=config.persist,  # a persistent server must outlive the owner's session
+    )
+    owner = _runtime.owner_fields()
+    params = {
+        "name": name,
+        "address": address,
+        "authkey": authkey,
+        "timeout": config.timeout,
+        "value_type": config.value_type,
+        "persist": config.persist,
+        "owner_pid": owner["owner_pid"],
+        "owner_start": owner["owner_start"],
+    }
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(pickle.dumps(params))
+    proc.stdin.close()
+    deadline = time.monotonic() + max(config.timeout, 10.0)
+    line = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if ready:
+            line = proc.stdout.readline()
+            break
+    proc.stdout.close()
+    if line != b"ready\n":
+        proc.kill()
+        proc.wait()
+        raise BackendUnavailableError(
+            f"the manager server did not start (exit status {proc.returncode}); "
+            f"see its error output above"
+        )
+    return proc

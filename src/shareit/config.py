@@ -1,0 +1,263 @@
+"""The option vocabulary, its resolution from all sources, and validation.
+
+Resolution, highest first: keyword arguments to :func:`shareit.open`; the
+environment (``SHAREIT_BACKEND``; ``SHAREIT_CONFIG`` names the file); the TOML
+file's ``[mappings.NAME]`` table, then its ``[defaults]`` table; built-in
+defaults. The file is ``SHAREIT_CONFIG``, else ``./shareit.toml``, else
+``[tool.shareit]`` in ``./pyproject.toml``.
+
+The result is a frozen :class:`Config`; nothing the caller passed is mutated.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from collections.abc import Hashable, Mapping
+from typing import Any, Callable, Iterator
+
+from . import _codec
+from .errors import ConfigError
+
+__all__ = ["Config", "OPTIONS", "DEFAULT_BACKEND", "resolve", "did_you_mean"]
+
+#: The backend used when nothing chooses one.
+DEFAULT_BACKEND = "manager"
+
+
+def did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(word), sorted(map(str, choices)), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+# --- validators: each returns the normalised value or raises ConfigError ---------------
+
+
+def _positive_number(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ConfigError(f"option {name!r} must be a number of seconds > 0, got {v!r}")
+    return float(v)
+
+
+def _opt_positive_int(name: str, v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"option {name!r} must be an int >= 1 (a sizing hint), got {v!r}")
+    return v
+
+
+def _boolean(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"option {name!r} must be true or false, got {v!r}")
+    return v
+
+
+def _opt_str(name: str, v: Any) -> str | None:
+    if v is not None and not isinstance(v, str):
+        raise ConfigError(f"option {name!r} must be a string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _backend(name: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"option 'backend' must be a backend name (a string), got {v!r}")
+    return v
+
+
+def _value_type(name: str, v: Any) -> str | None:
+    try:
+        return _codec.value_type(v)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _keys(name: str, v: Any) -> tuple | None:
+    if v is None:
+        return None
+    if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or isinstance(v, Mapping):
+        raise ConfigError(
+            f"option 'keys' must be a list of keys, e.g. keys=['ok', 'error'], got {v!r}"
+        )
+    out: dict = {}
+    for k in v:
+        if not isinstance(k, Hashable) or isinstance(k, list):
+            raise ConfigError(f"option 'keys' holds an unhashable key {k!r}")
+        out[k] = None
+    if not out:
+        raise ConfigError("option 'keys' must declare at least one key (or be left unset)")
+    return tuple(out)
+
+
+def _serializer(name: str, v: Any) -> str:
+    if v not in ("pickle", "json"):
+        raise ConfigError(f"option 'serializer' must be 'pickle' or 'json', got {v!r}")
+    return v
+
+
+#: name -> (validator, default, one-line description). The union over all backends:
+#: a name outside it is a ConfigError, a name the chosen backend does not use is ignored.
+OPTIONS: dict[str, tuple[Callable[[str, Any], Any], Any, str]] = {
+    "backend": (_backend, DEFAULT_BACKEND, "how the mapping is shared"),
+    "value_type": (_value_type, None, "declared value type, e.g. 'int64', 'float64'"),
+    "keys": (_keys, None, "declared, fixed set of keys"),
+    "capacity": (_opt_positive_int, None, "sizing hint: expected number of keys"),
+    "timeout": (_positive_number, 10.0, "seconds any blocking wait may take"),
+    "serializer": (_serializer, "pickle", "value encoding where a backend encodes ('pickle'/'json')"),
+    "persist": (_boolean, False, "keep the shared object after its owner exits"),
+    "url": (_opt_str, None, "server URL (redis)"),
+    "prefix": (_opt_str, None, "server-side key prefix (redis)"),
+}
+
+
+class Config:
+    """The resolved, frozen options of one mapping.
+
+    Read an option by attribute (``cfg.timeout``, ``cfg.keys``) or by item
+    (``cfg["timeout"]``); ``as_dict()`` gives a plain copy and ``sources``
+    says where each value came from. (Not a ``Mapping``: its ``keys()``
+    method would hide the ``keys`` option.)
+    """
+
+    __slots__ = ("_values", "_sources")
+
+    def __init__(self, values: Mapping[str, Any], sources: Mapping[str, str] | None = None):
+        object.__setattr__(self, "_values", dict(values))
+        object.__setattr__(self, "_sources", dict(sources or {}))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"no option {key!r}; options: {sorted(self._values)}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("Config is frozen; pass options to shareit.open() instead")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self._values == other._values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted((k, repr(v)) for k, v in self._values.items())))
+
+    def __reduce__(self):
+        return (Config, (self._values, self._sources))
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    @property
+    def sources(self) -> dict[str, str]:
+        return dict(self._sources)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        return f"Config({inner})"
+
+
+def validate_option(key: str, value: Any, where: str, extra: Mapping | None = None) -> Any:
+    table = {**OPTIONS, **(extra or {})}
+    if key not in table:
+        raise ConfigError(
+            f"unknown option {key!r} (from {where}).{did_you_mean(key, table)} "
+            f"Valid options: {', '.join(sorted(table))}"
+        )
+    try:
+        return table[key][0](key, value)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (from {where})") from None
+
+
+# --- the configuration file ----------------------------------------------------------
+
+
+def _load_toml(path: str) -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - exercised on 3.10 only
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path!r} is not valid TOML: {exc}") from None
+
+
+def find_file() -> tuple[str, dict] | None:
+    """The configuration file in force and its shareit table, or None."""
+    env = os.environ.get("SHAREIT_CONFIG")
+    if env:
+        return env, _load_toml(env)
+    if os.path.isfile("shareit.toml"):
+        return os.path.abspath("shareit.toml"), _load_toml("shareit.toml")
+    if os.path.isfile("pyproject.toml"):
+        table = _load_toml("pyproject.toml").get("tool", {}).get("shareit")
+        if table is not None:
+            return os.path.abspath("pyproject.toml") + " [tool.shareit]", table
+    return None
+
+
+def _file_layers(name: str | None) -> list[tuple[str, Mapping]]:
+    found = find_file()
+    if found is None:
+        return []
+    path, table = found
+    unknown = set(table) - {"defaults", "mappings"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown table(s) {sorted(unknown)}; a shareit configuration has "
+            f"[defaults] and [mappings.NAME] tables"
+        )
+    layers = [(f"{path} [defaults]", table.get("defaults", {}))]
+    mappings = table.get("mappings", {})
+    if name is not None and name in mappings:
+        layers.append((f"{path} [mappings.{name}]", mappings[name]))
+    for where, layer in layers:
+        if not isinstance(layer, Mapping):
+            raise ConfigError(f"{where} must be a table of options")
+    return layers
+
+
+def _layers(name: str | None, kwargs: Mapping[str, Any]) -> list[tuple[str, Mapping]]:
+    layers: list[tuple[str, Mapping]] = _file_layers(name)
+    env_backend = os.environ.get("SHAREIT_BACKEND")
+    if env_backend:
+        layers.append(("environment SHAREIT_BACKEND", {"backend": env_backend}))
+    layers.append(("keyword arguments", dict(kwargs)))
+    return layers
+
+
+def pick_backend(name: str | None, kwargs: Mapping[str, Any]) -> str:
+    """Only the backend name, so that the backend's own options can join the vocabulary."""
+    backend, where = DEFAULT_BACKEND, "default"
+    for where_, layer in _layers(name, kwargs):
+        if "backend" in layer:
+            backend, where = layer["backend"], where_
+    return validate_option("backend", backend, where)
+
+
+def resolve(name: str | None, kwargs: Mapping[str, Any], extra: Mapping | None = None) -> Config:
+    """Resolve the options of mapping ``name`` from every source (see module doc).
+
+    ``extra`` adds backend-specific options (name -> (validator, default, doc)).
+    """
+    table = {**OPTIONS, **(extra or {})}
+    values = {k: spec[1] for k, spec in table.items()}
+    sources = {k: "default" for k in table}
+    for where, layer in _layers(name, kwargs):
+        for k, v in layer.items():
+            values[k] = validate_option(k, v, where, extra)
+            sources[k] = where
+    return Config(values, sources)

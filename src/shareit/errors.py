@@ -1,0 +1,61 @@
+"""The exception tree.
+
+Every error also inherits the built-in exception a caller would naturally
+catch, so ``except ValueError`` or ``except ConnectionError`` keeps working
+for code that has never heard of shareit.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ShareitError",
+    "ConfigError",
+    "UnknownBackendError",
+    "BackendUnavailableError",
+    "BackendDiedError",
+    "BackendTimeoutError",
+    "LockTimeoutError",
+    "CapacityError",
+    "ClosedError",
+    "NotFoundError",
+]
+
+
+class ShareitError(Exception):
+    """Base class of every error shareit raises on purpose."""
+
+
+class ConfigError(ShareitError, ValueError):
+    """An option, option value or configuration file is invalid."""
+
+
+class UnknownBackendError(ConfigError, LookupError):
+    """The backend name is not registered; the message lists valid names."""
+
+
+class BackendUnavailableError(ShareitError, ImportError):
+    """An optional dependency or a server is missing; says what to install or start."""
+
+
+class BackendDiedError(ShareitError, ConnectionError):
+    """The backend vanished while in use (server killed, segment destroyed)."""
+
+
+class BackendTimeoutError(BackendDiedError, TimeoutError):
+    """The backend did not answer within ``timeout`` seconds (hung or stopped)."""
+
+
+class LockTimeoutError(ShareitError, TimeoutError):
+    """The mapping's lock could not be acquired within the timeout."""
+
+
+class CapacityError(ShareitError):
+    """A fixed-size store is full."""
+
+
+class ClosedError(ShareitError, ValueError):
+    """The mapping was used after ``close()`` or ``destroy()``."""
+
+
+class NotFoundError(ShareitError, FileNotFoundError):
+    """``open(name, create=False)`` found no live mapping of that name."""
