@@ -15,7 +15,7 @@ import copy as _copy
 import os
 import pickle
 import time
-from collections.abc import ItemsView, Mapping, MutableMapping, ValuesView
+from collections.abc import ItemsView, KeysView, Mapping, MutableMapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
@@ -101,6 +101,25 @@ class _LockContext:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+class _KeysView(KeysView):
+    """``keys()``; for backends with costly reads, one snapshot feeds the reads that follow.
+
+    ``dict(d)`` and ``{**d}`` call ``keys()`` and then ``d[k]`` for each key in
+    order (CPython's generic merge). A backend that defines ``_arm_prefetch``
+    gets the snapshot taken here and serves exactly that sequence of reads
+    from it, so the copy costs one round trip and is consistent.
+    """
+
+    def __iter__(self):
+        m = self._mapping
+        arm = getattr(m, "_arm_prefetch", None)
+        if arm is None:
+            return iter(m)
+        snap = m.snapshot()
+        arm(snap)
+        return iter(list(snap))
 
 
 class _SnapshotItemsView(ItemsView):
@@ -503,6 +522,9 @@ class SharedMapping(MutableMapping):
                 return self._coerce(default)
 
     # ----------------------------------------------------------------- dict behaviour
+
+    def keys(self) -> KeysView:
+        return _KeysView(self)
 
     def items(self) -> ItemsView:
         return _SnapshotItemsView(self)

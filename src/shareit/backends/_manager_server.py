@@ -47,6 +47,7 @@ class Store:
         self.depth = 0
         self.vt = _codec.VALUE_TYPES[value_type] if value_type else None
         self.tls = threading.local()
+        self.requests = 0  # served so far; lets tests count round trips
 
     # -- the user lock ------------------------------------------------------------
 
@@ -188,6 +189,7 @@ class Store:
         holder = self.holder
         return {
             "pid": os.getpid(),
+            "requests": self.requests,
             "keys": len(self.data),
             "bytes": sum(len(b) for b in self.data.values()),
             "lock_held": holder is not None,
@@ -216,6 +218,7 @@ class Server:
             recv, send = conn.recv_bytes, conn.send_bytes
             while True:
                 raw = recv()
+                store.requests += 1
                 try:
                     op, *args = _loads(raw)
                 except Exception as exc:

@@ -220,6 +220,7 @@ class ManagerMapping(SharedMapping):
 
     def _call(self, *req: Any) -> Any:
         data = self._encode_request(req)
+        self._tls.prefetch = None  # any other call ends a dict(d) read sequence
         conn = self._conn()
         try:
             conn.send_bytes(data)
@@ -234,7 +235,22 @@ class ManagerMapping(SharedMapping):
     # ------------------------------------------------------------------ the five
 
     def __getitem__(self, key: Any) -> Any:
+        pending = getattr(self._tls, "prefetch", None)
+        if pending is not None:
+            self._tls.prefetch = None
+            k, v = next(pending, (MISSING, None))
+            if k is key or k == key:
+                self._tls.prefetch = pending
+                return v
         return _loads(self._call("get", self._check_key(key)))
+
+    def _arm_prefetch(self, snap: dict) -> None:
+        """Serve the reads that follow ``keys()`` -- in its order, in this thread -- from ``snap``.
+
+        This is what makes ``dict(d)`` and ``{**d}`` one round trip (see ``base._KeysView``).
+        Any other call, or a read of another key, ends it.
+        """
+        self._tls.prefetch = iter(snap.items())
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._call("set", self._check_key(key), _codec.dumps(self._coerce(value)))
