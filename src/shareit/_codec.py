@@ -31,6 +31,23 @@ def dumps(value: Any) -> bytes:
 
 loads = pickle.loads
 
+#: Types a server can hold as themselves: built-in, immutable, never need user classes.
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def pack(value: Any) -> Any:
+    """A value as a server stores it: plain built-ins as themselves, others as ``(pickle,)``.
+
+    A tuple in storage therefore always means "pickled" (tuple values are pickled).
+    """
+    if type(value) in PLAIN_TYPES:
+        return value
+    return (dumps(value),)
+
+
+def unpack(stored: Any) -> Any:
+    return loads(stored[0]) if type(stored) is tuple else stored
+
 
 class ValueType:
     """One declared value type: its name, kind and the coercion it applies."""

@@ -12,8 +12,10 @@ client thread. That is what ``lock()`` records as its holder: when the client
 dies, its connection ends, its server thread ends, and the lock is released
 at once -- no pid polling, no lease.
 
-Values are kept pickled: the server never needs the classes of user values,
-only ``incr`` unpickles (numbers). The server exits when its owner process
+Values of plain built-in types are kept as themselves, others as ``(pickle,)``
+(see ``_codec.pack``): the server never needs the classes of user values, and
+``wrapped`` counts the pickled ones so that a snapshot of plain data needs no
+per-value decoding in the client. The server exits when its owner process
 dies (``pidfd``) unless the mapping is persistent, and on ``shutdown``.
 """
 
@@ -48,6 +50,7 @@ class Store:
         self.vt = _codec.VALUE_TYPES[value_type] if value_type else None
         self.tls = threading.local()
         self.requests = 0  # served so far; lets tests count round trips
+        self.wrapped = 0  # values stored as (pickle,) rather than as themselves
 
     # -- the user lock ------------------------------------------------------------
 
@@ -114,59 +117,72 @@ class Store:
     def op_keys(self) -> list:
         return list(self.data)
 
-    def op_items(self) -> list:
-        return list(self.data.items())
+    def op_items(self) -> tuple:
+        return self.data.copy(), self.wrapped
 
     # -- writes: wait while another client holds the lock ---------------------------
 
-    def op_set(self, key, blob: bytes) -> None:
+    def _put(self, key, value) -> None:
+        old = self.data.get(key)
+        self.data[key] = value
+        self.wrapped += (type(value) is tuple) - (type(old) is tuple)
+
+    def _removed(self, value):
+        self.wrapped -= type(value) is tuple
+        return value
+
+    def op_set(self, key, value) -> None:
         with self.cond:
             self._wait_free(self.tls.timeout)
-            self.data[key] = blob
+            self._put(key, value)
 
     def op_del(self, key) -> None:
         with self.cond:
             self._wait_free(self.tls.timeout)
-            del self.data[key]
+            self._removed(self.data.pop(key))
 
     def op_update(self, pairs: list) -> None:
         with self.cond:
             self._wait_free(self.tls.timeout)
-            self.data.update(pairs)
+            for key, value in pairs:
+                self._put(key, value)
 
     def op_clear(self) -> None:
         with self.cond:
             self._wait_free(self.tls.timeout)
             self.data.clear()
+            self.wrapped = 0
 
     def op_pop(self, key):
         with self.cond:
             self._wait_free(self.tls.timeout)
-            return self.data.pop(key)
+            return self._removed(self.data.pop(key))
 
     def op_popitem(self):
         with self.cond:
             self._wait_free(self.tls.timeout)
             if not self.data:
                 raise KeyError("popitem(): mapping is empty")
-            return self.data.popitem()
+            key, value = self.data.popitem()
+            return key, self._removed(value)
 
-    def op_setdefault(self, key, blob: bytes) -> bytes:
+    def op_setdefault(self, key, value):
         with self.cond:
             self._wait_free(self.tls.timeout)
-            return self.data.setdefault(key, blob)
+            if key not in self.data:
+                self._put(key, value)
+            return self.data[key]
 
     def op_incr(self, key, delta, default):
         from ..base import _add  # the same rule and message as the generic incr
 
         with self.cond:
             self._wait_free(self.tls.timeout)
-            blob = self.data.get(key)
-            current = default if blob is None else _loads(blob)
+            current = _codec.unpack(self.data[key]) if key in self.data else default
             new = _add(key, current, delta)
             if self.vt is not None:
                 new = self.vt.coerce(new)
-            self.data[key] = _dumps(new, _PROTO)
+            self._put(key, _codec.pack(new))
             return new
 
     def op_lock_get(self, key, timeout: float):
@@ -174,11 +190,11 @@ class Store:
         with self.cond:
             if not self._take(timeout):
                 return None
-            return (True, self.data.get(key))
+            return (key in self.data, self.data.get(key))
 
-    def op_set_release(self, key, blob: bytes) -> None:
+    def op_set_release(self, key, value) -> None:
         with self.cond:
-            self.data[key] = blob
+            self._put(key, value)
             self._release_one()
 
     def op_hello(self, timeout: float) -> int:
@@ -191,7 +207,7 @@ class Store:
             "pid": os.getpid(),
             "requests": self.requests,
             "keys": len(self.data),
-            "bytes": sum(len(b) for b in self.data.values()),
+            "pickled_values": self.wrapped,
             "lock_held": holder is not None,
             "lock_holder": getattr(holder, "client_pid", None) if holder else None,
         }

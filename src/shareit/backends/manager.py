@@ -37,6 +37,7 @@ when the owner is killed. The server here keeps Manager's transport
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import secrets
@@ -56,6 +57,7 @@ from ..errors import BackendDiedError, BackendTimeoutError, BackendUnavailableEr
 from ._manager_server import conn_setup
 
 _dumps, _loads = pickle.dumps, pickle.loads
+_pack, _unpack = _codec.pack, _codec.unpack
 _PROTO = pickle.HIGHEST_PROTOCOL
 _GRACE = 2.0  # seconds beyond a server-side wait before the client calls the server hung
 
@@ -242,7 +244,7 @@ class ManagerMapping(SharedMapping):
             if k is key or k == key:
                 self._tls.prefetch = pending
                 return v
-        return _loads(self._call("get", self._check_key(key)))
+        return _unpack(self._call("get", self._check_key(key)))
 
     def _arm_prefetch(self, snap: dict) -> None:
         """Serve the reads that follow ``keys()`` -- in its order, in this thread -- from ``snap``.
@@ -253,7 +255,7 @@ class ManagerMapping(SharedMapping):
         self._tls.prefetch = iter(snap.items())
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self._call("set", self._check_key(key), _codec.dumps(self._coerce(value)))
+        self._call("set", self._check_key(key), _pack(self._coerce(value)))
 
     def __delitem__(self, key: Any) -> None:
         self._call("del", self._check_key(key))
@@ -274,28 +276,33 @@ class ManagerMapping(SharedMapping):
         return self._call("has", key)
 
     def snapshot(self) -> dict:
-        return {k: _loads(b) for k, b in self._call("items")}
+        data, wrapped = self._call("items")
+        if wrapped:
+            for k, v in data.items():
+                if type(v) is tuple:
+                    data[k] = _loads(v[0])
+        return data
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
-        self._call("update", [(k, _codec.dumps(v)) for k, v in items])
+        self._call("update", [(k, _pack(v)) for k, v in items])
 
     def clear(self) -> None:
         self._call("clear")
 
     def pop(self, key: Any, default: Any = MISSING) -> Any:
         try:
-            return _loads(self._call("pop", self._check_key(key)))
+            return _unpack(self._call("pop", self._check_key(key)))
         except KeyError:
             if default is MISSING:
                 raise
             return default
 
     def popitem(self) -> tuple[Any, Any]:
-        key, blob = self._call("popitem")
-        return key, _loads(blob)
+        key, value = self._call("popitem")
+        return key, _unpack(value)
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
-        return _loads(self._call("setdefault", self._check_key(key), _codec.dumps(self._coerce(default))))
+        return _unpack(self._call("setdefault", self._check_key(key), _pack(self._coerce(default))))
 
     def incr(self, key: Any, delta: Any = 1, default: Any = 0) -> Any:
         _check_number("delta", delta)
@@ -331,9 +338,9 @@ class ManagerMapping(SharedMapping):
                 f"could not lock mapping {self._label()} within {timeout:g} s: another "
                 f"process holds it. Pass a larger timeout"
             )
-        blob = got[1]
-        if blob is not None:
-            return _loads(blob)
+        present, stored = got
+        if present:
+            return _unpack(stored)
         if default is MISSING:
             self._call("release")
             raise KeyError(key)
@@ -344,11 +351,11 @@ class ManagerMapping(SharedMapping):
         current = self._locked_read(key, default)
         try:
             new = self._coerce(fn(current))
-            blob = _codec.dumps(new)
+            stored = _pack(new)
         except BaseException:
             self._call("release")
             raise
-        self._call("set_release", key, blob)
+        self._call("set_release", key, stored)
         return new
 
     def edit(self, key: Any, default: Any = MISSING):
@@ -376,16 +383,14 @@ class _Edit:
             self._m._call("release")
             return
         try:
-            blob = _codec.dumps(self._m._coerce(self._value))
+            stored = _pack(self._m._coerce(self._value))
         except BaseException:
             self._m._call("release")
             raise
-        self._m._call("set_release", self._key, blob)
+        self._m._call("set_release", self._key, stored)
 
 
 def _copy_default(default: Any) -> Any:
-    import copy
-
     return copy.deepcopy(default)
 
 

@@ -1,0 +1,389 @@
+"""The workloads and baselines behind ``shareit bench``.
+
+Every subject (a shareit backend, or a baseline: plain ``dict``, raw
+``Manager().dict()``, raw ``Value``) runs the same workload in the same run.
+Times are medians of ``repeats`` runs; results are reported as ratios against
+the baselines, because these machines are shared and one absolute time means
+little. Counters report whether the final count was exact: a baseline that
+loses updates is shown as such, not as fast.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import shareit
+
+FORK = mp.get_context("fork")
+
+
+@dataclass
+class Result:
+    workload: str
+    subject: str
+    ops_per_s: float | None = None
+    seconds: float | None = None
+    exact: bool | None = None
+    note: str = ""
+    samples: list = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+class Subject:
+    """One way of sharing a mapping, driven through the same small interface."""
+
+    name = ""
+    kind = "baseline"  # or "shareit"
+    shared = True  # usable from child processes
+    values = "any"  # or "numeric": only counters
+
+    def make(self, n_hint: int = 0) -> Any:
+        raise NotImplementedError
+
+    def close(self, m: Any) -> None:
+        pass
+
+    def incr(self, m: Any, key: str) -> None:
+        raise NotImplementedError
+
+    def edit(self, m: Any, key: str) -> None:
+        raise NotImplementedError
+
+    def snapshot(self, m: Any) -> dict:
+        return dict(m)
+
+    def bulk_build(self, m: Any, data: dict) -> None:
+        m.update(data)
+
+
+class DictSubject(Subject):
+    name, shared = "dict", False
+
+    def make(self, n_hint: int = 0) -> dict:
+        return {}
+
+    def incr(self, m: dict, key: str) -> None:
+        m[key] = m.get(key, 0) + 1
+
+    def edit(self, m: dict, key: str) -> None:
+        m[key]["x"] += 1
+
+    def snapshot(self, m: dict) -> dict:
+        return m.copy()
+
+
+class ManagerSubject(Subject):
+    """Raw ``Manager().dict()``; counters and edits with an ``mp.Lock``, the stdlib recipe."""
+
+    name = "Manager().dict()"
+
+    def __init__(self, lock: bool = True):
+        self.lock = lock
+        if not lock:
+            self.name = "Manager().dict() no lock"
+
+    def make(self, n_hint: int = 0) -> Any:
+        self.manager = FORK.Manager()
+        self.mlock = FORK.Lock()
+        return self.manager.dict()
+
+    def close(self, m: Any) -> None:
+        self.manager.shutdown()
+
+    def incr(self, m: Any, key: str) -> None:
+        if self.lock:
+            with self.mlock:
+                m[key] += 1
+        else:
+            m[key] += 1
+
+    def edit(self, m: Any, key: str) -> None:
+        with self.mlock:
+            v = m[key]
+            v["x"] += 1
+            m[key] = v
+
+    def snapshot(self, m: Any) -> dict:
+        return m.copy()
+
+
+class ValueSubject(Subject):
+    """Raw ``multiprocessing.Value('q')`` per key with its ``get_lock()``: counters only."""
+
+    name, values = "Value+get_lock", "numeric"
+
+    def make(self, n_hint: int = 0) -> dict:
+        return {f"c{i}": FORK.Value("q", 0) for i in range(8)} | {"hot": FORK.Value("q", 0)}
+
+    def incr(self, m: dict, key: str) -> None:
+        v = m[key]
+        with v.get_lock():
+            v.value += 1
+
+    def read(self, m: dict, key: str) -> int:
+        return m[key].value
+
+
+class ShareitSubject(Subject):
+    kind = "shareit"
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = backend
+        caps = shareit.backends()[backend]
+        self.values = "any" if "any" in caps.get("value_kinds", ["any"]) else "numeric"
+
+    def make(self, n_hint: int = 0, **opts: Any) -> Any:
+        if self.values == "numeric":
+            opts.setdefault("keys", ["hot"] + [f"c{i}" for i in range(8)])
+        return shareit.open(f"bench-{uuid.uuid4().hex[:10]}", backend=self.backend,
+                            capacity=max(n_hint, 1), **opts)
+
+    def close(self, m: Any) -> None:
+        m.close()
+
+    def incr(self, m: Any, key: str) -> None:
+        m.incr(key)
+
+    def edit(self, m: Any, key: str) -> None:
+        with m.edit(key) as v:
+            v["x"] += 1
+
+    def snapshot(self, m: Any) -> dict:
+        return m.snapshot()
+
+
+def subjects(backends: list[str]) -> list[Subject]:
+    return [DictSubject(), ManagerSubject(), ManagerSubject(lock=False), ValueSubject()] + [
+        ShareitSubject(b) for b in backends
+    ]
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _rate(fn: Callable[[int], None], min_time: float, repeats: int) -> tuple[float, list]:
+    """Median ops/s of ``fn(n)`` (n ops), n grown until one run takes ``min_time``."""
+    n = 16
+    while True:
+        t0 = time.perf_counter()
+        fn(n)
+        dt = time.perf_counter() - t0
+        if dt >= min_time or n >= 1 << 24:
+            break
+        n = int(n * max(2.0, min(min_time / max(dt, 1e-9) * 1.2, 100.0)))
+    samples = [n / dt]
+    for _ in range(repeats - 1):
+        t0 = time.perf_counter()
+        fn(n)
+        samples.append(n / (time.perf_counter() - t0))
+    return statistics.median(samples), samples
+
+
+def _parallel(nprocs: int, target: Callable[[int], None]) -> float:
+    """Wall seconds for ``nprocs`` forked children to each run ``target(i)``, started together."""
+    barrier = FORK.Barrier(nprocs + 1)
+
+    def child(i: int) -> None:
+        barrier.wait(60)
+        target(i)
+
+    procs = [FORK.Process(target=child, args=(i,)) for i in range(nprocs)]
+    for p in procs:
+        p.start()
+    barrier.wait(60)
+    t0 = time.perf_counter()
+    for p in procs:
+        p.join(600)
+    dt = time.perf_counter() - t0
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"benchmark child failed with exit codes {bad}")
+    return dt
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Params:
+    procs: int = 2
+    repeats: int = 5
+    min_time: float = 0.2
+    incr_per_proc: int = 20_000
+    bulk_keys: int = 100_000
+
+
+def w_get(s: Subject, p: Params) -> Result:
+    m = s.make()
+    try:
+        for i in range(100):
+            m[f"key{i:04d}"] = {"x": i} if s.values == "any" else i
+        key = "key0042"
+
+        def run(n: int) -> None:
+            for _ in range(n):
+                m[key]
+
+        rate, samples = _rate(run, p.min_time, p.repeats)
+        return Result("get", s.name, rate, samples=samples)
+    finally:
+        s.close(m)
+
+
+def w_set(s: Subject, p: Params) -> Result:
+    m = s.make()
+    try:
+        def run(n: int) -> None:
+            for i in range(n):
+                m[f"key{i & 1023:04d}"] = i
+
+        rate, samples = _rate(run, p.min_time, p.repeats)
+        return Result("set", s.name, rate, samples=samples)
+    finally:
+        s.close(m)
+
+
+def _counter(s: Subject, p: Params, workload: str, own_key: bool) -> Result:
+    per = p.incr_per_proc
+    samples, exact = [], True
+    for _ in range(p.repeats):
+        m = s.make()
+        try:
+            keys = [f"c{i}" if own_key else "hot" for i in range(p.procs)]
+            if s.values == "any" or not isinstance(m, dict):
+                for k in set(keys):
+                    m[k] = 0
+
+            def work(i: int) -> None:
+                key = keys[i]
+                for _ in range(per):
+                    s.incr(m, key)
+
+            dt = _parallel(p.procs, work)
+            read = getattr(s, "read", None)
+            totals = [read(m, k) if read else m[k] for k in set(keys)]
+            want = per * p.procs
+            exact = exact and sum(totals) == want
+            samples.append(want / dt)
+        finally:
+            s.close(m)
+    return Result(workload, s.name, statistics.median(samples), exact=exact, samples=samples,
+                  note=f"{p.procs} procs x {per}")
+
+
+def w_incr(s: Subject, p: Params) -> Result:
+    return _counter(s, p, "incr (hot key)", own_key=False)
+
+
+def w_counters(s: Subject, p: Params) -> Result:
+    return _counter(s, p, "incr (own key)", own_key=True)
+
+
+def w_mixed(s: Subject, p: Params) -> Result:
+    """N processes, 90 % get / 10 % set over 100 keys, for a fixed number of ops each."""
+    samples = []
+    m = s.make()
+    try:
+        for i in range(100):
+            m[f"key{i:02d}"] = i
+        ops = max(200, int(p.min_time * 2000))
+
+        def work(i: int) -> None:
+            for j in range(ops):
+                k = f"key{(j * 7 + i) % 100:02d}"
+                if j % 10 == 0:
+                    m[k] = j
+                else:
+                    m[k]
+
+        # size ops so the slowest subjects still finish in reasonable time
+        for _ in range(p.repeats):
+            samples.append(ops * p.procs / _parallel(p.procs, work))
+    finally:
+        s.close(m)
+    return Result("mixed 90/10", s.name, statistics.median(samples), samples=samples,
+                  note=f"{p.procs} procs")
+
+
+def w_edit(s: Subject, p: Params) -> Result:
+    m = s.make()
+    try:
+        m["cfg"] = {"x": 0, "name": "cfg", "tags": ["a", "b"]}
+
+        def run(n: int) -> None:
+            for _ in range(n):
+                s.edit(m, "cfg")
+
+        rate, samples = _rate(run, p.min_time, p.repeats)
+        return Result("nested edit", s.name, rate, samples=samples)
+    finally:
+        s.close(m)
+
+
+def w_snapshot(s: Subject, p: Params) -> Result:
+    """Snapshot of ``bulk_keys`` int -> float keys, taken from another process."""
+    m = s.make(p.bulk_keys)
+    try:
+        s.bulk_build(m, {i: float(i) for i in range(p.bulk_keys)})
+        out = FORK.Array("d", p.repeats)
+
+        def work(i: int) -> None:
+            for r in range(p.repeats):
+                t0 = time.perf_counter()
+                snap = s.snapshot(m)
+                out[r] = time.perf_counter() - t0
+                assert len(snap) == p.bulk_keys
+
+        _parallel(1, work)
+        samples = [p.bulk_keys / t for t in out]
+        return Result("snapshot 100k", s.name, statistics.median(samples), samples=samples,
+                      seconds=statistics.median(out), note=f"{p.bulk_keys} keys, keys/s")
+    finally:
+        s.close(m)
+
+
+def w_attach(s: Subject, p: Params) -> Result:
+    """Time for another process to attach by name to a ``bulk_keys`` mapping and read a key."""
+    m = s.make(p.bulk_keys)
+    try:
+        s.bulk_build(m, {i: float(i) for i in range(p.bulk_keys)})
+        out = FORK.Array("d", p.repeats)
+        name, backend = m.name, m.backend
+
+        def work(i: int) -> None:
+            for r in range(p.repeats):
+                t0 = time.perf_counter()
+                a = shareit.open(name, backend=backend, create=False)
+                a[7]
+                out[r] = time.perf_counter() - t0
+                a.close()
+
+        _parallel(1, work)
+        secs = statistics.median(out)
+        return Result("attach 100k", s.name, 1 / secs, seconds=secs, samples=list(out),
+                      note="attaches/s")
+    finally:
+        s.close(m)
+
+
+#: workload name -> (function, which subjects it applies to)
+WORKLOADS: dict[str, tuple[Callable[[Subject, Params], Result], Callable[[Subject], bool]]] = {
+    "get": (w_get, lambda s: s.values == "any"),
+    "set": (w_set, lambda s: s.values == "any"),
+    "mixed": (w_mixed, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
+    "incr": (w_incr, lambda s: s.shared),
+    "counters": (w_counters, lambda s: s.shared),
+    "edit": (w_edit, lambda s: s.values == "any" and "no lock" not in s.name),
+    "snapshot": (w_snapshot, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
+    "attach": (w_attach, lambda s: s.kind == "shareit" and s.values == "any"
+               and shareit.backends()[s.name].get("attach_by_name", False)),
+}

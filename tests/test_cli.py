@@ -1,0 +1,106 @@
+"""The command line: every subcommand runs and its output parses; gc spares the living."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+import shareit
+from shareit import _runtime
+from shareit.testing import shareit_files
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shareit", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bench_quick_subset_writes_parsable_results(tmp_path) -> None:
+    out = tmp_path / "r.json"
+    proc = run_cli("bench", "--quick", "--workloads", "get,incr", "--repeats", "1",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "winners" in proc.stdout and "recommended backend" in proc.stdout
+    data = json.loads(out.read_text())
+    rows = {(r["workload"], r["subject"]): r for r in data["results"]}
+    assert rows[("get", "manager")]["ops_per_s"] > 0
+    assert rows[("incr (hot key)", "manager")]["exact"] is True
+    assert rows[("incr (hot key)", "Manager().dict()")]["exact"] is True
+    assert data["machine"]["cpus"] == os.cpu_count()
+
+
+def test_bench_rejects_unknown_names_with_valid_ones() -> None:
+    proc = run_cli("bench", "--backends", "manger")
+    assert proc.returncode == 2 and "Did you mean 'manager'" in proc.stderr
+    proc = run_cli("bench", "--workloads", "gett")
+    assert proc.returncode == 2 and "Did you mean 'get'" in proc.stderr and "snapshot" in proc.stderr
+
+
+def _own_and_die(name: str, conn) -> None:
+    m = shareit.open(name, backend="manager")
+    m["a"] = 1
+    conn.send("ready")
+    conn.recv()
+
+
+def test_ls_inspect_and_gc_spare_the_living(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SHAREIT_RUNTIME_DIR", str(tmp_path))
+    live_name, dead_name = f"live-{uuid.uuid4().hex[:6]}", f"dead-{uuid.uuid4().hex[:6]}"
+    live = shareit.open(live_name, backend="manager")
+    live.update(a=1, b=2)
+    # a dead owner's record, left as SIGKILL leaves it (its server exits by itself)
+    ctx = mp.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+    owner = ctx.Process(target=_own_and_die, args=(dead_name, child_end))
+    owner.start()
+    assert parent_end.poll(60)
+    record = _runtime.read_meta(dead_name)
+    os.kill(owner.pid, signal.SIGSTOP)  # keep its record: a stopped owner is alive...
+    try:
+        os.kill(record["server_pid"], signal.SIGKILL)
+    finally:
+        os.kill(owner.pid, signal.SIGKILL)  # ...then dies without any cleanup
+        owner.join(60)
+    try:
+        proc = run_cli("ls", "--json")
+        assert proc.returncode == 0, proc.stderr
+        rows = {r["name"]: r for r in json.loads(proc.stdout)}
+        assert rows[live_name]["alive"] and rows[live_name]["keys"] == 2
+        assert rows[live_name]["owner_pid"] == os.getpid()
+        assert rows[dead_name]["alive"] is False and rows[dead_name]["stale"] is True
+        assert live_name in run_cli("ls").stdout
+
+        proc = run_cli("inspect", live_name)
+        info = json.loads(proc.stdout)
+        assert info["backend"] == "manager" and info["backend_info"]["lock_held"] is False
+        assert "authkey" not in proc.stdout
+        assert run_cli("inspect", "no-such").returncode == 1
+
+        proc = run_cli("gc", "--dry-run")
+        assert f"would remove {dead_name}" in proc.stdout and live_name not in proc.stdout
+        assert shareit_files(dead_name) != []
+        proc = run_cli("gc")
+        assert f"removed {dead_name}" in proc.stdout and live_name not in proc.stdout
+        assert shareit_files(dead_name) == [] and shareit_files(live_name) != []
+        assert live["a"] == 1
+    finally:
+        live.close()
+
+
+def test_inspect_shows_the_lock_holder(tmp_path, monkeypatch) -> None:
+    name = f"lk-{uuid.uuid4().hex[:6]}"
+    d = shareit.open(name, backend="manager")
+    try:
+        with d.lock():
+            info = json.loads(run_cli("inspect", name).stdout)
+        assert info["backend_info"]["lock_held"] is True
+        assert info["backend_info"]["lock_holder"] == os.getpid()
+    finally:
+        d.close()
