@@ -1,0 +1,284 @@
+"""The ``shm`` backend's memory layout: segments, the table format, key and value encoding.
+
+Two kinds of segment live in the runtime dir (``/dev/shm``), created with
+``os.open`` + ``mmap`` (not ``SharedMemory``, whose resource tracker unlinks
+segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
+
+``shareit-NAME`` -- the control segment, fixed size. Words (uint64):
+
+    0 magic   1 layout   2 gen (DESTROYED once destroyed)   3 gseq (global seqlock)
+    4 stamp (entry versions; only grows)   5 jstate (1: an undo journal is valid)
+    6 jcount  7 jwords   8 grow target gen   9 writer pid (for ``inspect``)
+
+  then the undo journal: records of (offset, nbytes, old bytes) of the current
+  generation's data segment, saved before a write changes them.
+
+``shareit-NAME.gN`` -- generation N's data segment: a 64-byte header
+(cap, isize, heap words, used, live, heap top, garbage words), the index
+(int32 x isize: -1 empty, -2 deleted, else an entry number), ``cap`` entries
+of 32 bytes in insertion order, then the heap (8-byte words, append-only
+within a generation: a value is never overwritten in place).
+
+Entry: ``ver`` u64 (odd while being written) | hash u32 | key length u32 |
+key offset u32 (heap words) | meta u32 (value kind | key kind << 8 | live
+<< 16) | value: int64 / float64 inline, or heap offset u32 + length u32.
+
+Growth and compaction build a whole new generation and switch ``gen`` with
+one aligned store, so they are atomic for readers and need no journal.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import struct
+import zlib
+from typing import Any
+
+import numpy as np
+
+from .. import _runtime
+from .._codec import dumps
+
+MAGIC = 0x5348415245495431  # "SHAREIT1"
+LAYOUT = 1
+DESTROYED = 1 << 62
+CTRL_SIZE = 1 << 16
+JOURNAL_WORD = 16  # the journal starts at control word 16
+JOURNAL_WORDS = CTRL_SIZE // 8 - JOURNAL_WORD
+
+# control words
+C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER = range(10)
+# data header words
+H_CAP, H_ISIZE, H_HEAPW, H_USED, H_LIVE, H_TOP, H_GARBAGE = range(7)
+HEADER_BYTES = 64
+ENTRY_BYTES = 32
+EMPTY, DELETED = -1, -2
+
+# value kinds (inline: INT, FLOAT, NONE, TRUE, FALSE; heap: STR, BYTES, PICKLE)
+V_INT, V_FLOAT, V_STR, V_BYTES, V_NONE, V_TRUE, V_FALSE, V_PICKLE = range(1, 9)
+HEAP_KINDS = frozenset({V_STR, V_BYTES, V_PICKLE})
+LIVE = 1 << 16
+
+# key kinds
+K_STR, K_BYTES, K_INT, K_TUPLE = range(1, 5)
+
+ENTRY_DTYPE = np.dtype(
+    [("ver", "<u8"), ("hash", "<u4"), ("klen", "<u4"), ("koff", "<u4"), ("meta", "<u4"),
+     ("val", "<i8")]
+)
+assert ENTRY_DTYPE.itemsize == ENTRY_BYTES
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def encode_key(key: Any) -> tuple[int, bytes]:
+    """(kind, bytes) of a key: the same in every interpreter (never ``hash()``)."""
+    t = type(key)
+    if t is str:
+        return K_STR, key.encode("utf-8", "surrogatepass")
+    if t is bytes:
+        return K_BYTES, key
+    if t is int:
+        return K_INT, key.to_bytes(max(8, (key.bit_length() + 8) // 8), "little", signed=True)
+    if t is tuple:
+        parts = []
+        for part in key:
+            kind, b = encode_key(part)
+            parts.append(struct.pack("<BI", kind, len(b)) + b)
+        return K_TUPLE, b"".join(parts)
+    raise TypeError(f"shm keys are str, bytes, int or tuples of these; got {t.__name__}")
+
+
+def decode_key(kind: int, b: bytes) -> Any:
+    if kind == K_STR:
+        return b.decode("utf-8", "surrogatepass")
+    if kind == K_BYTES:
+        return bytes(b)
+    if kind == K_INT:
+        return int.from_bytes(b, "little", signed=True)
+    parts, i = [], 0
+    while i < len(b):
+        k, n = struct.unpack_from("<BI", b, i)
+        i += 5
+        parts.append(decode_key(k, b[i : i + n]))
+        i += n
+    return tuple(parts)
+
+
+def key_hash(kind: int, b: bytes) -> int:
+    return zlib.crc32(b, kind)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def encode_value(value: Any) -> tuple[int, int, bytes | None]:
+    """(kind, inline int64 bits, heap bytes or None)."""
+    t = type(value)
+    if t is int and _INT64_MIN <= value <= _INT64_MAX:
+        return V_INT, value, None
+    if t is float:
+        return V_FLOAT, _f2i(value), None
+    if t is str:
+        return V_STR, 0, value.encode("utf-8", "surrogatepass")
+    if t is bytes:
+        return V_BYTES, 0, value
+    if value is None:
+        return V_NONE, 0, None
+    if value is True:
+        return V_TRUE, 0, None
+    if value is False:
+        return V_FALSE, 0, None
+    return V_PICKLE, 0, dumps(value)
+
+
+_PACK_Q, _UNPACK_D = struct.Struct("<q").pack, struct.Struct("<d").unpack
+_PACK_D, _UNPACK_Q = struct.Struct("<d").pack, struct.Struct("<q").unpack
+
+
+def _f2i(x: float) -> int:
+    return _UNPACK_Q(_PACK_D(x))[0]
+
+
+def _i2f(i: int) -> float:
+    return _UNPACK_D(_PACK_Q(i))[0]
+
+
+INLINE_CONST = {V_NONE: None, V_TRUE: True, V_FALSE: False}
+IMMUTABLE_KINDS = frozenset({V_INT, V_FLOAT, V_STR, V_BYTES, V_NONE, V_TRUE, V_FALSE})
+
+
+def decode_value(kind: int, inline: int, raw: bytes | None) -> Any:
+    if kind == V_INT:
+        return inline
+    if kind == V_FLOAT:
+        return _i2f(inline)
+    if kind == V_STR:
+        return raw.decode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+    if kind == V_BYTES:
+        return bytes(raw)  # type: ignore[arg-type]
+    if kind == V_PICKLE:
+        return pickle.loads(raw)  # type: ignore[arg-type]
+    return INLINE_CONST[kind]
+
+
+# --------------------------------------------------------------------------- segments
+
+
+def ctrl_path(name: str) -> str:
+    return os.path.join(_runtime.runtime_dir(), f"{_runtime.PREFIX}{name}")
+
+
+def data_path(name: str, gen: int) -> str:
+    return f"{ctrl_path(name)}.g{gen}"
+
+
+def create_file(path: str, size: int) -> tuple[int, mmap.mmap]:
+    """Create a segment exclusively (mode 0600) and map it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd, mm
+
+
+def open_file(path: str) -> tuple[int, mmap.mmap]:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        mm = mmap.mmap(fd, os.fstat(fd).st_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, mm
+
+
+def unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def data_segments(name: str) -> list[str]:
+    d = _runtime.runtime_dir()
+    stem = f"{_runtime.PREFIX}{name}.g"
+    return [os.path.join(d, f) for f in os.listdir(d) if f.startswith(stem) and f[len(stem):].isdigit()]
+
+
+def sizes_for(cap: int, heap_bytes: int) -> tuple[int, int, int]:
+    """(cap, isize, heap words) of a generation that holds ``cap`` entries."""
+    cap = max(cap, 8)
+    isize = cap + cap // 2 + 1  # load <= 2/3; not a power of two: probing uses %
+    heapw = max(heap_bytes // 8 + 1, 64)
+    return cap, isize, heapw
+
+
+def layout_offsets(cap: int, isize: int) -> tuple[int, int]:
+    """Byte offsets of the entries and of the heap."""
+    entries = HEADER_BYTES + ((isize * 4 + 7) & ~7)
+    return entries, entries + cap * ENTRY_BYTES
+
+
+class Generation:
+    """One mapped data segment and its typed views."""
+
+    __slots__ = ("gen", "fd", "mm", "mv", "q", "qs", "i32", "u32", "cap", "isize", "heapw",
+                 "eoff", "hoff", "ew", "hw", "size", "path")
+
+    def __init__(self, gen: int, fd: int, mm: mmap.mmap, path: str):
+        self.gen, self.fd, self.mm, self.path = gen, fd, mm, path
+        self.mv = memoryview(mm)
+        self.q = self.mv.cast("Q")
+        self.qs = self.mv.cast("q")
+        self.i32 = self.mv.cast("i")
+        self.u32 = self.mv.cast("I")
+        self.cap, self.isize, self.heapw = self.q[H_CAP], self.q[H_ISIZE], self.q[H_HEAPW]
+        self.eoff, self.hoff = layout_offsets(self.cap, self.isize)
+        self.ew, self.hw = self.eoff // 8, self.hoff // 8  # entry / heap base, in words
+        self.size = len(mm)
+
+    @classmethod
+    def create(cls, name: str, gen: int, cap: int, heap_bytes: int) -> "Generation":
+        cap, isize, heapw = sizes_for(cap, heap_bytes)
+        eoff, hoff = layout_offsets(cap, isize)
+        path = data_path(name, gen)
+        unlink_quiet(path)  # an incomplete generation left by a writer killed while growing
+        fd, mm = create_file(path, hoff + heapw * 8)
+        q = memoryview(mm).cast("Q")
+        q[H_CAP], q[H_ISIZE], q[H_HEAPW] = cap, isize, heapw
+        q.release()
+        np.frombuffer(mm, dtype=np.int32, count=isize, offset=HEADER_BYTES)[:] = EMPTY
+        return cls(gen, fd, mm, path)
+
+    @classmethod
+    def open(cls, name: str, gen: int) -> "Generation":
+        path = data_path(name, gen)
+        fd, mm = open_file(path)
+        return cls(gen, fd, mm, path)
+
+    def entries(self) -> np.ndarray:
+        return np.frombuffer(self.mm, dtype=ENTRY_DTYPE, count=self.cap, offset=self.eoff)
+
+    def index(self) -> np.ndarray:
+        return np.frombuffer(self.mm, dtype=np.int32, count=self.isize, offset=HEADER_BYTES)
+
+    def heap(self) -> np.ndarray:
+        return np.frombuffer(self.mm, dtype=np.uint8, count=self.heapw * 8, offset=self.hoff)
+
+    def close(self) -> None:
+        for view in (self.q, self.qs, self.i32, self.u32, self.mv):
+            view.release()
+        try:
+            self.mm.close()
+        except BufferError:  # a numpy view handed to the user still points into it
+            pass
+        os.close(self.fd)

@@ -1,0 +1,134 @@
+"""Vectorised work on whole ``shm`` generations: rebuilding (growth, compaction, clear)
+and decoding every key and value at once (snapshot, iteration, numpy bulk reads).
+
+A rebuild copies only live entries, in order, packs their heap bytes, and
+builds the new index with a round-based parallel linear probe, all in numpy:
+no per-key Python loop, so growing to a million keys stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _shm_layout as L
+
+_HEAP_KINDS = np.array(sorted(L.HEAP_KINDS), dtype=np.uint32)
+
+
+def _exclusive_cumsum(a: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(a), dtype=np.int64)
+    if len(a) > 1:
+        np.cumsum(a[:-1], out=out[1:])
+    return out
+
+
+def _gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Indices of the concatenated ranges [starts[i], starts[i] + lengths[i])."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = np.repeat(starts - _exclusive_cumsum(lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def build_index(index: np.ndarray, hashes: np.ndarray) -> None:
+    """Place entries 0..n-1 by linear probing, many at a time.
+
+    An entry only ever moves past occupied slots, so the probing invariant
+    (every slot between a key's home and its place is occupied) holds.
+    """
+    isize = len(index)
+    n = len(hashes)
+    pos = hashes.astype(np.int64) % isize
+    pending = np.arange(n, dtype=np.int64)
+    placed = np.zeros(n, dtype=bool)
+    while pending.size:
+        p = pos[pending]
+        free = index[p] == L.EMPTY
+        if free.any():
+            cand, cp = pending[free], p[free]
+            slots, first = np.unique(cp, return_index=True)
+            winners = cand[first]
+            index[slots] = winners
+            placed[winners] = True
+            pending = pending[~placed[pending]]
+        pos[pending] = (pos[pending] + 1) % isize
+
+
+def build_generation(seg: str, old: L.Generation, target: int, extra_entries: int,
+                     extra_heap: int, empty: bool, cap_hint: int, ctrl: Any) -> L.Generation:
+    """A new, not yet published generation holding ``old``'s live entries and room to spare."""
+    if empty:
+        live = old.entries()[:0].copy()
+    else:
+        ents = old.entries()[: old.q[L.H_USED]]
+        live = ents[(ents["meta"] & L.LIVE) != 0]
+    n = len(live)
+    kinds = live["meta"] & 0xFF
+    on_heap = np.isin(kinds, _HEAP_KINDS)
+    val = live["val"]
+    vlen = np.where(on_heap, val >> 32, 0)
+    voff = val & 0xFFFFFFFF
+    kwords = (live["klen"].astype(np.int64) + 7) // 8
+    vwords = (vlen + 7) // 8
+    used_words = int(kwords.sum() + vwords.sum())
+    cap = max(cap_hint if empty else 0, int((n + extra_entries) * 1.5) + 8)
+    new = L.Generation.create(seg, target, cap, int((used_words * 8 + extra_heap) * 1.5) + 512)
+    if n:
+        old_heap = np.frombuffer(old.mm, dtype=np.uint64, count=old.heapw, offset=old.hoff)
+        new_heap = np.frombuffer(new.mm, dtype=np.uint64, count=new.heapw, offset=new.hoff)
+        kstart = live["koff"].astype(np.int64)
+        new_koff = _exclusive_cumsum(kwords)
+        ktotal = int(kwords.sum())
+        new_heap[:ktotal] = old_heap[_gather_ranges(kstart, kwords)]
+        hv = np.nonzero(on_heap)[0]
+        new_voff = ktotal + _exclusive_cumsum(vwords[hv])
+        new_heap[ktotal:used_words] = old_heap[_gather_ranges(voff[hv], vwords[hv])]
+        out = new.entries()
+        out[:n] = live
+        out["koff"][:n] = new_koff
+        out["val"][hv] = new_voff | (vlen[hv] << 32)
+        stamp = ctrl[L.C_STAMP] + 1
+        ctrl[L.C_STAMP] = stamp
+        out["ver"][:n] = 2 * stamp + 2
+        build_index(new.index(), live["hash"])
+    q = new.q
+    q[L.H_USED], q[L.H_LIVE], q[L.H_TOP], q[L.H_GARBAGE] = n, n, used_words, 0
+    return new
+
+
+def decode_keys(ents: np.ndarray, heap: np.ndarray) -> list:
+    if len(ents) == 0:
+        return []
+    kkinds = (ents["meta"] >> 8) & 0xFF
+    koff, klen = ents["koff"], ents["klen"]
+    if (kkinds == L.K_INT).all() and (klen == 8).all():
+        return heap.view("<i8")[koff].tolist()
+    hb = heap.tobytes()
+    out = []
+    for kind, off, n in zip(kkinds.tolist(), koff.tolist(), klen.tolist()):
+        b = hb[off * 8 : off * 8 + n]
+        out.append(b.decode("utf-8", "surrogatepass") if kind == L.K_STR else L.decode_key(kind, b))
+    return out
+
+
+def decode_values(ents: np.ndarray, heap: np.ndarray, vt: Any = None) -> list:
+    if len(ents) == 0:
+        return []
+    kinds = ents["meta"] & 0xFF
+    raw = ents["val"]
+    if (kinds == L.V_FLOAT).all():
+        return raw.view("<f8").tolist()
+    if (kinds == L.V_INT).all():
+        return raw.tolist()
+    hb = heap.tobytes()
+    out = []
+    for kind, inline in zip(kinds.tolist(), raw.tolist()):
+        data = None
+        if kind in L.HEAP_KINDS:
+            off = (inline & 0xFFFFFFFF) * 8
+            data = hb[off : off + (inline >> 32)]
+        out.append(L.decode_value(kind, inline, data))
+    return out

@@ -1,0 +1,14 @@
+"""The shm backend: the conformance suite (its own fault tests are in test_shm_faults.py)."""
+
+from shareit.testing import SharedMappingSuite
+
+
+class TestShm(SharedMappingSuite):
+    backend = "shm"
+
+
+class TestShmFloat(SharedMappingSuite):
+    """The same contract with unboxed numeric values."""
+
+    backend = "shm"
+    options = {"value_type": "float64"}
