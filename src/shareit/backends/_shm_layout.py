@@ -7,8 +7,10 @@ segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
 ``shareit-NAME`` -- the control segment, fixed size. Words (uint64):
 
     0 magic   1 layout   2 gen (DESTROYED once destroyed)   3 gseq (global seqlock)
-    4 stamp (entry versions; only grows)   5 jstate (1: an undo journal is valid)
+    4 stamp (entry versions; only grows)   5 jstate (1: an undo journal is valid;
+    2: one entry's inline value word is being replaced, see word 10)
     6 jcount  7 jwords   8 grow target gen   9 writer pid (for ``inspect``)
+    10 that entry's word offset
 
   then the undo journal: records of (offset, nbytes, old bytes) of the current
   generation's data segment, saved before a write changes them.
@@ -49,7 +51,9 @@ JOURNAL_WORD = 16  # the journal starts at control word 16
 JOURNAL_WORDS = CTRL_SIZE // 8 - JOURNAL_WORD
 
 # control words
-C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER = range(10)
+(C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER,
+ C_JENTRY) = range(11)
+J_NONE, J_JOURNAL, J_INLINE = 0, 1, 2
 # data header words
 H_CAP, H_ISIZE, H_HEAPW, H_USED, H_LIVE, H_TOP, H_GARBAGE = range(7)
 HEADER_BYTES = 64
