@@ -884,6 +884,7 @@ class ShmMapping(SharedMapping):
             self._journaling = True
         _fault("mid_grow")
         c[L.C_GEN] = target
+        _fault("after_switch")
         L.unlink_quiet(old.path)
         c[L.C_GROW] = 0
         old.close()
@@ -975,6 +976,47 @@ class ShmMapping(SharedMapping):
                 f"{what}() needs a numeric value_type, e.g. shareit.open(name, backend='shm', "
                 f"value_type='float64')"
             )
+
+    def verify(self) -> list[str]:
+        """Check the table's integrity under the lock (repairing first); the problems found.
+
+        Every live entry must be reachable from the index by its own key, the
+        index must point only at live entries, counts must agree, no entry may
+        be mid-write, and every heap reference must lie inside the used heap.
+        """
+        problems: list[str] = []
+        self._wlock()
+        try:
+            g = self._g
+            q = g.q
+            used, live_n, top = q[L.H_USED], q[L.H_LIVE], q[L.H_TOP]
+            ents = g.entries()[:used]
+            index = g.index()
+            live = (ents["meta"] & L.LIVE) != 0
+            if int(live.sum()) != live_n:
+                problems.append(f"live count {live_n} != {int(live.sum())} live entries")
+            if (ents["ver"] & 1).any():
+                problems.append(f"entries mid-write: {np.nonzero(ents['ver'] & 1)[0].tolist()}")
+            pointed = index[index >= 0]
+            if len(pointed) != int(live.sum()) or not live[pointed].all():
+                problems.append("the index does not point at exactly the live entries")
+            if ((ents["koff"].astype(np.int64) + (ents["klen"] + 7) // 8) > top).any():
+                problems.append("a key lies beyond the heap top")
+            heap_vals = np.isin(ents["meta"] & 0xFF, list(L.HEAP_KINDS)) & live
+            v = ents["val"][heap_vals]
+            if ((v & 0xFFFFFFFF) + ((v >> 32) + 7) // 8 > top).any():
+                problems.append("a value lies beyond the heap top")
+            for e in np.nonzero(live)[0].tolist():
+                u = (g.ew + e * 4) * 2
+                start = g.hoff + g.u32[u + 4] * 8
+                kb = bytes(g.mv[start : start + g.u32[u + 3]])
+                found, _ = self._find(g, (g.u32[u + 5] >> 8) & 0xFF, kb, g.u32[u + 2])
+                if found != e:
+                    problems.append(f"entry {e} is not reachable by its key")
+                    break
+        finally:
+            self._lock_release()
+        return problems
 
     def info(self) -> dict:
         """Segment sizes and table statistics (for ``shareit inspect`` and benchmarks)."""

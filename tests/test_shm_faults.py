@@ -1,0 +1,346 @@
+"""The shm backend under faults: torn reads, writers killed mid-write, growth, collisions, churn."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+import shareit
+from shareit.backends import _shm_layout as L
+from shareit.backends import shm
+from shareit.testing import shareit_files
+
+FORK = mp.get_context("fork")
+TIMEOUT = 120
+
+
+@pytest.fixture
+def name() -> str:
+    return f"sf-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def d(name):
+    m = shareit.open(name, backend="shm")
+    yield m
+    m.close()
+    assert shareit_files(name) == []
+
+
+def join_all(procs, timeout: float = TIMEOUT) -> list[int]:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+        p.join()
+    assert not hung, "a child process hung"
+    return [p.exitcode for p in procs]
+
+
+# ---------------------------------------------------------------------------- torn reads
+
+SIZES = {"w8": 8, "w64": 64, "w4k": 4096}
+
+
+def self_checking(key: str, n: int):
+    if key == "w8":  # one int64: both halves equal
+        n &= 0x7FFFFFFF
+        return (n << 32) | n
+    return bytes([n % 251]) * SIZES[key]
+
+
+def is_intact(key: str, v) -> bool:
+    if key == "w8":
+        return type(v) is int and (v >> 32) == (v & 0xFFFFFFFF)
+    return type(v) is bytes and len(v) == SIZES[key] and v == v[:1] * len(v)
+
+
+def torn_writer(d, stop, writes) -> None:
+    n = 0
+    while not stop.is_set():
+        n += 1
+        for key in SIZES:
+            d[key] = self_checking(key, n)
+        writes.value = n
+
+
+def torn_reader(d, reads: int, torn, done) -> None:
+    bad = 0
+    keys = list(SIZES)
+    for i in range(reads):
+        key = keys[i % 3]
+        if not is_intact(key, d[key]):
+            bad += 1
+    with torn.get_lock():
+        torn.value += bad
+    done.set()
+
+
+def test_no_torn_reads_in_a_million(d) -> None:
+    for key in SIZES:
+        d[key] = self_checking(key, 0)
+    stop, torn, writes = FORK.Event(), FORK.Value("q", 0), FORK.Value("q", 0, lock=False)
+    dones = [FORK.Event() for _ in range(2)]
+    writer = FORK.Process(target=torn_writer, args=(d, stop, writes))
+    readers = [FORK.Process(target=torn_reader, args=(d, 500_000, torn, ev)) for ev in dones]
+    writer.start()
+    for r in readers:
+        r.start()
+    try:
+        assert join_all(readers) == [0, 0]
+        written_while_reading = writes.value
+    finally:
+        stop.set()
+        assert join_all([writer]) == [0]
+    assert torn.value == 0, f"{torn.value} torn reads"
+    assert written_while_reading > 1000, "the writer hardly ran: the test proved nothing"
+    assert d.verify() == []
+
+
+# ---------------------------------------------------------------------------- killed mid-write
+
+
+def die_at(d, step: str, op: str) -> None:
+    shm.FAULT = step
+    if op == "set_int":
+        d["n"] = 2  # fast path: one inline word
+    elif op == "set_str":
+        d["s"] = "new" * 10
+    elif op == "insert":
+        d["fresh"] = "new"
+    elif op == "delete":
+        del d["s"]
+    elif op == "update":
+        d.update({"n": 2, "s": "new" * 10, "fresh": "new"})
+    elif op == "grow":
+        d.update({f"g{i}": i for i in range(1000)})
+    os._exit(3)  # the fault point was not reached
+
+
+CASES = [
+    ("mid_entry", "set_int"), ("before_commit", "set_int"),
+    ("after_begin", "set_str"), ("mid_entry", "set_str"), ("after_write", "set_str"),
+    ("before_commit", "set_str"), ("mid_entry", "insert"), ("after_write", "insert"),
+    ("before_commit", "insert"), ("mid_entry", "delete"), ("before_commit", "delete"),
+    ("after_write", "update"), ("before_commit", "update"),
+    ("mid_grow", "grow"), ("after_switch", "grow"),
+]
+OLD = {"n": 1, "s": "old", "keep": [1, 2]}
+NEW = {"n": 2, "s": "new" * 10, "fresh": "new"}
+
+
+@pytest.mark.parametrize("step, op", CASES)
+def test_writer_killed_at_a_fault_point_leaves_old_or_new(d, step: str, op: str) -> None:
+    d.update(OLD)
+    child = FORK.Process(target=die_at, args=(d, step, op))
+    child.start()
+    assert join_all([child]) == [-signal.SIGKILL], "the fault point was not reached"
+    assert d.verify() == [], "the table is inconsistent after the writer's death"
+    snap = d.snapshot()
+    assert snap["keep"] == [1, 2]
+    for key in ("n", "s", "fresh"):
+        assert snap.get(key, "<absent>") in (OLD.get(key, "<absent>"), NEW[key], "<absent>")
+        if key in OLD and op != "delete":
+            assert key in snap
+    if op == "grow":
+        keys = [k for k in snap if isinstance(k, str) and k.startswith("g")]
+        assert len(keys) in (0, 1000), "a bulk update must land whole or not at all"
+    d["n"] = 10
+    d["after"] = "works"
+    assert d["n"] == 10 and d.incr("n") == 11 and d["after"] == "works"
+    assert shareit_files(d.name) == [f"shareit-{d.name}", f"shareit-{d.name}.g{d.info()['generation']}",
+                                     f"shareit-{d.name}.meta"], "a dead writer's segment leaked"
+
+
+def random_writer(d, started) -> None:
+    started.set()
+    rnd = random.Random(os.getpid())
+    n = 0
+    while True:
+        n += 1
+        key = f"k{rnd.randrange(200)}"
+        r = rnd.random()
+        if r < 0.4:
+            d[key] = self_checking("w64", n)
+        elif r < 0.6:
+            d.incr("counter")
+        elif r < 0.8:
+            d.pop(key, None)
+        else:
+            d.update({f"k{rnd.randrange(200)}": self_checking("w64", n) for _ in range(5)})
+
+
+def test_random_kills_over_many_rounds(d) -> None:
+    d["counter"] = 0
+    rnd = random.Random(1234)
+    last = 0
+    for _ in range(25):
+        started = FORK.Event()
+        child = FORK.Process(target=random_writer, args=(d, started))
+        child.start()
+        assert started.wait(TIMEOUT)
+        time.sleep(rnd.uniform(0, 0.03))  # a random kill moment, not a wait for the child
+        os.kill(child.pid, signal.SIGKILL)
+        join_all([child])
+        assert d.verify() == []
+        snap = d.snapshot()
+        assert all(is_intact("w64", v) for k, v in snap.items() if k != "counter")
+        assert snap["counter"] >= last
+        last = snap["counter"]
+    d["k0"] = b"x"
+    assert d["k0"] == b"x"
+
+
+# ---------------------------------------------------------------------------- growth, collisions, churn
+
+
+def grow_writer(d, total: int, progress) -> None:
+    for i in range(total):
+        d[f"key{i}"] = i
+        if i % 1000 == 999:
+            progress.value = i + 1
+    progress.value = total
+
+
+def grow_reader(d, total: int, progress) -> None:
+    rnd = random.Random(7)
+    last_len = 0
+    while True:
+        done = progress.value
+        if done:
+            i = rnd.randrange(done)
+            assert d[f"key{i}"] == i, f"key{i} missing or wrong while growing"
+        n = len(d)
+        assert n >= last_len, "len() went backwards"
+        last_len = n
+        if done == total:
+            return
+
+
+def test_grow_from_one_to_200k_keys_while_another_process_reads(d) -> None:
+    total = 200_000
+    progress = FORK.Value("q", 0, lock=False)
+    procs = [FORK.Process(target=grow_writer, args=(d, total, progress)),
+             FORK.Process(target=grow_reader, args=(d, total, progress))]
+    for p in procs:
+        p.start()
+    assert join_all(procs, 300) == [0, 0]
+    assert len(d) == total and d["key0"] == 0 and d[f"key{total - 1}"] == total - 1
+    info = d.info()
+    assert info["generation"] > 5 and info["capacity"] < total * 2
+    assert d.verify() == []
+
+
+def test_forced_hash_collisions(d, monkeypatch) -> None:
+    monkeypatch.setattr(shm, "_crc32", lambda b, kind: 12345)
+    keys = [f"c{i}" for i in range(300)] + [i for i in range(100)] + [("t", i) for i in range(50)]
+    for i, k in enumerate(keys):
+        d[k] = i
+    for i, k in enumerate(keys):
+        assert d[k] == i
+    for k in keys[::2]:
+        del d[k]
+    for i, k in enumerate(keys):
+        assert (k in d) == (i % 2 == 1)
+    d.update({k: -1 for k in keys[::2]})
+    assert all(d[k] == -1 for k in keys[::2]) and len(d) == len(keys)
+    assert d.verify() == []
+
+
+def test_delete_heavy_churn_stays_bounded(d) -> None:
+    for round_ in range(200):
+        for i in range(100):
+            d[f"c{i}"] = "x" * (round_ % 7 * 50)
+        for i in range(100):
+            if i % 10:
+                del d[f"c{i}"]
+    info = d.info()
+    assert len(d) == 10 and info["used_entries"] < 500 and info["capacity"] < 1000
+    assert info["heap_bytes"] < 1 << 20, "space freed by deletes and overwrites is reclaimed"
+    assert d.verify() == [] and d["c0"] == "x" * (199 % 7 * 50)
+
+
+# ---------------------------------------------------------------------------- numeric bulk access
+
+
+def test_numeric_bulk_access() -> None:
+    d = shareit.open(backend="shm", value_type="float64")
+    try:
+        keys = list(range(1000))
+        d.set_many(keys, np.arange(1000) * 0.5)
+        assert d[10] == 5.0 and len(d) == 1000
+        np.testing.assert_array_equal(d.values_array(), np.arange(1000) * 0.5)
+        assert d.keys_list() == keys
+        np.testing.assert_array_equal(d.get_many([3, 1]), [1.5, 0.5])
+        np.testing.assert_array_equal(d.get_many([3, -1], default=np.nan), [1.5, np.nan])
+        with pytest.raises(KeyError):
+            d.get_many([-1])
+        with pytest.raises(ValueError, match="2 keys but 1 values"):
+            d.set_many([1, 2], [1.0])
+        with pytest.raises(TypeError, match="float64"):
+            d.set_many([1, 2], ["a", "b"])
+        assert d[1] == 0.5, "a rejected bulk write changes nothing"
+        del d[0]
+        assert d.values_array()[0] == 0.5
+    finally:
+        d.close()
+    plain = shareit.open(backend="shm")
+    try:
+        with pytest.raises(TypeError, match="numeric value_type"):
+            plain.values_array()
+    finally:
+        plain.close()
+
+
+# ---------------------------------------------------------------------------- files and the tracker
+
+
+def test_segments_are_private_and_versioned(d, name) -> None:
+    d["a"] = 1
+    for f in shareit_files(name):
+        path = os.path.join("/dev/shm", f)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, f
+    record = shareit.api._runtime.read_meta(name)
+    assert record["owner_pid"] == os.getpid() and record["layout"] == L.LAYOUT
+
+
+ATTACH_AND_EXIT = """
+import shareit, sys
+d = shareit.open(sys.argv[1], create=False)
+d["from_child"] = d["a"] + 1
+"""
+
+
+def test_attacher_exit_neither_unlinks_nor_warns(d, name) -> None:
+    d["a"] = 1
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", ATTACH_AND_EXIT, name], capture_output=True,
+                              text=True, timeout=TIMEOUT, env={**os.environ, "SHAREIT_BACKEND": "shm"})
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert d["from_child"] == 2 and len(shareit_files(name)) == 3
+
+
+OWN_AND_EXIT = """
+import shareit, sys
+d = shareit.open(sys.argv[1], backend="shm")
+d["a"] = 1
+"""
+
+
+def test_owner_exit_removes_segments_without_tracker_output(name) -> None:
+    proc = subprocess.run([sys.executable, "-c", OWN_AND_EXIT, name], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert shareit_files(name) == []
