@@ -135,7 +135,7 @@ CASES = [
     ("before_commit", "set_str"), ("mid_entry", "insert"), ("after_write", "insert"),
     ("before_commit", "insert"), ("mid_entry", "delete"), ("before_commit", "delete"),
     ("after_write", "update"), ("before_commit", "update"),
-    ("mid_grow", "grow"), ("after_switch", "grow"),
+    ("mid_grow", "grow"), ("mid_switch", "grow"), ("after_switch", "grow"),
 ]
 OLD = {"n": 1, "s": "old", "keep": [1, 2]}
 NEW = {"n": 2, "s": "new" * 10, "fresh": "new"}

@@ -6,7 +6,10 @@ segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
 
 ``shareit-NAME`` -- the control segment, fixed size. Words (uint64):
 
-    0 magic   1 layout   2 gen (DESTROYED once destroyed)   3 gseq (global seqlock)
+    0 magic   1 layout   2 gen (DESTROYED once destroyed)
+    3 epoch: gen * 2, plus 1 while a multi-key write is in progress (1 once destroyed).
+      A reader's cached value is valid while the epoch equals its own and the
+      entry's version is unchanged: two word reads.
     4 stamp (entry versions; only grows)   5 jstate (1: an undo journal is valid;
     2: one entry's inline value word is being replaced, see word 10)
     6 jcount  7 jwords   8 grow target gen   9 writer pid (for ``inspect``)

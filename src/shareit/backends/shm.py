@@ -114,6 +114,7 @@ class ShmMapping(SharedMapping):
         self._c = self._cmv.cast("Q")
         self._g: L.Generation | None = None
         self._gen = -1
+        self._epoch = -1
         self._q: Any = None
         self._cache: dict = {}
         self._slots: dict = {}
@@ -136,7 +137,7 @@ class ShmMapping(SharedMapping):
         try:
             c = memoryview(cmm).cast("Q")
             L.Generation.create(seg, 1, config.capacity or 8, (config.capacity or 8) * 16).close()
-            c[L.C_LAYOUT], c[L.C_GEN], c[L.C_MAGIC] = L.LAYOUT, 1, L.MAGIC
+            c[L.C_LAYOUT], c[L.C_GEN], c[L.C_GSEQ], c[L.C_MAGIC] = L.LAYOUT, 1, 2, L.MAGIC
             c.release()
             self = cls(name, config, seg, cfd, cmm)
         except BaseException:
@@ -197,7 +198,7 @@ class ShmMapping(SharedMapping):
                 continue  # replaced by a newer generation meanwhile
             if self._g is not None:
                 self._g.close()
-            self._g, self._gen, self._q = g, gen, g.q
+            self._g, self._gen, self._epoch, self._q = g, gen, gen * 2, g.q
             self._cache.clear()
             self._slots.clear()
             return
@@ -224,6 +225,7 @@ class ShmMapping(SharedMapping):
 
     def _destroy(self) -> None:
         self._c[L.C_GEN] = L.DESTROYED
+        self._c[L.C_GSEQ] = 1  # odd: no reader's epoch matches any more
         for path in [L.ctrl_path(self._seg)] + L.data_segments(self._seg):
             L.unlink_quiet(path)
         if self._name is not None:
@@ -304,7 +306,7 @@ class ShmMapping(SharedMapping):
         c = self._c
         if c[L.C_GEN] == L.DESTROYED:
             raise self._died()
-        if c[L.C_JSTATE] or c[L.C_GSEQ] & 1 or c[L.C_GROW]:
+        if c[L.C_JSTATE] or c[L.C_GROW] or c[L.C_GSEQ] != c[L.C_GEN] * 2:
             self._recover()
         if c[L.C_GEN] != self._gen:
             self._map_current()
@@ -332,18 +334,20 @@ class ShmMapping(SharedMapping):
                 c[L.C_STAMP] = stamp
                 self._g.q[w] = 2 * stamp + 2
         c[L.C_JSTATE] = 0
-        if c[L.C_GSEQ] & 1:
-            c[L.C_GSEQ] += 1
+        c[L.C_GSEQ] = c[L.C_GEN] * 2  # even again, and right after a switch cut short
+        self._epoch = c[L.C_GEN] * 2
         self._cache.clear()
         self._slots.clear()
 
     # ------------------------------------------------------------------ write transactions
 
-    def _begin(self) -> None:
+    def _begin(self, multi: bool = False) -> None:
+        """Open a journaled write; ``multi``: it changes several keys, so readers must wait."""
         c = self._c
         c[L.C_JWORDS] = 0
         c[L.C_JCOUNT] = 0
-        c[L.C_GSEQ] += 1  # odd: readers retry
+        if multi:
+            c[L.C_GSEQ] += 1  # odd: readers retry until the whole write is done
         c[L.C_JSTATE] = 1
         self._saved_header = False
         _fault("after_begin")
@@ -385,7 +389,8 @@ class ShmMapping(SharedMapping):
         _fault("before_commit")
         c = self._c
         c[L.C_JSTATE] = 0
-        c[L.C_GSEQ] += 1
+        if c[L.C_GSEQ] & 1:
+            c[L.C_GSEQ] += 1
 
     def _abort(self) -> None:
         self._rollback()
@@ -523,12 +528,13 @@ class ShmMapping(SharedMapping):
         new = build_generation(self._seg, old, target, extra_entries, extra_heap, empty,
                                self._config.capacity or 0, c)
         _fault("mid_grow")
-        c[L.C_GEN] = target  # one aligned store: readers switch atomically
+        c[L.C_GEN] = target
+        c[L.C_GSEQ] = target * 2  # one aligned store publishes the new generation
         _fault("after_switch")
         L.unlink_quiet(old.path)
         c[L.C_GROW] = 0
         old.close()
-        self._g, self._gen, self._q = new, target, new.q
+        self._g, self._gen, self._epoch, self._q = new, target, target * 2, new.q
         self._cache.clear()
         self._slots.clear()
 
@@ -541,18 +547,18 @@ class ShmMapping(SharedMapping):
         if _LOCKFREE_READS:
             c = self._c
             for _ in range(_SPINS):
-                g1 = c[L.C_GSEQ]
-                if g1 & 1:
-                    os.sched_yield()
-                    continue
-                if c[L.C_GEN] != self._gen:
-                    self._map_current()
+                e1 = c[C_GSEQ]
+                if e1 != self._epoch:
+                    if e1 & 1:
+                        os.sched_yield()  # a multi-key write or a destroy: wait, or lock
+                    else:
+                        self._map_current()
                     continue
                 try:
                     got = self._read_entry(key, kkind, kb, h)
                 except (IndexError, ValueError, OverflowError):
                     got = None  # a torn read of the index or an entry: retry
-                if got is not None and c[L.C_GSEQ] == g1 and c[L.C_GEN] == self._gen:
+                if got is not None and c[C_GSEQ] == e1:
                     return got
         self._wlock()
         try:
@@ -595,10 +601,8 @@ class ShmMapping(SharedMapping):
 
     def __getitem__(self, key: Any) -> Any:
         hit = self._cache.get(key)
-        if hit is not None:
-            c = self._c
-            if not c[C_GSEQ] & 1 and c[C_GEN] == self._gen and self._q[hit[0]] == hit[1]:
-                return hit[2] if hit[3] else _loads(hit[2])
+        if hit is not None and self._c[C_GSEQ] == self._epoch and self._q[hit[0]] == hit[1]:
+            return hit[2] if hit[3] else _loads(hit[2])
         self._check_open()
         found, value = self._read(self._check_key(key))
         if not found:
@@ -651,7 +655,7 @@ class ShmMapping(SharedMapping):
                     return False
             try:
                 c, g = self._c, self._g
-                if c[C_JSTATE] or c[C_GSEQ] & 1 or c[C_GROW] or c[C_GEN] != self._gen:
+                if c[C_JSTATE] or c[C_GROW] or c[C_GSEQ] != self._epoch:
                     return False
                 w = g.ew + e * 4
                 meta = g.u32[w * 2 + 5]
@@ -749,14 +753,16 @@ class ShmMapping(SharedMapping):
         self._check_open()
         c = self._c
         for _ in range(_SPINS):
-            g1 = c[L.C_GSEQ]
-            if c[L.C_GEN] != self._gen:
-                self._map_current()
+            e1 = c[C_GSEQ]
+            if e1 != self._epoch:
+                if e1 & 1:
+                    os.sched_yield()
+                else:
+                    self._map_current()
                 continue
             n = self._q[L.H_LIVE]
-            if not g1 & 1 and c[L.C_GSEQ] == g1:
+            if c[C_GSEQ] == e1:
                 return n
-            os.sched_yield()
         self._wlock()
         try:
             return self._q[L.H_LIVE]
@@ -793,19 +799,12 @@ class ShmMapping(SharedMapping):
         return keys, vals
 
     def _consistent_copy(self) -> tuple[np.ndarray, np.ndarray]:
-        c = self._c
-        if _LOCKFREE_READS:
-            for _ in range(8):
-                g1 = c[L.C_GSEQ]
-                if g1 & 1:
-                    os.sched_yield()
-                    continue
-                if c[L.C_GEN] != self._gen:
-                    self._map_current()
-                    continue
-                got = self._copy_live(self._g)
-                if c[L.C_GSEQ] == g1 and c[L.C_GEN] == self._gen:
-                    return got
+        """Live entries and the heap, copied under the lock: one consistent step.
+
+        Single-key writes do not announce themselves to readers (their entry's
+        version is enough for a one-key read), so a whole-table copy takes the
+        lock; copying is a memcpy, so writers wait only that long.
+        """
         self._wlock()
         try:
             return self._copy_live(self._g)
@@ -838,7 +837,7 @@ class ShmMapping(SharedMapping):
     def _put_many(self, encoded: list) -> None:
         """Apply many puts as one transaction; too big for the journal: in a new generation."""
         if len(encoded) <= 256:
-            self._begin()
+            self._begin(multi=len(encoded) > 1)
             try:
                 for item in encoded:
                     self._put(*item)
@@ -868,13 +867,14 @@ class ShmMapping(SharedMapping):
         new = build_generation(self._seg, old, target, len(encoded), heap_bytes, False,
                                self._config.capacity or 0, c)
         self._g, self._gen, self._q = new, target, new.q  # write into the unpublished generation
+        self._epoch = old.gen * 2
         self._slots.clear()
         self._journaling = False
         try:
             for item in encoded:
                 self._put(*item)
         except BaseException:
-            self._g, self._gen, self._q = old, old.gen, old.q
+            self._g, self._gen, self._epoch, self._q = old, old.gen, old.gen * 2, old.q
             new.close()
             L.unlink_quiet(new.path)
             c[L.C_GROW] = 0
@@ -884,6 +884,9 @@ class ShmMapping(SharedMapping):
             self._journaling = True
         _fault("mid_grow")
         c[L.C_GEN] = target
+        _fault("mid_switch")
+        c[L.C_GSEQ] = target * 2
+        self._epoch = target * 2
         _fault("after_switch")
         L.unlink_quiet(old.path)
         c[L.C_GROW] = 0
