@@ -142,6 +142,7 @@ class ShareitSubject(Subject):
         self.values = "any" if "any" in caps.get("value_kinds", ["any"]) else "numeric"
 
     def make(self, n_hint: int = 0, **opts: Any) -> Any:
+        opts = dict(opts)
         if self.values == "numeric":
             opts.setdefault("keys", ["hot"] + [f"c{i}" for i in range(8)])
         return shareit.open(f"bench-{uuid.uuid4().hex[:10]}", backend=self.backend,
@@ -161,10 +162,101 @@ class ShareitSubject(Subject):
         return m.snapshot()
 
 
-def subjects(backends: list[str]) -> list[Subject]:
-    return [DictSubject(), ManagerSubject(), ManagerSubject(lock=False), ValueSubject()] + [
-        ShareitSubject(b) for b in backends
-    ]
+class UltraDictSubject(Subject):
+    """UltraDict with its defaults; counters and edits under its own lock."""
+
+    name, kind, module = "UltraDict", "peer", "UltraDict"
+
+    def make(self, n_hint: int = 0) -> Any:
+        from UltraDict import UltraDict
+
+        return UltraDict(buffer_size=max(1 << 20, n_hint * 64), full_dump_size=max(1 << 20, n_hint * 64))
+
+    def close(self, m: Any) -> None:
+        m.unlink()
+
+    def incr(self, m: Any, key: str) -> None:
+        with m.lock:
+            m[key] = m[key] + 1
+
+    def edit(self, m: Any, key: str) -> None:
+        with m.lock:
+            v = m[key]
+            v["x"] += 1
+            m[key] = v
+
+    def snapshot(self, m: Any) -> dict:
+        return dict(m.items())
+
+
+class SharedMemoryDictSubject(Subject):
+    """shared-memory-dict; it has no lock of its own, so counters use an ``mp.Lock``."""
+
+    name, kind, module = "shared-memory-dict", "peer", "shared_memory_dict"
+
+    def make(self, n_hint: int = 0) -> Any:
+        from shared_memory_dict import SharedMemoryDict
+
+        self.mlock = FORK.Lock()
+        return SharedMemoryDict(name=f"smd{uuid.uuid4().hex[:8]}", size=max(1 << 20, n_hint * 64))
+
+    def close(self, m: Any) -> None:
+        m.shm.close()
+        m.shm.unlink()
+
+    def incr(self, m: Any, key: str) -> None:
+        with self.mlock:
+            m[key] = m[key] + 1
+
+    def edit(self, m: Any, key: str) -> None:
+        with self.mlock:
+            v = m[key]
+            v["x"] += 1
+            m[key] = v
+
+    def snapshot(self, m: Any) -> dict:
+        return dict(m.items())
+
+
+PEERS = {s.name: s for s in (UltraDictSubject, SharedMemoryDictSubject)}
+
+
+class PeerProxy(Subject):
+    """Runs a peer's workloads in a subprocess of their own: peers have import-time side effects."""
+
+    kind = "peer"
+
+    def __init__(self, cls: type):
+        self.cls, self.name = cls, cls.name
+
+
+def peer_available(cls: type) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(cls.module) is not None
+
+
+def run_peer(proxy: PeerProxy, workload: str, p: "Params") -> Result:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "shareit._bench", proxy.name, workload, json.dumps(vars(p))],
+        capture_output=True, text=True, timeout=900,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return Result(workload, proxy.name, note=f"failed: {tail[:120]}")
+    return Result(**json.loads(lines[-1]))
+
+
+def subjects(backends: list[str], peers: bool = True) -> list[Subject]:
+    out: list[Subject] = [DictSubject(), ManagerSubject(), ManagerSubject(lock=False), ValueSubject()]
+    if peers:
+        out += [PeerProxy(cls) for cls in PEERS.values() if peer_available(cls)]
+    return out + [ShareitSubject(b) for b in backends]
 
 
 # --------------------------------------------------------------------------- timing
@@ -351,6 +443,50 @@ def w_snapshot(s: Subject, p: Params) -> Result:
         s.close(m)
 
 
+def w_build(s: Subject, p: Params) -> Result:
+    """Build a ``bulk_keys`` int -> float mapping in one update."""
+    data = {i: float(i) for i in range(p.bulk_keys)}
+    samples = []
+    for _ in range(p.repeats):
+        m = s.make(p.bulk_keys)
+        try:
+            t0 = time.perf_counter()
+            s.bulk_build(m, data)
+            samples.append(p.bulk_keys / (time.perf_counter() - t0))
+        finally:
+            s.close(m)
+    return Result("build 100k", s.name, statistics.median(samples), samples=samples,
+                  note="keys/s, one update()")
+
+
+def w_bulk_numeric(s: Subject, p: Params) -> Result:
+    """All ``bulk_keys`` float values as a numpy array, read from another process."""
+    import numpy as np
+
+    numeric = isinstance(s, ShareitSubject)
+    m = s.make(p.bulk_keys, value_type="float64") if numeric else s.make(p.bulk_keys)
+    try:
+        s.bulk_build(m, {i: float(i) for i in range(p.bulk_keys)})
+        out = FORK.Array("d", p.repeats)
+
+        def work(i: int) -> None:
+            for r in range(p.repeats):
+                t0 = time.perf_counter()
+                if numeric:
+                    arr = m.values_array()
+                else:
+                    arr = np.fromiter(s.snapshot(m).values(), dtype=float, count=p.bulk_keys)
+                out[r] = time.perf_counter() - t0
+                assert len(arr) == p.bulk_keys
+
+        _parallel(1, work)
+        samples = [p.bulk_keys / t for t in out]
+        return Result("bulk numeric 100k", s.name, statistics.median(samples), samples=samples,
+                      seconds=statistics.median(out), note="values/s into numpy")
+    finally:
+        s.close(m)
+
+
 def w_attach(s: Subject, p: Params) -> Result:
     """Time for another process to attach by name to a ``bulk_keys`` mapping and read a key."""
     m = s.make(p.bulk_keys)
@@ -384,6 +520,30 @@ WORKLOADS: dict[str, tuple[Callable[[Subject, Params], Result], Callable[[Subjec
     "counters": (w_counters, lambda s: s.shared),
     "edit": (w_edit, lambda s: s.values == "any" and "no lock" not in s.name),
     "snapshot": (w_snapshot, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
+    "build": (w_build, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
+    "bulk": (w_bulk_numeric, lambda s: (s.kind == "baseline" and s.name == "Manager().dict()")
+             or (s.kind == "shareit" and hasattr(registry_class(s.name), "values_array"))),
     "attach": (w_attach, lambda s: s.kind == "shareit" and s.values == "any"
                and shareit.backends()[s.name].get("attach_by_name", False)),
 }
+
+
+def registry_class(backend: str) -> type:
+    from . import registry
+
+    return registry.load(backend)
+
+
+def _peer_main(argv: list[str]) -> None:
+    """``python -m shareit._bench PEER WORKLOAD PARAMS``: one workload on one peer, as JSON."""
+    import json
+
+    peer, workload, params = argv
+    result = WORKLOADS[workload][0](PEERS[peer](), Params(**json.loads(params)))
+    print(json.dumps(vars(result)))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _peer_main(sys.argv[1:])

@@ -66,7 +66,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         p.repeats, p.min_time, p.incr_per_proc = min(args.repeats, 3), 0.05, 2_000
         p.bulk_keys = 20_000
-    subjects = [s for s in _bench.subjects(usable)]
+    subjects = _bench.subjects(usable, peers=not args.no_peers)
     plan = [(w, s) for w in workloads for s in subjects if _bench.WORKLOADS[w][1](s)]
     print(f"shareit bench: {len(plan)} runs on {os.cpu_count()} cores, {p.procs} processes, "
           f"median of {p.repeats}{' (quick)' if args.quick else ''}", file=sys.stderr)
@@ -74,7 +74,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for i, (w, s) in enumerate(plan):
         _progress(i, len(plan), f"{w} · {s.name}")
         try:
-            results.append(_bench.WORKLOADS[w][0](s, p))
+            if isinstance(s, _bench.PeerProxy):
+                results.append(_bench.run_peer(s, w, p))
+            else:
+                results.append(_bench.WORKLOADS[w][0](s, p))
         except Exception as exc:  # a failing subject is reported, the run goes on
             results.append(_bench.Result(w, s.name, note=f"failed: {type(exc).__name__}: {exc}"))
     _progress(len(plan), len(plan), "done")
@@ -265,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=5, help="repeats; medians are reported")
     b.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 cores")
     b.add_argument("--out", default="shareit-bench.json", help="where to write results (JSON)")
+    b.add_argument("--no-peers", action="store_true", help="leave out UltraDict and shared-memory-dict")
     b.set_defaults(fn=cmd_bench)
     ls = sub.add_parser("ls", help="the live shared mappings on this machine")
     ls.add_argument("--json", action="store_true")

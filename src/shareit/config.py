@@ -23,7 +23,7 @@ from .errors import ConfigError
 __all__ = ["Config", "OPTIONS", "DEFAULT_BACKEND", "resolve", "did_you_mean"]
 
 #: The backend used when nothing chooses one.
-DEFAULT_BACKEND = "manager"
+DEFAULT_BACKEND = "shm"
 
 
 def did_you_mean(word: str, choices: Any) -> str:

@@ -11,9 +11,8 @@ segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
       A reader's cached value is valid while the epoch equals its own and the
       entry's version is unchanged: two word reads.
     4 stamp (entry versions; only grows)   5 jstate (1: an undo journal is valid;
-    2: one entry's inline value word is being replaced, see word 10)
+    w << 2 | 2: the inline value word of the entry at data word w is being replaced)
     6 jcount  7 jwords   8 grow target gen   9 writer pid (for ``inspect``)
-    10 that entry's word offset
 
   then the undo journal: records of (offset, nbytes, old bytes) of the current
   generation's data segment, saved before a write changes them.
@@ -54,8 +53,7 @@ JOURNAL_WORD = 16  # the journal starts at control word 16
 JOURNAL_WORDS = CTRL_SIZE // 8 - JOURNAL_WORD
 
 # control words
-(C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER,
- C_JENTRY) = range(11)
+C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER = range(10)
 J_NONE, J_JOURNAL, J_INLINE = 0, 1, 2
 # data header words
 H_CAP, H_ISIZE, H_HEAPW, H_USED, H_LIVE, H_TOP, H_GARBAGE = range(7)

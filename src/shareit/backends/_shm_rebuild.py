@@ -123,7 +123,7 @@ def decode_values(ents: np.ndarray, heap: np.ndarray, vt: Any = None) -> list:
         return raw.view("<f8").tolist()
     if (kinds == L.V_INT).all():
         return raw.tolist()
-    hb = heap.tobytes()
+    hb = heap.tobytes() if heap is not None else b""  # no heap copy when no value is on it
     out = []
     for kind, inline in zip(kinds.tolist(), raw.tolist()):
         data = None

@@ -54,7 +54,7 @@ from ..config import Config
 from ..errors import BackendDiedError, ClosedError, ConfigError, NotFoundError
 from . import _shm_layout as L
 from ._shm_layout import (
-    C_GEN, C_GROW, C_GSEQ, C_JENTRY, C_JSTATE, C_STAMP, J_INLINE, LIVE, V_FLOAT, V_INT, _f2i, _i2f,
+    C_GEN, C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, LIVE, V_FLOAT, V_INT, _f2i, _i2f,
 )
 
 _flock = fcntl.flock
@@ -325,10 +325,10 @@ class ShmMapping(SharedMapping):
                 L.unlink_quiet(L.data_path(self._seg, target))
             c[L.C_GROW] = 0
         self._map_current()
-        if c[L.C_JSTATE] == L.J_JOURNAL:
+        if c[L.C_JSTATE] == L.J_JOURNAL:  # (J_INLINE carries the entry's word offset)
             self._rollback()
-        elif c[L.C_JSTATE] == L.J_INLINE:  # one value word, old or new: just end the write
-            w = c[L.C_JENTRY]
+        elif c[L.C_JSTATE] & 3 == L.J_INLINE:  # one value word, old or new: end the write
+            w = c[L.C_JSTATE] >> 2
             if self._g.q[w] & 1:
                 stamp = c[L.C_STAMP] + 1
                 c[L.C_STAMP] = stamp
@@ -456,9 +456,8 @@ class ShmMapping(SharedMapping):
              vraw: bytes | None) -> None:
         """Set one key; the writer lock is held and a transaction is open."""
         g = self._g
-        e = self._slots.get(key, -1)
-        if e >= 0 and not g.u32[(g.ew + e * 4) * 2 + 5] & L.LIVE:
-            e = -1
+        w = self._slots.get(key, -1)
+        e = (w - g.ew) // 4 if w >= 0 and g.u32[w * 2 + 5] & L.LIVE else -1
         if e < 0:
             e, slot = self._find(g, kkind, kb, h)
         if e >= 0:  # overwrite in place (entry keeps its position: dict order)
@@ -490,7 +489,7 @@ class ShmMapping(SharedMapping):
         _fault("after_write")
         if len(self._slots) >= _CACHE_MAX:
             self._slots.clear()
-        self._slots[key] = e
+        self._slots[key] = g.ew + e * 4
 
     def _delete(self, g: L.Generation, e: int, slot: int) -> None:
         u = (g.ew + e * 4) * 2
@@ -587,7 +586,7 @@ class ShmMapping(SharedMapping):
         if g.q[w] != ver or not meta & L.LIVE:
             return None
         value = L.decode_value(kind, inline, raw)
-        self._slots[key] = e
+        self._slots[key] = w
         cache = self._cache
         if len(cache) >= _CACHE_MAX:
             cache.clear()
@@ -615,10 +614,11 @@ class ShmMapping(SharedMapping):
         if self._vt is not None:
             value = self._vt.coerce(value)
         t = type(value)
-        if t is float or (t is int and -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF):
-            e = self._slots.get(key, -1)
-            if e >= 0 and self._fast_store(e, V_INT if t is int else V_FLOAT,
-                                           value if t is int else _f2i(value)):
+        if t is int and -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
+            if self._fast_store(key, V_INT, value, None):
+                return
+        elif t is float:
+            if self._fast_store(key, V_FLOAT, _f2i(value), None):
                 return
         vkind, vinl, vraw = L.encode_value(value)
         kkind, kb = L.encode_key(key)
@@ -629,19 +629,20 @@ class ShmMapping(SharedMapping):
         finally:
             self._lock_release()
 
-    def _fast_store(self, e: int, kind: int, inline: int, delta: Any = None) -> Any:
-        """The hot path of ``d[k] = number`` and ``incr``: entry ``e`` of this generation
-        holds a number inline and gets another of the same kind in place.
+    def _fast_store(self, key: Any, kind: int, inline: int, delta: Any) -> Any:
+        """The hot path of ``d[k] = number`` and ``incr``: the key's entry in this
+        generation holds a number inline and gets another of the same kind in place.
 
         Only one aligned 8-byte word changes, which is atomic, so no undo journal
         is needed: the entry is marked in flight (``J_INLINE``), and a writer
         killed here leaves the old or the new value with an odd version, which
         the next writer makes even again. Returns False, having changed nothing,
-        whenever anything is unusual (repair pending, growth, a kind change,
-        another thread inside ``lock()``) and the caller takes the general path.
-        With ``delta`` (``incr``), adds it and returns the new value.
+        whenever anything is unusual (key not yet placed, repair pending, growth,
+        a kind change, another thread inside ``lock()``) and the caller takes the
+        general path. With ``delta`` (``incr``), adds it and returns the new value.
         """
-        if self._lock_forkgen != _fork_generation or self._depth:
+        w = self._slots.get(key, -1)
+        if w < 0 or self._lock_forkgen != _fork_generation or self._depth:
             return False
         rlock = self._rlock
         if not rlock.acquire(False):
@@ -654,10 +655,10 @@ class ShmMapping(SharedMapping):
                 if not self._flock_wait(self._config.timeout):
                     return False
             try:
-                c, g = self._c, self._g
+                c = self._c
                 if c[C_JSTATE] or c[C_GROW] or c[C_GSEQ] != self._epoch:
                     return False
-                w = g.ew + e * 4
+                g = self._g
                 meta = g.u32[w * 2 + 5]
                 if not meta & LIVE:
                     return False
@@ -680,8 +681,7 @@ class ShmMapping(SharedMapping):
                         return False
                 if meta & 0xFF != kind:
                     return False
-                c[C_JENTRY] = w
-                c[C_JSTATE] = J_INLINE
+                c[C_JSTATE] = (w << 2) | J_INLINE
                 stamp = c[C_STAMP] + 1
                 c[C_STAMP] = stamp
                 q = g.q
@@ -793,31 +793,37 @@ class ShmMapping(SharedMapping):
         from ._shm_rebuild import decode_keys, decode_values
 
         self._check_open()
-        ents, heap = self._consistent_copy()
-        keys = decode_keys(ents, heap)
+        ents, heap, int_keys = self._consistent_copy()
+        keys = int_keys.tolist() if int_keys is not None else decode_keys(ents, heap)
         vals = decode_values(ents, heap, self._vt) if values else []
         return keys, vals
 
-    def _consistent_copy(self) -> tuple[np.ndarray, np.ndarray]:
-        """Live entries and the heap, copied under the lock: one consistent step.
+    def _consistent_copy(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Live entries, plus the heap or the int keys gathered from it, copied under the lock.
 
         Single-key writes do not announce themselves to readers (their entry's
         version is enough for a one-key read), so a whole-table copy takes the
-        lock; copying is a memcpy, so writers wait only that long.
+        lock. Only memcpy-like numpy work happens while it is held; decoding to
+        Python objects happens after.
         """
         self._wlock()
         try:
-            return self._copy_live(self._g)
+            g = self._g
+            used, live_n = g.q[L.H_USED], g.q[L.H_LIVE]
+            ents = g.entries()[:used]
+            ents = ents.copy() if live_n == used else ents[(ents["meta"] & L.LIVE) != 0]
+            meta = ents["meta"]
+            heap = int_keys = None
+            # all keys int64 and all values inline: gather the keys, skip copying the heap
+            if len(ents) and meta.min() == meta.max() and (meta[0] >> 8) & 0xFF == L.K_INT \
+                    and meta[0] & 0xFF not in L.HEAP_KINDS and (ents["klen"] == 8).all():
+                heapq = np.frombuffer(g.mm, dtype="<i8", count=g.heapw, offset=g.hoff)
+                int_keys = heapq[ents["koff"]]  # fancy indexing copies
+            else:
+                heap = g.heap()[: g.q[L.H_TOP] * 8].copy()
+            return ents, heap, int_keys
         finally:
             self._lock_release()
-
-    @staticmethod
-    def _copy_live(g: L.Generation) -> tuple[np.ndarray, np.ndarray]:
-        used, top = g.q[L.H_USED], g.q[L.H_TOP]
-        ents = g.entries()[: min(used, g.cap)]
-        live = ents[(ents["meta"] & L.LIVE) != 0]  # boolean indexing copies
-        heap = g.heap()[: min(top, g.heapw) * 8].copy()
-        return live, heap
 
     def snapshot(self) -> dict:
         keys, vals = self._live_keys_values()
@@ -907,11 +913,9 @@ class ShmMapping(SharedMapping):
         if type(key) is not str or self._declared is not None:
             key = self._check_key(key)
         _check_number("delta", delta)
-        e = self._slots.get(key, -1)
-        if e >= 0:
-            new = self._fast_store(e, 0, 0, delta)
-            if new is not False:
-                return new
+        new = self._fast_store(key, 0, 0, delta)
+        if new is not False:
+            return new
         kkind, kb = L.encode_key(key)
         h = _crc32(kb, kkind)
         self._wlock()
@@ -935,8 +939,16 @@ class ShmMapping(SharedMapping):
     def values_array(self) -> np.ndarray:
         """A numpy copy of every value, in iteration order (needs a numeric ``value_type``)."""
         self._need_numeric("values_array")
-        ents, _ = self._consistent_copy()
-        return _numeric(ents, self._config.value_type)
+        self._check_open()
+        self._wlock()
+        try:
+            ents = self._g.entries()[: self._g.q[L.H_USED]]
+            live = ents["meta"] & L.LIVE
+            cols = ents[["meta", "val"]]
+            cols = np.array(cols) if live.all() else cols[live != 0]  # copies two columns only
+        finally:
+            self._lock_release()
+        return _numeric(cols, self._config.value_type)
 
     def keys_list(self) -> list:
         """Every key in iteration order (the order of :meth:`values_array`)."""
