@@ -89,3 +89,110 @@ def acquire_or_raise(lock: FileLock, timeout: float, what: str) -> None:
             f"could not lock {what} within {timeout:g} s; another process holds it. "
             f"Pass a larger timeout= (option or lock(timeout=...)) if this is expected"
         )
+
+
+# --------------------------------------------------------------------------- robust mutex
+
+OWNER_DIED = "owner-died"
+
+
+class RobustMutex:
+    """A process-shared, robust, recursive pthread mutex living in shared memory.
+
+    Futex-based: cheap when contended, unlike ``flock``. When its holder dies,
+    the next ``acquire`` gets it with :data:`OWNER_DIED` (POSIX ``EOWNERDEAD``),
+    must repair what the dead holder was changing, and the mutex is then marked
+    consistent. Recursive, so ``lock()`` can wrap ``incr`` in the same thread.
+    Linux/glibc or musl; :func:`robust_mutex_available` says whether it works here.
+    """
+
+    SIZE = 64  # >= sizeof(pthread_mutex_t) on every Linux ABI
+
+    def __init__(self, buffer: object):
+        import ctypes
+
+        lib = _pthread()
+        self._ptr = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(buffer)))
+        self._trylock = lib.pthread_mutex_trylock
+        self._timedlock = lib.pthread_mutex_timedlock
+        self._unlock = lib.pthread_mutex_unlock
+        self._consistent = lib.pthread_mutex_consistent
+
+    @staticmethod
+    def init(buffer: object) -> None:
+        import ctypes
+
+        lib = _pthread()
+        attr = ctypes.create_string_buffer(64)
+        ptr = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(buffer)))
+        for fn, arg in ((lib.pthread_mutexattr_init, None),
+                        (lib.pthread_mutexattr_setpshared, 1),       # PTHREAD_PROCESS_SHARED
+                        (lib.pthread_mutexattr_setrobust, 1),        # PTHREAD_MUTEX_ROBUST
+                        (lib.pthread_mutexattr_settype, 1)):         # PTHREAD_MUTEX_RECURSIVE
+            rc = fn(attr) if arg is None else fn(attr, arg)
+            if rc:
+                raise OSError(rc, f"{fn.__name__} failed")
+        rc = lib.pthread_mutex_init(ptr, attr)
+        lib.pthread_mutexattr_destroy(attr)
+        if rc:
+            raise OSError(rc, "pthread_mutex_init failed")
+
+    def acquire(self, timeout: float) -> bool | str:
+        """True, :data:`OWNER_DIED` (held now; repair, then it is consistent), or False on timeout."""
+        rc = self._trylock(self._ptr)
+        if rc == 16:  # EBUSY: wait, with a deadline
+            import ctypes
+
+            ts = _timespec()
+            deadline = time.time() + timeout
+            ts.tv_sec, ts.tv_nsec = int(deadline), int((deadline % 1) * 1e9)
+            rc = self._timedlock(self._ptr, ctypes.byref(ts))
+        if rc == 0:
+            return True
+        if rc == 130:  # EOWNERDEAD
+            self._consistent(self._ptr)
+            return OWNER_DIED
+        if rc == 110:  # ETIMEDOUT
+            return False
+        raise OSError(rc, f"pthread mutex lock failed ({os.strerror(rc)})")
+
+    def release(self) -> None:
+        rc = self._unlock(self._ptr)
+        if rc:
+            raise OSError(rc, f"pthread mutex unlock failed ({os.strerror(rc)})")
+
+
+_lib = None
+
+
+def _pthread():
+    global _lib
+    if _lib is None:
+        import ctypes
+        import ctypes.util
+
+        lib = ctypes.CDLL(ctypes.util.find_library("pthread") or None, use_errno=True)
+        for name in ("pthread_mutex_trylock", "pthread_mutex_unlock", "pthread_mutex_consistent",
+                     "pthread_mutex_timedlock", "pthread_mutex_init"):
+            getattr(lib, name).argtypes = [ctypes.c_void_p] * (2 if name in (
+                "pthread_mutex_timedlock", "pthread_mutex_init") else 1)
+            getattr(lib, name).restype = ctypes.c_int
+        _lib = lib
+    return _lib
+
+
+def _timespec():
+    import ctypes
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    return Timespec()
+
+
+def robust_mutex_available() -> bool:
+    try:
+        lib = _pthread()
+        return all(hasattr(lib, n) for n in ("pthread_mutexattr_setrobust", "pthread_mutex_consistent"))
+    except OSError:
+        return False

@@ -21,6 +21,7 @@ __all__ = ["register", "names", "load"]
 _BUILTIN: dict[str, str] = {
     "manager": "shareit.backends.manager:ManagerMapping",
     "shm": "shareit.backends.shm:ShmMapping",
+    "value": "shareit.backends.value:ValueMapping",
 }
 #: What to install when a backend's import fails for want of a dependency.
 _INSTALL_HINTS: dict[str, str] = {
