@@ -352,3 +352,32 @@ def test_owner_exit_removes_segments_without_tracker_output(name) -> None:
                           text=True, timeout=TIMEOUT)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert shareit_files(name) == []
+
+
+# ---------------------------------------------------------------------------- the flock fallback
+
+
+def incr_and_hold(d, n, ready) -> None:
+    for _ in range(n):
+        d.incr("n")
+    with d.lock():
+        ready.set()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_flock_fallback_where_robust_mutexes_are_missing(monkeypatch, name) -> None:
+    monkeypatch.setattr(shm, "robust_mutex_available", lambda: False)
+    d = shareit.open(name, backend="shm")
+    try:
+        assert d._c[L.C_LOCKKIND] == L.LOCK_FLOCK
+        d["n"] = 0
+        readies = [FORK.Event() for _ in range(2)]
+        procs = [FORK.Process(target=incr_and_hold, args=(d, 300, r)) for r in readies]
+        for p in procs:
+            p.start()
+        assert join_all(procs) == [-signal.SIGKILL] * 2
+        assert all(r.is_set() for r in readies)
+        assert d.incr("n") == 601, "exact under the flock lock, and not blocked by dead holders"
+        assert d.verify() == []
+    finally:
+        d.close()

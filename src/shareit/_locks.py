@@ -108,23 +108,28 @@ class RobustMutex:
 
     SIZE = 64  # >= sizeof(pthread_mutex_t) on every Linux ABI
 
-    def __init__(self, buffer: object):
+    def __init__(self, buffer: object, offset: int = 0):
         import ctypes
+        from functools import partial
 
         lib = _pthread()
-        self._ptr = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(buffer)))
-        self._trylock = lib.pthread_mutex_trylock
+        # the temporary c_char is dropped at once: no buffer export is kept, so the
+        # owner can still close an mmap (it must outlive every use of the mutex)
+        self._ptr = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(buffer, offset)))
         self._timedlock = lib.pthread_mutex_timedlock
         self._unlock = lib.pthread_mutex_unlock
         self._consistent = lib.pthread_mutex_consistent
+        #: ``trylock()`` -> 0 (held), 16 (EBUSY) or 130 (EOWNERDEAD: held, must repair).
+        self.trylock = partial(lib.pthread_mutex_trylock, self._ptr)
+        self.unlock = partial(lib.pthread_mutex_unlock, self._ptr)
 
     @staticmethod
-    def init(buffer: object) -> None:
+    def init(buffer: object, offset: int = 0) -> None:
         import ctypes
 
         lib = _pthread()
         attr = ctypes.create_string_buffer(64)
-        ptr = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(buffer)))
+        ptr = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(buffer, offset)))
         for fn, arg in ((lib.pthread_mutexattr_init, None),
                         (lib.pthread_mutexattr_setpshared, 1),       # PTHREAD_PROCESS_SHARED
                         (lib.pthread_mutexattr_setrobust, 1),        # PTHREAD_MUTEX_ROBUST
@@ -139,7 +144,7 @@ class RobustMutex:
 
     def acquire(self, timeout: float) -> bool | str:
         """True, :data:`OWNER_DIED` (held now; repair, then it is consistent), or False on timeout."""
-        rc = self._trylock(self._ptr)
+        rc = self.trylock()
         if rc == 16:  # EBUSY: wait, with a deadline
             import ctypes
 
@@ -157,9 +162,68 @@ class RobustMutex:
         raise OSError(rc, f"pthread mutex lock failed ({os.strerror(rc)})")
 
     def release(self) -> None:
-        rc = self._unlock(self._ptr)
+        rc = self.unlock()
         if rc:
             raise OSError(rc, f"pthread mutex unlock failed ({os.strerror(rc)})")
+
+    def make_consistent(self) -> None:
+        """After ``trylock()`` returned 130 (EOWNERDEAD)."""
+        self._consistent(self._ptr)
+
+
+class FlockMutex:
+    """The same interface over ``flock`` (for systems without robust mutexes).
+
+    Recursive per thread like the robust mutex: a thread lock orders the
+    threads of one process, ``flock`` the processes. A forked child must
+    build its own (an inherited descriptor would share the parent's lock).
+    """
+
+    def __init__(self, path: str):
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._rlock = threading.RLock()
+        self._depth = 0
+
+    def trylock(self) -> int:
+        if not self._rlock.acquire(False):
+            return 16
+        if self._depth == 0:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._rlock.release()
+                return 16
+        self._depth += 1
+        return 0
+
+    def unlock(self) -> int:
+        self._depth -= 1
+        if self._depth == 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._rlock.release()
+        return 0
+
+    def acquire(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        if not self._rlock.acquire(True, timeout):
+            return False
+        self._rlock.release()
+        delay = 2e-6
+        while self.trylock():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)  # the holder is another process; back off up to 2 ms
+            delay = min(delay * 2, 2e-3)
+        return True
+
+    def release(self) -> None:
+        self.unlock()
+
+    def make_consistent(self) -> None:
+        pass
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 _lib = None

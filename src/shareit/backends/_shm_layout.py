@@ -13,6 +13,7 @@ segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
     4 stamp (entry versions; only grows)   5 jstate (1: an undo journal is valid;
     w << 2 | 2: the inline value word of the entry at data word w is being replaced)
     6 jcount  7 jwords   8 grow target gen   9 writer pid (for ``inspect``)
+    10 writer lock kind: 1 robust pthread mutex at byte 128, 2 flock on this file
 
   then the undo journal: records of (offset, nbytes, old bytes) of the current
   generation's data segment, saved before a write changes them.
@@ -46,14 +47,17 @@ from .. import _runtime
 from .._codec import dumps
 
 MAGIC = 0x5348415245495431  # "SHAREIT1"
-LAYOUT = 1
+LAYOUT = 2
 DESTROYED = 1 << 62
 CTRL_SIZE = 1 << 16
-JOURNAL_WORD = 16  # the journal starts at control word 16
+MUTEX_OFFSET = 128  # the writer lock (a robust pthread mutex) lives in control bytes 128..191
+JOURNAL_WORD = 32  # the journal starts at control word 32
 JOURNAL_WORDS = CTRL_SIZE // 8 - JOURNAL_WORD
 
 # control words
-C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER = range(10)
+(C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER,
+ C_LOCKKIND) = range(11)
+LOCK_ROBUST, LOCK_FLOCK = 1, 2
 J_NONE, J_JOURNAL, J_INLINE = 0, 1, 2
 # data header words
 H_CAP, H_ISIZE, H_HEAPW, H_USED, H_LIVE, H_TOP, H_GARBAGE = range(7)

@@ -14,9 +14,10 @@ Features
   keeps losing to writers falls back to the lock after a bounded number of
   tries. A process caches what it read and re-validates with one word per
   read, so a repeated read costs a few hundred nanoseconds.
-- Writers take an ``flock`` (released by the kernel when its holder dies)
-  and keep an undo journal; the next writer rolls back a write whose writer
-  was killed, so every key holds its old or its new value.
+- Writers take a robust, process-shared pthread mutex in the control segment
+  (futex-based; ``flock`` where robust mutexes are missing): when its holder
+  dies the next writer gets it, rolls back the dead writer's undo journal and
+  goes on, so every key holds its old or its new value.
 - Grows without limit: a full table, or one that is mostly deleted entries or
   dead heap bytes, is rebuilt into a new generation segment that attached
   processes follow; ``capacity`` is only the starting size.
@@ -42,13 +43,13 @@ import os
 import platform
 import secrets
 import signal
-import threading
 import time
 from typing import Any, Iterator
 
 import numpy as np
 
 from .. import _runtime
+from .._locks import FlockMutex, RobustMutex, robust_mutex_available
 from ..base import MISSING, Capabilities, SharedMapping, _add, _check_number
 from ..config import Config
 from ..errors import BackendDiedError, ClosedError, ConfigError, NotFoundError
@@ -57,8 +58,6 @@ from ._shm_layout import (
     C_GEN, C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, LIVE, V_FLOAT, V_INT, _f2i, _i2f,
 )
 
-_flock = fcntl.flock
-_LOCK_EX_NB, _LOCK_UN = fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_UN
 
 _loads = __import__("pickle").loads
 _crc32 = __import__("zlib").crc32
@@ -118,9 +117,8 @@ class ShmMapping(SharedMapping):
         self._q: Any = None
         self._cache: dict = {}
         self._slots: dict = {}
-        self._rlock = threading.RLock()
+        self._mutex: Any = None
         self._depth = 0
-        self._lockfd = -1
         self._lock_forkgen = -1
         self._journaling = True
         self._saved_header = False
@@ -137,6 +135,11 @@ class ShmMapping(SharedMapping):
         try:
             c = memoryview(cmm).cast("Q")
             L.Generation.create(seg, 1, config.capacity or 8, (config.capacity or 8) * 16).close()
+            if robust_mutex_available():
+                RobustMutex.init(cmm, L.MUTEX_OFFSET)
+                c[L.C_LOCKKIND] = L.LOCK_ROBUST
+            else:
+                c[L.C_LOCKKIND] = L.LOCK_FLOCK
             c[L.C_LAYOUT], c[L.C_GEN], c[L.C_GSEQ], c[L.C_MAGIC] = L.LAYOUT, 1, 2, L.MAGIC
             c.release()
             self = cls(name, config, seg, cfd, cmm)
@@ -217,11 +220,11 @@ class ShmMapping(SharedMapping):
         self._slots = {}
         self._c.release()
         self._cmv.release()
+        if isinstance(self._mutex, FlockMutex) and self._lock_forkgen == _fork_generation:
+            self._mutex.close()
+        self._mutex = None  # the robust mutex holds no buffer export: the mmap can close
         self._cmm.close()
         os.close(self._cfd)
-        if self._lockfd >= 0 and self._lock_forkgen == _fork_generation:
-            os.close(self._lockfd)
-        self._lockfd = -1
 
     def _destroy(self) -> None:
         self._c[L.C_GEN] = L.DESTROYED
@@ -237,58 +240,31 @@ class ShmMapping(SharedMapping):
     def _lock_acquire(self, timeout: float) -> bool:
         if self._lock_forkgen != _fork_generation:
             self._reinit_lock()
-        if not self._rlock.acquire(True, timeout):
+        if not self._mutex.acquire(timeout):
             return False
-        if self._depth:
-            self._depth += 1
-            return True
-        try:
-            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not self._flock_wait(timeout):
-                self._rlock.release()
-                return False
-        except BaseException:
-            self._rlock.release()
-            raise
-        self._depth = 1
-        try:
-            self._after_acquire()
-        except BaseException:
-            self._lock_release()
-            raise
-        return True
-
-    def _flock_wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        delay = 2e-6
-        while True:
+        self._depth += 1  # only the holding thread changes it
+        if self._depth == 1:
             try:
-                fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return False
-                if delay < 1e-4:
-                    os.sched_yield()  # the holder is usually a few microseconds from done
-                else:
-                    time.sleep(delay)
-                delay = min(delay * 2, 2e-3)
+                self._after_acquire()  # repairs whatever a dead writer left
+            except BaseException:
+                self._lock_release()
+                raise
+        return True
 
     def _lock_release(self) -> None:
         self._depth -= 1
-        if self._depth == 0:
-            fcntl.flock(self._lockfd, fcntl.LOCK_UN)
-        self._rlock.release()
+        self._mutex.release()
 
     def _reinit_lock(self) -> None:
-        # A forked child must not share its parent's open file description (it would
-        # share the parent's flock) nor inherit a thread lock held by another thread.
-        try:
-            self._lockfd = os.open(L.ctrl_path(self._seg), os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise self._died() from None
-        self._rlock = threading.RLock()
+        # First use, or a forked child: the robust mutex is shared memory and works as
+        # is, but the depth count is the parent's, and a flock descriptor must be our own.
+        if self._c[L.C_LOCKKIND] == L.LOCK_ROBUST:
+            self._mutex = RobustMutex(self._cmm, L.MUTEX_OFFSET)
+        else:
+            try:
+                self._mutex = FlockMutex(L.ctrl_path(self._seg))
+            except FileNotFoundError:
+                raise self._died() from None
         self._depth = 0
         self._lock_forkgen = _fork_generation
 
@@ -642,61 +618,61 @@ class ShmMapping(SharedMapping):
         general path. With ``delta`` (``incr``), adds it and returns the new value.
         """
         w = self._slots.get(key, -1)
-        if w < 0 or self._lock_forkgen != _fork_generation or self._depth:
+        if w < 0 or self._lock_forkgen != _fork_generation:
             return False
-        rlock = self._rlock
-        if not rlock.acquire(False):
+        m = self._mutex
+        rc = m.trylock()
+        if rc == 130:  # the last holder died: the general path repairs
+            m.make_consistent()
+            m.unlock()
             return False
+        if rc:
+            got = m.acquire(self._config.timeout)
+            if got is not True:  # timed out (the general path raises), or the holder died
+                if got:          # (held now and consistent): the general path repairs
+                    m.unlock()
+                return False
         try:
-            fd = self._lockfd
-            try:
-                _flock(fd, _LOCK_EX_NB)
-            except BlockingIOError:
-                if not self._flock_wait(self._config.timeout):
+            c = self._c
+            if c[C_JSTATE] or c[C_GROW] or c[C_GSEQ] != self._epoch:
+                return False
+            g = self._g
+            meta = g.u32[w * 2 + 5]
+            if not meta & LIVE:
+                return False
+            qs = g.qs
+            if delta is not None:  # incr: the new value from the current one
+                old_kind = meta & 0xFF
+                if old_kind == V_INT:
+                    new = qs[w + 3] + delta
+                elif old_kind == V_FLOAT:
+                    new = _i2f(qs[w + 3]) + delta
+                else:
                     return False
-            try:
-                c = self._c
-                if c[C_JSTATE] or c[C_GROW] or c[C_GSEQ] != self._epoch:
+                if self._vt is not None:
+                    new = self._vt.coerce(new)
+                if type(new) is int and -0x8000000000000000 <= new <= 0x7FFFFFFFFFFFFFFF:
+                    kind, inline = V_INT, new
+                elif type(new) is float:
+                    kind, inline = V_FLOAT, _f2i(new)
+                else:
                     return False
-                g = self._g
-                meta = g.u32[w * 2 + 5]
-                if not meta & LIVE:
-                    return False
-                qs = g.qs
-                if delta is not None:  # incr: the new value from the current one
-                    old_kind = meta & 0xFF
-                    if old_kind == V_INT:
-                        new = qs[w + 3] + delta
-                    elif old_kind == V_FLOAT:
-                        new = _i2f(qs[w + 3]) + delta
-                    else:
-                        return False
-                    if self._vt is not None:
-                        new = self._vt.coerce(new)
-                    if type(new) is int and -0x8000000000000000 <= new <= 0x7FFFFFFFFFFFFFFF:
-                        kind, inline = V_INT, new
-                    elif type(new) is float:
-                        kind, inline = V_FLOAT, _f2i(new)
-                    else:
-                        return False
-                if meta & 0xFF != kind:
-                    return False
-                c[C_JSTATE] = (w << 2) | J_INLINE
-                stamp = c[C_STAMP] + 1
-                c[C_STAMP] = stamp
-                q = g.q
-                q[w] = 2 * stamp + 1
-                if FAULT:
-                    _fault("mid_entry")
-                qs[w + 3] = inline
-                q[w] = 2 * stamp + 2
-                if FAULT:
-                    _fault("before_commit")
-                c[C_JSTATE] = 0
-            finally:
-                _flock(fd, _LOCK_UN)
+            if meta & 0xFF != kind:
+                return False
+            c[C_JSTATE] = (w << 2) | J_INLINE
+            stamp = c[C_STAMP] + 1
+            c[C_STAMP] = stamp
+            q = g.q
+            q[w] = 2 * stamp + 1
+            if FAULT:
+                _fault("mid_entry")
+            qs[w + 3] = inline
+            q[w] = 2 * stamp + 2
+            if FAULT:
+                _fault("before_commit")
+            c[C_JSTATE] = 0
         finally:
-            rlock.release()
+            m.unlock()
         return True if delta is None else new
 
     def _write_one(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
@@ -1033,6 +1009,19 @@ class ShmMapping(SharedMapping):
             self._lock_release()
         return problems
 
+    def _lock_held_elsewhere(self) -> bool:
+        """Whether another thread or process holds the writer lock now (for ``inspect``)."""
+        if self._c[L.C_LOCKKIND] != L.LOCK_ROBUST:
+            return _flock_held(L.ctrl_path(self._seg))
+        m = RobustMutex(self._cmm, L.MUTEX_OFFSET)
+        rc = m.trylock()
+        if rc == 16:
+            return True
+        if rc == 130:
+            m.make_consistent()  # its holder died; the next writer repairs
+        m.unlock()
+        return False
+
     def info(self) -> dict:
         """Segment sizes and table statistics (for ``shareit inspect`` and benchmarks)."""
         self._check_open()
@@ -1044,7 +1033,7 @@ class ShmMapping(SharedMapping):
             "used_entries": q[L.H_USED], "keys": q[L.H_LIVE], "heap_bytes": g.heapw * 8,
             "heap_used_bytes": q[L.H_TOP] * 8, "garbage_bytes": q[L.H_GARBAGE] * 8,
             "segment_bytes": g.size, "control_bytes": L.CTRL_SIZE,
-            "lock_held": _flock_held(L.ctrl_path(self._seg)), "last_writer": writer or None,
+            "lock_held": self._lock_held_elsewhere(), "last_writer": writer or None,
         }
 
 

@@ -151,7 +151,7 @@ class ValueMapping(SharedMapping):
         if self._header[0] == _DESTROYED:
             self._mutex.release()
             raise self._died()
-        if got == OWNER_DIED and self._header[1]:
+        if got == OWNER_DIED and self._header[1]:  # (OWNER_DIED: the mutex is consistent again)
             self._values[:] = self._undo_v[:]  # a bulk write was cut short: undo it
             self._present[:] = self._undo_p[:]
             self._header[1] = 0
