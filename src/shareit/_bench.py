@@ -314,11 +314,11 @@ class Params:
     bulk_keys: int = 100_000
 
 
-def w_get(s: Subject, p: Params) -> Result:
+def _w_get(s: Subject, p: Params, workload: str, dict_values: bool) -> Result:
     m = s.make()
     try:
         for i in range(100):
-            m[f"key{i:04d}"] = {"x": i} if s.values == "any" else i
+            m[f"key{i:04d}"] = {"x": i, "tag": "t"} if dict_values else i
         key = "key0042"
 
         def run(n: int) -> None:
@@ -326,7 +326,40 @@ def w_get(s: Subject, p: Params) -> Result:
                 m[key]
 
         rate, samples = _rate(run, p.min_time, p.repeats)
-        return Result("get", s.name, rate, samples=samples)
+        return Result(workload, s.name, rate, samples=samples)
+    finally:
+        s.close(m)
+
+
+def w_get(s: Subject, p: Params) -> Result:
+    """Read an existing str key holding an int."""
+    return _w_get(s, p, "get", dict_values=False)
+
+
+def w_get_dict(s: Subject, p: Params) -> Result:
+    """Read an existing str key holding a small dict: by-value backends copy it on every read."""
+    return _w_get(s, p, "get dict", dict_values=True)
+
+
+def w_read_counter(s: Subject, p: Params) -> Result:
+    """Read a counter: raw ``Value.value`` takes its lock; shareit backends read lock-free."""
+    m = s.make()
+    try:
+        read = getattr(s, "read", None)
+        if read is None:
+            m["hot"] = 0
+
+        def run(n: int) -> None:
+            if read is not None:
+                v = m["hot"]
+                for _ in range(n):
+                    v.value
+            else:
+                for _ in range(n):
+                    m["hot"]
+
+        rate, samples = _rate(run, p.min_time, p.repeats)
+        return Result("read counter", s.name, rate, samples=samples)
     finally:
         s.close(m)
 
@@ -514,6 +547,8 @@ def w_attach(s: Subject, p: Params) -> Result:
 #: workload name -> (function, which subjects it applies to)
 WORKLOADS: dict[str, tuple[Callable[[Subject, Params], Result], Callable[[Subject], bool]]] = {
     "get": (w_get, lambda s: s.values == "any"),
+    "getdict": (w_get_dict, lambda s: s.values == "any" and "no lock" not in s.name),
+    "counter": (w_read_counter, lambda s: s.name == "Value+get_lock" or s.kind == "shareit"),
     "set": (w_set, lambda s: s.values == "any"),
     "mixed": (w_mixed, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
     "incr": (w_incr, lambda s: s.shared),

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .. import _runtime
-from .._locks import OWNER_DIED, RobustMutex
+from .._locks import RobustMutex
 from ..base import Capabilities, SharedMapping, _add, _check_number
 from ..config import Config, ConfigError
 from ..errors import BackendDiedError, LockTimeoutError, ShareitError
@@ -151,8 +151,8 @@ class ValueMapping(SharedMapping):
         if self._header[0] == _DESTROYED:
             self._mutex.release()
             raise self._died()
-        if got == OWNER_DIED and self._header[1]:  # (OWNER_DIED: the mutex is consistent again)
-            self._values[:] = self._undo_v[:]  # a bulk write was cut short: undo it
+        if self._header[1]:  # set only while a holder writes in bulk: that holder died
+            self._values[:] = self._undo_v[:]  # undo its cut-short write
             self._present[:] = self._undo_p[:]
             self._header[1] = 0
         return True
@@ -249,16 +249,31 @@ class ValueMapping(SharedMapping):
     # ------------------------------------------------------------------ atomic and bulk
 
     def incr(self, key: Any, delta: Any = 1, default: Any = 0) -> Any:
-        i = self._slot(key)
-        _check_number("delta", delta)
-        self._wlock()
+        i = self._index.get(key)
+        if i is None:
+            i = self._slot(key)
+        if type(delta) is not int and type(delta) is not float:
+            _check_number("delta", delta)
+        m = self._mutex
+        rc = m.trylock()
+        if rc == 130:  # its last holder died: let the general path repair
+            m.make_consistent()
+            m.unlock()
+        if rc or self._header[1]:
+            if not rc:
+                m.unlock()
+            self._wlock()  # waits with the timeout, repairs a cut-short bulk write
         try:
-            current = self._values[i] if self._present[i] else self._vt.coerce(default)
+            if self._header[0] != _LIVE:
+                self._check_open()
+                raise self._died()
+            values = self._values
+            current = values[i] if self._present[i] else self._vt.coerce(default)
             new = self._vt.coerce(_add(key, current, delta))
-            self._values[i] = new
+            values[i] = new
             self._present[i] = 1
         finally:
-            self._mutex.release()
+            m.release()
         return new
 
     def snapshot(self) -> dict:
