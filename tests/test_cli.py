@@ -10,7 +10,6 @@ import subprocess
 import sys
 import uuid
 
-import pytest
 
 import shareit
 from shareit import _runtime
@@ -102,5 +101,21 @@ def test_inspect_shows_the_lock_holder(tmp_path, monkeypatch) -> None:
             info = json.loads(run_cli("inspect", name).stdout)
         assert info["backend_info"]["lock_held"] is True
         assert info["backend_info"]["lock_holder"] == os.getpid()
+    finally:
+        d.close()
+
+
+def test_inspect_shows_the_shm_lock_holder() -> None:
+    name = f"lk-{uuid.uuid4().hex[:6]}"
+    d = shareit.open(name, backend="shm")
+    try:
+        d["a"] = 1
+        with d.lock():
+            info = json.loads(run_cli("inspect", name).stdout)
+        assert info["backend"] == "shm" and info["keys"] == 1
+        assert info["backend_info"]["lock_held"] is True
+        assert info["backend_info"]["lock_holder"] == os.getpid()
+        info = json.loads(run_cli("inspect", name).stdout)
+        assert info["backend_info"]["lock_held"] is False and info["backend_info"]["lock_holder"] is None
     finally:
         d.close()

@@ -11,7 +11,6 @@ loses updates is shown as such, not as fast.
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import statistics
 import time
 import uuid
@@ -557,7 +556,8 @@ WORKLOADS: dict[str, tuple[Callable[[Subject, Params], Result], Callable[[Subjec
     "snapshot": (w_snapshot, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
     "build": (w_build, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
     "bulk": (w_bulk_numeric, lambda s: (s.kind == "baseline" and s.name == "Manager().dict()")
-             or (s.kind == "shareit" and hasattr(registry_class(s.name), "values_array"))),
+             or (s.kind == "shareit" and hasattr(registry_class(s.name), "values_array")
+                 and not registry_class(s.name).capabilities.fixed_keys)),
     "attach": (w_attach, lambda s: s.kind == "shareit" and s.values == "any"
                and shareit.backends()[s.name].get("attach_by_name", False)),
 }

@@ -37,6 +37,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import signal
 import struct
 import zlib
 from typing import Any
@@ -80,6 +81,21 @@ ENTRY_DTYPE = np.dtype(
 assert ENTRY_DTYPE.itemsize == ENTRY_BYTES
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+#: Per-process bound of the read cache and the slot cache (cleared when full).
+CACHE_MAX = 1 << 16
+
+#: Test-only fault injection: the step name at which a writer SIGKILLs itself.
+FAULT: str | None = None
+
+
+def fault(step: str) -> None:
+    if FAULT == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Grow(Exception):
+    """The current generation has no room: rebuild, then retry."""
 
 
 # --------------------------------------------------------------------------- keys

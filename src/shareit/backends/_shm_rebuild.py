@@ -15,6 +15,7 @@ import numpy as np
 from . import _shm_layout as L
 
 _HEAP_KINDS = np.array(sorted(L.HEAP_KINDS), dtype=np.uint32)
+MIN_HEAP = 1 << 16
 
 
 def _exclusive_cumsum(a: np.ndarray) -> np.ndarray:
@@ -75,7 +76,11 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
     vwords = (vlen + 7) // 8
     used_words = int(kwords.sum() + vwords.sum())
     cap = max(cap_hint if empty else 0, int((n + extra_entries) * 1.5) + 8)
-    new = L.Generation.create(seg, target, cap, int((used_words * 8 + extra_heap) * 1.5) + 512)
+    # Room for many more writes before the next rebuild: values are never overwritten
+    # in place, so a small table with one churning key would otherwise rebuild every
+    # few writes. Large tables get 1.5x their live bytes (the memory bound).
+    heap = max(int((used_words * 8 + extra_heap) * 1.5) + 512, MIN_HEAP, 32 * extra_heap)
+    new = L.Generation.create(seg, target, cap, heap)
     if n:
         old_heap = np.frombuffer(old.mm, dtype=np.uint64, count=old.heapw, offset=old.hoff)
         new_heap = np.frombuffer(new.mm, dtype=np.uint64, count=new.heapw, offset=new.hoff)

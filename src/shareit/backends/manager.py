@@ -221,9 +221,15 @@ class ManagerMapping(SharedMapping):
             raise TypeError(f"cannot send this key to the manager server: {exc}") from None
 
     def _call(self, *req: Any) -> Any:
-        data = self._encode_request(req)
-        self._tls.prefetch = None  # any other call ends a dict(d) read sequence
-        conn = self._conn()
+        try:
+            data = _dumps(req, _PROTO)
+        except Exception:
+            data = self._encode_request(req)  # raises TypeError saying what failed
+        tls = self._tls
+        tls.prefetch = None  # any other call ends a dict(d) read sequence
+        conn = getattr(tls, "conn", None)
+        if conn is None or tls.generation != _fork_generation:
+            conn = self._conn()
         try:
             conn.send_bytes(data)
             ok, result = _loads(conn.recv_bytes())
@@ -244,7 +250,9 @@ class ManagerMapping(SharedMapping):
             if k is key or k == key:
                 self._tls.prefetch = pending
                 return v
-        return _unpack(self._call("get", self._check_key(key)))
+        if self._declared is not None:
+            key = self._check_key(key)  # otherwise the server's dict raises the same TypeError
+        return _unpack(self._call("get", key))
 
     def _arm_prefetch(self, snap: dict) -> None:
         """Serve the reads that follow ``keys()`` -- in its order, in this thread -- from ``snap``.

@@ -1,0 +1,196 @@
+"""The ``shm`` backend's numeric bulk access and diagnostics.
+
+A mixin of :class:`~shareit.backends.shm.ShmMapping`: numpy reads and writes
+of many values under one lock, the integrity check used after crashes, and
+the facts ``shareit inspect`` shows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import zlib
+from typing import Any
+
+import numpy as np
+
+from .._locks import RobustMutex
+from ..base import MISSING
+from . import _shm_layout as L
+
+_crc32 = zlib.crc32
+
+
+class ShmBulk:
+    """Bulk and diagnostic methods of ShmMapping (see the module docstring)."""
+
+    def values_array(self) -> np.ndarray:
+        """A numpy copy of every value, in iteration order (needs a numeric ``value_type``)."""
+        self._need_numeric("values_array")
+        self._check_open()
+        self._wlock()
+        try:
+            ents = self._g.entries()[: self._g.q[L.H_USED]]
+            live = ents["meta"] & L.LIVE
+            cols = ents[["meta", "val"]]
+            cols = np.array(cols) if live.all() else cols[live != 0]  # copies two columns only
+        finally:
+            self._lock_release()
+        return _numeric(cols, self._config.value_type)
+
+    def keys_list(self) -> list:
+        """Every key in iteration order (the order of :meth:`values_array`)."""
+        return self._live_keys_values(values=False)[0]
+
+    def get_many(self, keys: Any, default: Any = MISSING) -> np.ndarray:
+        """Values of many keys as a numpy array, read under one lock.
+
+        A missing key raises ``KeyError`` unless ``default`` is given.
+        """
+        self._need_numeric("get_many")
+        keys = [self._check_key(k) for k in keys]
+        out = np.empty(len(keys), dtype=self._config.value_type)
+        self._wlock()
+        try:
+            for i, key in enumerate(keys):
+                kkind, kb = L.encode_key(key)
+                found, value = self._read_entry_locked(key, kkind, kb, _crc32(kb, kkind))
+                if not found:
+                    if default is MISSING:
+                        raise KeyError(key)
+                    value = default
+                out[i] = value
+        finally:
+            self._lock_release()
+        return out
+
+    def set_many(self, keys: Any, values: Any) -> None:
+        """Set many keys from a sequence or numpy array of values, in one atomic step."""
+        self._need_numeric("set_many")
+        keys = list(keys)
+        values = np.asarray(values).tolist()
+        if len(keys) != len(values):
+            raise ValueError(f"set_many: {len(keys)} keys but {len(values)} values")
+        self._update_items(self._validated_items(zip(keys, values), {}))
+
+    def _need_numeric(self, what: str) -> None:
+        if self._vt is None or not self._vt.numeric:
+            raise TypeError(
+                f"{what}() needs a numeric value_type, e.g. shareit.open(name, backend='shm', "
+                f"value_type='float64')"
+            )
+
+    def verify(self) -> list[str]:
+        """Check the table's integrity under the lock (repairing first); the problems found.
+
+        Every live entry must be reachable from the index by its own key, the
+        index must point only at live entries, counts must agree, no entry may
+        be mid-write, and every heap reference must lie inside the used heap.
+        """
+        problems: list[str] = []
+        self._wlock()
+        try:
+            g = self._g
+            q = g.q
+            used, live_n, top = q[L.H_USED], q[L.H_LIVE], q[L.H_TOP]
+            ents = g.entries()[:used]
+            index = g.index()
+            live = (ents["meta"] & L.LIVE) != 0
+            if int(live.sum()) != live_n:
+                problems.append(f"live count {live_n} != {int(live.sum())} live entries")
+            if (ents["ver"] & 1).any():
+                problems.append(f"entries mid-write: {np.nonzero(ents['ver'] & 1)[0].tolist()}")
+            pointed = index[index >= 0]
+            if len(pointed) != int(live.sum()) or not live[pointed].all():
+                problems.append("the index does not point at exactly the live entries")
+            if ((ents["koff"].astype(np.int64) + (ents["klen"] + 7) // 8) > top).any():
+                problems.append("a key lies beyond the heap top")
+            heap_vals = np.isin(ents["meta"] & 0xFF, list(L.HEAP_KINDS)) & live
+            v = ents["val"][heap_vals]
+            if ((v & 0xFFFFFFFF) + ((v >> 32) + 7) // 8 > top).any():
+                problems.append("a value lies beyond the heap top")
+            for e in np.nonzero(live)[0].tolist():
+                u = (g.ew + e * 4) * 2
+                start = g.hoff + g.u32[u + 4] * 8
+                kb = bytes(g.mv[start : start + g.u32[u + 3]])
+                found, _ = self._find(g, (g.u32[u + 5] >> 8) & 0xFF, kb, g.u32[u + 2])
+                if found != e:
+                    problems.append(f"entry {e} is not reachable by its key")
+                    break
+        finally:
+            self._lock_release()
+        return problems
+
+    def _lock_held_elsewhere(self) -> bool:
+        """Whether another thread or process holds the writer lock now (for ``inspect``)."""
+        if self._c[L.C_LOCKKIND] != L.LOCK_ROBUST:
+            return _flock_held(L.ctrl_path(self._seg))
+        m = RobustMutex(self._cmm, L.MUTEX_OFFSET)
+        rc = m.trylock()
+        if rc == 16:
+            return True
+        if rc == 130:
+            m.make_consistent()  # its holder died; the next writer repairs
+        m.unlock()
+        return False
+
+    def _lock_holder(self) -> int | None:
+        """The pid holding the writer lock, if the mutex says (glibc keeps the owner's
+        thread id at offset 8 of ``pthread_mutex_t``); None when free or unknown."""
+        if self._c[L.C_LOCKKIND] != L.LOCK_ROBUST:
+            return None
+        tid = int.from_bytes(self._cmm[L.MUTEX_OFFSET + 8 : L.MUTEX_OFFSET + 12], "little") & 0x3FFFFFFF
+        if not tid:
+            return None
+        try:
+            with open(f"/proc/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("Tgid:"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def info(self) -> dict:
+        """Segment sizes and table statistics (for ``shareit inspect`` and benchmarks)."""
+        self._check_open()
+        g = self._g
+        q = g.q
+        writer = self._c[L.C_WRITER]
+        return {
+            "generation": g.gen, "capacity": g.cap, "index_slots": g.isize,
+            "used_entries": q[L.H_USED], "keys": q[L.H_LIVE], "heap_bytes": g.heapw * 8,
+            "heap_used_bytes": q[L.H_TOP] * 8, "garbage_bytes": q[L.H_GARBAGE] * 8,
+            "segment_bytes": g.size, "control_bytes": L.CTRL_SIZE,
+            "lock_held": self._lock_held_elsewhere(), "lock_holder": self._lock_holder(),
+            "last_writer": writer or None,
+        }
+
+
+def _numeric(ents: np.ndarray, value_type: str) -> np.ndarray:
+    kinds = ents["meta"] & 0xFF
+    raw = ents["val"]
+    if value_type.startswith("float"):
+        out = raw.view("<f8").copy()
+        ints = kinds == L.V_INT
+        if ints.any():
+            out[ints] = raw[ints]
+        return out.astype(value_type, copy=False)
+    if value_type == "bool":
+        return kinds == L.V_TRUE
+    return raw.astype(value_type)
+
+
+def _flock_held(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
