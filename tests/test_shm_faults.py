@@ -121,7 +121,7 @@ def test_no_torn_reads_in_a_million(d) -> None:
 
 
 def die_at(d, step: str, op: str) -> None:
-    shm.FAULT = step
+    L.FAULT = step
     if op == "set_int":
         d["n"] = 2  # fast path: one inline word
     elif op == "set_str":
