@@ -22,6 +22,7 @@ _BUILTIN: dict[str, str] = {
     "manager": "shareit.backends.manager:ManagerMapping",
     "shm": "shareit.backends.shm:ShmMapping",
     "value": "shareit.backends.value:ValueMapping",
+    "queue": "shareit.backends.queue:QueueMapping",
 }
 #: What to install when a backend's import fails for want of a dependency.
 _INSTALL_HINTS: dict[str, str] = {

@@ -37,6 +37,8 @@ from ..errors import LockTimeoutError
 
 _dumps, _loads = pickle.dumps, pickle.loads
 _PROTO = pickle.HIGHEST_PROTOCOL
+REMOVED = ("<removed>",)  # a 1-tuple of str: never a packed value, which is (bytes,)
+CLEARED = ("<cleared>",)
 
 
 class Store:
@@ -126,10 +128,17 @@ class Store:
         old = self.data.get(key)
         self.data[key] = value
         self.wrapped += (type(value) is tuple) - (type(old) is tuple)
+        self.changed(key, value)
 
-    def _removed(self, value):
+    def _removed(self, key, value):
         self.wrapped -= type(value) is tuple
+        self.changed(key, REMOVED)
         return value
+
+    def changed(self, key, value) -> None:
+        """Every change goes through here (``value`` is :data:`REMOVED` for a delete and
+        :data:`CLEARED`, with key None, for clear); the queue backend's hub broadcasts them.
+        Both markers are tuples of str, which no stored value is."""
 
     def op_set(self, key, value) -> None:
         with self.cond:
@@ -139,7 +148,7 @@ class Store:
     def op_del(self, key) -> None:
         with self.cond:
             self._wait_free(self.tls.timeout)
-            self._removed(self.data.pop(key))
+            self._removed(key, self.data.pop(key))
 
     def op_update(self, pairs: list) -> None:
         with self.cond:
@@ -152,11 +161,12 @@ class Store:
             self._wait_free(self.tls.timeout)
             self.data.clear()
             self.wrapped = 0
+            self.changed(None, CLEARED)
 
     def op_pop(self, key):
         with self.cond:
             self._wait_free(self.tls.timeout)
-            return self._removed(self.data.pop(key))
+            return self._removed(key, self.data.pop(key))
 
     def op_popitem(self):
         with self.cond:
@@ -164,7 +174,7 @@ class Store:
             if not self.data:
                 raise KeyError("popitem(): mapping is empty")
             key, value = self.data.popitem()
-            return key, self._removed(value)
+            return key, self._removed(key, value)
 
     def op_setdefault(self, key, value):
         with self.cond:
@@ -216,7 +226,7 @@ class Store:
 class Server:
     def __init__(self, params: dict):
         self.params = params
-        self.store = Store(params["value_type"])
+        self.store = self.make_store(params)
         self.ops = {
             name[3:]: getattr(self.store, name) for name in dir(self.store) if name.startswith("op_")
         }
@@ -224,7 +234,7 @@ class Server:
 
     def serve(self, conn: Connection) -> None:
         me = threading.current_thread()
-        store, ops = self.store, self.ops
+        store = self.store
         store.tls.timeout = self.params["timeout"]
         try:
             conn_setup(conn, self.params["timeout"], self.params["timeout"])
@@ -245,16 +255,28 @@ class Server:
                 if op == "hello":
                     me.client_pid = args[1]  # type: ignore[attr-defined]
                     args = args[:1]
-                try:
-                    reply = (True, ops[op](*args))
-                except BaseException as exc:  # sent back to the caller, raised there
-                    reply = (False, exc)
-                send(_dumps(reply, _PROTO))
+                if op == "subscribe":
+                    self.subscribe(conn)
+                    continue
+                send(_dumps(self.run_op(op, args), _PROTO))
         except (EOFError, OSError):
             pass  # the client went away (or failed authentication)
         finally:
             store.release_all_of(me)
             conn.close()
+
+    def make_store(self, params: dict) -> Store:
+        return Store(params["value_type"])
+
+    def run_op(self, op: str, args: list) -> tuple:
+        """One request's reply: (True, result) or (False, the exception to raise)."""
+        try:
+            return (True, self.ops[op](*args))
+        except BaseException as exc:  # sent back to the caller, raised there
+            return (False, exc)
+
+    def subscribe(self, conn: Connection) -> None:
+        raise RuntimeError("this server pushes no changes")
 
     def shutdown(self, conn: Connection | None) -> None:
         self.remove_record()
@@ -323,7 +345,12 @@ def _unloadable(exc: Exception) -> TypeError:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the owner, who shuts us down
     params = pickle.loads(sys.stdin.buffer.read())
-    Server(params).run()
+    if params.get("hub"):
+        from ._queue_hub import HubServer
+
+        HubServer(params).run()
+    else:
+        Server(params).run()
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class ManagerMapping(SharedMapping):
     """A mapping held by a server process; one round trip per operation."""
 
     backend = "manager"
+    _server_extra_fields: tuple = ()
     capabilities = Capabilities(
         attach_by_name=True,
         cross_machine=False,
@@ -85,10 +86,12 @@ class ManagerMapping(SharedMapping):
         notes="server process; one round trip per call",
     )
 
-    def __init__(self, name: str | None, config: Config, address: str, authkey: bytes):
+    def __init__(self, name: str | None, config: Config, address: str, authkey: bytes,
+                 **extra: Any):
         super().__init__(name, config)
         self._address = address
         self._authkey = authkey
+        self._extra = extra  # what a subclass's server needs too (see _server_extra)
         self._tls = threading.local()
         self._conns: list[Connection] = []
         self._conns_lock = threading.Lock()
@@ -100,8 +103,9 @@ class ManagerMapping(SharedMapping):
     def _create(cls, name: str | None, config: Config) -> "ManagerMapping":
         address = f"\0shareit-{name or 'anon'}-{os.getpid()}-{secrets.token_hex(6)}"
         authkey = secrets.token_bytes(32)
-        proc = _start_server(name, config, address, authkey)
-        self = cls(name, config, address, authkey)
+        extra = cls._server_extra(name)
+        proc = _start_server(name, config, address, authkey, extra)
+        self = cls(name, config, address, authkey, **extra)
         self._proc = proc
         if name is not None:
             self._publish(
@@ -109,12 +113,19 @@ class ManagerMapping(SharedMapping):
                 authkey=authkey.hex(),
                 server_pid=proc.pid,
                 server_start=_runtime.proc_start_time(proc.pid),
+                **extra,
             )
         return self
 
     @classmethod
+    def _server_extra(cls, name: str | None) -> dict:
+        """Extra server parameters, also kept in the record and the handle (JSON-able)."""
+        return {}
+
+    @classmethod
     def _attach_record(cls, name: str, config: Config, record: dict) -> "ManagerMapping":
-        self = cls(name, config, record["address"], bytes.fromhex(record["authkey"]))
+        extra = {k: record[k] for k in cls._server_extra_fields}
+        self = cls(name, config, record["address"], bytes.fromhex(record["authkey"]), **extra)
         self._call("len")  # fail now, with BackendDiedError, if the server is gone
         return self
 
@@ -128,11 +139,12 @@ class ManagerMapping(SharedMapping):
                 pass
 
     def _handle(self) -> tuple:
-        return (self._name, self._config, self._address, self._authkey)
+        return (self._name, self._config, self._address, self._authkey, self._extra)
 
     @classmethod
     def _from_handle(cls, handle: tuple) -> "ManagerMapping":
-        return cls(*handle)
+        name, config, address, authkey, extra = handle
+        return cls(name, config, address, authkey, **extra)
 
     def _close(self) -> None:
         with self._conns_lock:
@@ -189,7 +201,7 @@ class ManagerMapping(SharedMapping):
             answer_challenge(conn, self._authkey)
             deliver_challenge(conn, self._authkey)
             conn.send_bytes(_dumps(("hello", timeout, os.getpid()), _PROTO))
-            ok, _ = _loads(conn.recv_bytes())
+            _loads(conn.recv_bytes())  # (True, server pid[, change number])
         except (OSError, EOFError) as exc:
             conn.close()
             raise self._died(exc) from None
@@ -232,13 +244,18 @@ class ManagerMapping(SharedMapping):
             conn = self._conn()
         try:
             conn.send_bytes(data)
-            ok, result = _loads(conn.recv_bytes())
+            reply = _loads(conn.recv_bytes())
         except (OSError, EOFError) as exc:
             self._drop_conn()
             raise self._died(exc) from None
-        if ok:
-            return result
-        raise result
+        if len(reply) > 2:  # a hub also says which change this was (queue backend)
+            self._pushed(reply[2])
+        if reply[0]:
+            return reply[1]
+        raise reply[1]
+
+    def _pushed(self, seq: int) -> None:
+        """After a call to a hub: this process must see changes up to ``seq``."""
 
     # ------------------------------------------------------------------ the five
 
@@ -402,7 +419,8 @@ def _copy_default(default: Any) -> Any:
     return copy.deepcopy(default)
 
 
-def _start_server(name: str | None, config: Config, address: str, authkey: bytes) -> subprocess.Popen:
+def _start_server(name: str | None, config: Config, address: str, authkey: bytes,
+                  extra: dict) -> subprocess.Popen:
     """Start the server process and wait until it listens (or fail with the reason)."""
     import shareit
 
@@ -427,6 +445,7 @@ def _start_server(name: str | None, config: Config, address: str, authkey: bytes
         "persist": config.persist,
         "owner_pid": owner["owner_pid"],
         "owner_start": owner["owner_start"],
+        **extra,
     }
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(pickle.dumps(params))

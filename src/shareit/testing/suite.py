@@ -108,9 +108,9 @@ class SharedMappingSuite:
             name = name or f"t-{uuid.uuid4().hex[:12]}"
             names.append(name)
             d = shareit.open(name, backend=self.backend, **self.opts(**extra))
+            made.append(d)  # before anything else can fail: it is closed at teardown
             if d._owner:
                 d.clear()
-            made.append(d)
             return d
 
         yield make

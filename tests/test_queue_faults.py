@@ -1,0 +1,201 @@
+"""The queue backend beyond the suite: local reads, freshness, notification, faults."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import struct
+import time
+import uuid
+
+import pytest
+
+import shareit
+from shareit import _runtime
+from shareit.backends import queue as qmod
+from shareit.testing import shareit_files
+
+FORK = mp.get_context("fork")
+TIMEOUT = 60
+
+
+@pytest.fixture
+def name() -> str:
+    return f"qf-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def d(name):
+    m = shareit.open(name, backend="queue", timeout=2.0)
+    yield m
+    m.close()
+    assert shareit_files(name) == []
+
+
+def state(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return b"X"
+    return data[data.rindex(b")") + 2 :].split()[0]
+
+
+def wait_until(pred, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
+        time.sleep(0.005)  # polling our own view with a deadline
+
+
+def test_unchanged_reads_receive_nothing(d, monkeypatch) -> None:
+    d.update(a=1, b=[1, 2])
+    assert d["a"] == 1  # subscribed and fresh
+    monkeypatch.setattr(qmod, "ALIVE_CHECK", 3600.0)
+    d._next_check = time.monotonic() + 3600
+    sub = d._sub
+
+    def no_recv(*a, **k):
+        raise AssertionError("a read received from the hub although nothing changed")
+
+    monkeypatch.setattr(sub, "recv_bytes", no_recv)
+    monkeypatch.setattr(sub, "poll", no_recv)
+    for _ in range(1000):
+        assert d["a"] == 1 and d["b"] == [1, 2] and "a" in d and len(d) == 2
+
+
+def write_then_signal(d, written) -> None:
+    d["fresh"] = "from child"
+    written.set()
+
+
+def test_a_write_in_another_process_is_visible_to_the_next_read(d) -> None:
+    assert d.get("fresh") is None  # this replica exists before the child writes
+    written = FORK.Event()
+    p = FORK.Process(target=write_then_signal, args=(d, written))
+    p.start()
+    assert written.wait(TIMEOUT)
+    assert d["fresh"] == "from child", "no sync() needed: the read sees every completed write"
+    p.join(TIMEOUT)
+
+
+def test_change_notification(d) -> None:
+    events = []
+    d.on_change(lambda kind, key, value: events.append((kind, key, value)))
+    d["x"] = 0  # subscribe; our own changes are notified too
+    p = FORK.Process(target=lambda: (d.update(a=1), d.__delitem__("a"), d.clear(), d.__setitem__("b", [2])))
+    p.start()
+    p.join(TIMEOUT)
+    assert p.exitcode == 0
+    d.sync()
+    assert events == [("set", "x", 0), ("set", "a", 1), ("del", "a", None), ("clear", None, None),
+                      ("set", "b", [2])]
+    assert d.wait_for_change(timeout=0.05) is False
+    p = FORK.Process(target=lambda: d.__setitem__("c", 3))
+    p.start()
+    assert d.wait_for_change(timeout=TIMEOUT) is True and events[-1] == ("set", "c", 3)
+    p.join(TIMEOUT)
+
+
+def die_mid_send(d) -> None:
+    conn = d._connect()  # an authenticated connection to the hub
+    header = struct.pack("!i", 10_000_000)  # announces 10 MB ...
+    os.write(conn.fileno(), header + b"\x80" * 200_000)  # ... sends 0.2 MB, then dies
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_writer_killed_mid_send_changes_nothing_and_blocks_nobody(d) -> None:
+    d["a"] = 1
+    p = FORK.Process(target=die_mid_send, args=(d,))
+    p.start()
+    p.join(TIMEOUT)
+    assert p.exitcode == -signal.SIGKILL
+    started = time.monotonic()
+    d["b"] = 2
+    assert d.snapshot() == {"a": 1, "b": 2} and time.monotonic() - started < 1.0
+
+
+def read_until_died(d, ready, go, result) -> None:
+    d["warm"]
+    ready.set()
+    go.wait(TIMEOUT)
+    started = time.monotonic()
+    while time.monotonic() - started < 5:
+        try:
+            d["warm"]
+        except shareit.BackendDiedError:
+            result.value = time.monotonic() - started
+            return
+
+
+def test_hub_death_reaches_every_process_within_a_second(d) -> None:
+    d["warm"] = 1
+    ready, go, result = FORK.Event(), FORK.Event(), FORK.Value("d", -1.0)
+    p = FORK.Process(target=read_until_died, args=(d, ready, go, result))
+    p.start()
+    assert ready.wait(TIMEOUT)
+    os.kill(d.info()["pid"], signal.SIGKILL)
+    wait_until(lambda: state(d._proc.pid) in (b"Z", b"X"), "hub death")
+    go.set()
+    started = time.monotonic()
+    with pytest.raises(shareit.BackendDiedError):
+        d["x"] = 1  # a write notices at once
+    assert time.monotonic() - started < 1.0
+    p.join(TIMEOUT)
+    assert 0 <= result.value < 1.0, f"a reader noticed after {result.value} s"
+
+
+def test_a_stopped_replica_is_dropped_then_catches_up(d) -> None:
+    """A replica that stops reading must not stall the hub; when it reads again it is fresh."""
+    ready, go = FORK.Event(), FORK.Event()
+    out = FORK.Value("q", -1)
+
+    def reader() -> None:
+        d["n"]
+        ready.set()
+        go.wait(TIMEOUT)
+        out.value = d["n"]
+
+    d["n"] = 0
+    p = FORK.Process(target=reader)
+    p.start()
+    assert ready.wait(TIMEOUT)
+    os.kill(p.pid, signal.SIGSTOP)
+    wait_until(lambda: state(p.pid) == b"T", "reader stopped")
+    try:
+        started = time.monotonic()
+        big = "x" * 100_000
+        for i in range(200):  # far more than a socket buffer: the hub must drop the reader
+            d["big"] = big + str(i)
+            d["n"] = i
+        assert time.monotonic() - started < 30
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    go.set()
+    p.join(TIMEOUT)
+    assert p.exitcode == 0 and out.value == 199
+
+
+def own_and_wait(name, conn) -> None:
+    m = shareit.open(name, backend="queue")
+    m["x"] = 1
+    conn.send(m.info()["pid"])
+    conn.recv()
+
+
+def test_hub_exits_when_its_owner_is_killed(name) -> None:
+    parent_end, child_end = FORK.Pipe()
+    owner = FORK.Process(target=own_and_wait, args=(name, child_end))
+    owner.start()
+    assert parent_end.poll(TIMEOUT)
+    hub = parent_end.recv()
+    other = shareit.open(name, backend="queue", create=False)
+    assert other["x"] == 1
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.join(TIMEOUT)
+    wait_until(lambda: not _runtime.pid_alive(hub) or state(hub) in (b"Z", b"X"), "hub exit")
+    wait_until(lambda: shareit_files(name) == [], "record and seq word removal")
+    with pytest.raises(shareit.BackendDiedError):
+        other["y"] = 2
+    other.close()
