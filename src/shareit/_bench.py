@@ -311,6 +311,7 @@ class Params:
     min_time: float = 0.2
     incr_per_proc: int = 20_000
     bulk_keys: int = 100_000
+    propagation_changes: int = 1000
 
 
 def _w_get(s: Subject, p: Params, workload: str, dict_values: bool) -> Result:
@@ -519,6 +520,45 @@ def w_bulk_numeric(s: Subject, p: Params) -> Result:
         s.close(m)
 
 
+def w_propagation(s: Subject, p: Params) -> Result:
+    """Time from a set in one process until another process reads the new value.
+
+    The writer waits for the reader's acknowledgement before the next change,
+    so changes never coalesce; ``time.perf_counter`` is the same clock in
+    every process on Linux. Reports p50 (as ops/s = 1/p50, for the chart) and p99.
+    """
+    n = p.propagation_changes
+    m = s.make()
+    try:
+        m["p"] = (-1, 0.0)
+        lat = FORK.Array("d", n, lock=False)
+        reader_end, writer_end = FORK.Pipe()
+
+        def reader(_: int) -> None:
+            for i in range(n):
+                while True:
+                    seen, sent = m["p"]
+                    if seen == i:
+                        lat[i] = time.perf_counter() - sent
+                        break
+                reader_end.send(i)
+
+        ctx_proc = FORK.Process(target=reader, args=(0,))
+        ctx_proc.start()
+        for i in range(n):
+            m["p"] = (i, time.perf_counter())
+            if not writer_end.poll(60):
+                raise RuntimeError("the reader never saw the change")
+            writer_end.recv()
+        ctx_proc.join(60)
+        xs = sorted(lat)
+        p50, p99 = xs[len(xs) // 2], xs[min(len(xs) - 1, int(len(xs) * 0.99))]
+        return Result("propagation", s.name, 1 / p50, seconds=p50, samples=[p50, p99],
+                      note=f"p50 {p50 * 1e6:.0f} us, p99 {p99 * 1e6:.0f} us over {n} changes")
+    finally:
+        s.close(m)
+
+
 def w_attach(s: Subject, p: Params) -> Result:
     """Time for another process to attach by name to a ``bulk_keys`` mapping and read a key."""
     m = s.make(p.bulk_keys)
@@ -558,6 +598,7 @@ WORKLOADS: dict[str, tuple[Callable[[Subject, Params], Result], Callable[[Subjec
     "bulk": (w_bulk_numeric, lambda s: (s.kind == "baseline" and s.name == "Manager().dict()")
              or (s.kind == "shareit" and hasattr(registry_class(s.name), "values_array")
                  and not registry_class(s.name).capabilities.fixed_keys)),
+    "propagation": (w_propagation, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
     "attach": (w_attach, lambda s: s.kind == "shareit" and s.values == "any"
                and shareit.backends()[s.name].get("attach_by_name", False)),
 }

@@ -65,7 +65,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     p = _bench.Params(procs=args.procs, repeats=args.repeats)
     if args.quick:
         p.repeats, p.min_time, p.incr_per_proc = min(args.repeats, 3), 0.05, 2_000
-        p.bulk_keys = 20_000
+        p.bulk_keys, p.propagation_changes = 20_000, 300
     subjects = _bench.subjects(usable, peers=not args.no_peers)
     plan = [(w, s) for w in workloads for s in subjects if _bench.WORKLOADS[w][1](s)]
     print(f"shareit bench: {len(plan)} runs on {os.cpu_count()} cores, {p.procs} processes, "

@@ -200,8 +200,12 @@ class QueueMapping(ManagerMapping):
         return self._local
 
     def __getitem__(self, key: Any) -> Any:
+        seqw = self._seqw  # the common case inline: nothing changed, no check due
+        if (seqw is None or seqw[0] != self._applied or self._sub_gen != _manager._fork_generation
+                or _monotonic() >= self._next_check):
+            self._fresh()
         try:
-            value = self._fresh()[key]
+            value = self._local[key]
         except KeyError:
             if self._declared is not None:
                 self._check_key(key)
