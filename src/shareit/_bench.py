@@ -413,6 +413,27 @@ def w_counters(s: Subject, p: Params) -> Result:
     return _counter(s, p, "incr (own key)", own_key=True)
 
 
+def w_get_parallel(s: Subject, p: Params) -> Result:
+    """N processes reading existing keys at once (read-heavy), for a fixed number of reads each."""
+    samples = []
+    m = s.make()
+    try:
+        for i in range(100):
+            m[f"key{i:02d}"] = i
+        ops = max(500, int(p.min_time * 20000))
+
+        def work(i: int) -> None:
+            for j in range(ops):
+                m[f"key{(j + i) % 100:02d}"]
+
+        for _ in range(p.repeats):
+            samples.append(ops * p.procs / _parallel(p.procs, work))
+    finally:
+        s.close(m)
+    return Result("get xN", s.name, statistics.median(samples), samples=samples,
+                  note=f"{p.procs} procs")
+
+
 def w_mixed(s: Subject, p: Params) -> Result:
     """N processes, 90 % get / 10 % set over 100 keys, for a fixed number of ops each."""
     samples = []
@@ -588,6 +609,7 @@ WORKLOADS: dict[str, tuple[Callable[[Subject, Params], Result], Callable[[Subjec
     "get": (w_get, lambda s: s.values == "any"),
     "getdict": (w_get_dict, lambda s: s.values == "any" and "no lock" not in s.name),
     "counter": (w_read_counter, lambda s: s.name == "Value+get_lock" or s.kind == "shareit"),
+    "getN": (w_get_parallel, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
     "set": (w_set, lambda s: s.values == "any"),
     "mixed": (w_mixed, lambda s: s.shared and s.values == "any" and "no lock" not in s.name),
     "incr": (w_incr, lambda s: s.shared),

@@ -10,10 +10,12 @@ Features
 - Declared keys start **present, at 0** (counters are ready to use); pass
   ``initial="absent"`` to start with an empty mapping instead.
 - Reads take no lock (one aligned slot and its presence byte).
-- Writes take a process-shared, robust, recursive pthread mutex: cheap under
-  contention (futex), and when its holder dies the next locker repairs from
-  an undo copy (bulk writes) and goes on -- a killed holder never deadlocks
-  the rest, unlike ``Value.get_lock()``.
+- Writes take process-shared, robust, recursive pthread mutexes: one per key,
+  so processes updating different keys never wait for each other, plus one
+  for the mapping. ``lock()`` and bulk writes take the mapping's and then every
+  key's, in order. Futex-based, so cheap under contention; when a holder dies
+  the next locker repairs from an undo copy (bulk writes) and goes on -- a
+  killed holder never deadlocks the rest, unlike ``Value.get_lock()``.
 - Sharing is by inheritance only: ``fork``, ``Process`` arguments,
   ``Pool(initializer=..., initargs=(d,))``. Anything else (a ``Pool`` task
   argument, a queue, another interpreter) raises :class:`~shareit.ShareitError`
@@ -33,6 +35,7 @@ Configuration
 
 from __future__ import annotations
 
+import time
 from multiprocessing.context import get_spawning_popen
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, Iterator
@@ -77,7 +80,8 @@ class ValueMapping(SharedMapping):
         values, present, header, mutex_buf, undo_v, undo_p = arrays
         self._values, self._present, self._header = values, present, header
         self._undo_v, self._undo_p = undo_v, undo_p
-        self._mutex = RobustMutex(mutex_buf)
+        self._mutexes = [RobustMutex(mutex_buf, RobustMutex.SIZE * j)
+                         for j in range(len(config.keys) + 1)]  # [mapping, key 0, key 1, ...]
         self._index = {k: i for i, k in enumerate(config.keys)}
         self._keys = list(config.keys)
         self._numpy_dtype = config.value_type
@@ -113,8 +117,9 @@ class ValueMapping(SharedMapping):
         values = RawArray(code, n)
         present = RawArray("b", n)
         header = RawArray("q", 4)
-        mutex = RawArray("b", RobustMutex.SIZE)
-        RobustMutex.init(mutex)
+        mutex = RawArray("b", RobustMutex.SIZE * (n + 1))
+        for j in range(n + 1):
+            RobustMutex.init(mutex, RobustMutex.SIZE * j)
         arrays = (values, present, header, mutex, RawArray(code, n), RawArray("b", n))
         if config.initial == "zero":
             present[:] = [1] * n
@@ -145,11 +150,18 @@ class ValueMapping(SharedMapping):
     # ------------------------------------------------------------------ locking
 
     def _lock_acquire(self, timeout: float) -> bool:
-        got = self._mutex.acquire(timeout)
-        if not got:
-            return False
+        """The whole mapping: its own mutex, then every key's, in order (no deadlock:
+        a single-key writer holds only its key's)."""
+        deadline = time.monotonic() + timeout
+        taken: list[RobustMutex] = []
+        for m in self._mutexes:
+            if not m.acquire(max(0.0, deadline - time.monotonic())):
+                for t in reversed(taken):
+                    t.release()
+                return False
+            taken.append(m)
         if self._header[0] == _DESTROYED:
-            self._mutex.release()
+            self._lock_release()
             raise self._died()
         if self._header[1]:  # set only while a holder writes in bulk: that holder died
             self._values[:] = self._undo_v[:]  # undo its cut-short write
@@ -158,7 +170,33 @@ class ValueMapping(SharedMapping):
         return True
 
     def _lock_release(self) -> None:
-        self._mutex.release()
+        for m in reversed(self._mutexes):
+            m.release()
+
+    def _key_acquire(self, i: int) -> RobustMutex | None:
+        """Lock key ``i`` alone: its mutex, or -- to repair first -- the whole mapping (None)."""
+        m = self._mutexes[i + 1]
+        rc = m.trylock()
+        if rc == 130:  # its holder died: a single-slot write leaves nothing half done
+            m.make_consistent()
+        elif rc:
+            self._check_open()
+            if not m.acquire(self._config.timeout):
+                raise LockTimeoutError(
+                    f"could not lock key {self._keys[i]!r} of value mapping {self._label()} within "
+                    f"{self._config.timeout:g} s; another process holds lock(). Pass a larger timeout"
+                )
+        if self._header[1] or self._header[0] != _LIVE:  # a bulk writer died, or destroyed
+            m.release()
+            self._wlock()  # repairs, or raises BackendDiedError / ClosedError
+            return None
+        return m
+
+    def _key_release(self, m: RobustMutex | None) -> None:
+        if m is None:
+            self._lock_release()
+        else:
+            m.release()
 
     def _wlock(self) -> None:
         self._check_open()
@@ -205,22 +243,22 @@ class ValueMapping(SharedMapping):
     def __setitem__(self, key: Any, value: Any) -> None:
         i = self._slot(key)
         value = self._vt.coerce(value)
-        self._wlock()
+        m = self._key_acquire(i)
         try:
             self._values[i] = value
             self._present[i] = 1  # after the value: a lock-free reader never sees a stale one
         finally:
-            self._mutex.release()
+            self._key_release(m)
 
     def __delitem__(self, key: Any) -> None:
         i = self._slot(key)
-        self._wlock()
+        m = self._key_acquire(i)
         try:
             if not self._present[i]:
                 raise KeyError(key)
             self._present[i] = 0
         finally:
-            self._mutex.release()
+            self._key_release(m)
 
     def __iter__(self) -> Iterator[Any]:
         self._check_alive()
@@ -254,26 +292,15 @@ class ValueMapping(SharedMapping):
             i = self._slot(key)
         if type(delta) is not int and type(delta) is not float:
             _check_number("delta", delta)
-        m = self._mutex
-        rc = m.trylock()
-        if rc == 130:  # its last holder died: let the general path repair
-            m.make_consistent()
-            m.unlock()
-        if rc or self._header[1]:
-            if not rc:
-                m.unlock()
-            self._wlock()  # waits with the timeout, repairs a cut-short bulk write
+        m = self._key_acquire(i)
         try:
-            if self._header[0] != _LIVE:
-                self._check_open()
-                raise self._died()
             values = self._values
             current = values[i] if self._present[i] else self._vt.coerce(default)
             new = self._vt.coerce(_add(key, current, delta))
             values[i] = new
             self._present[i] = 1
         finally:
-            m.release()
+            self._key_release(m)
         return new
 
     def snapshot(self) -> dict:
@@ -281,7 +308,7 @@ class ValueMapping(SharedMapping):
         try:
             values, present = self._values[:], self._present[:]
         finally:
-            self._mutex.release()
+            self._lock_release()
         return {k: v for k, v, p in zip(self._keys, values, present) if p}
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
@@ -294,14 +321,14 @@ class ValueMapping(SharedMapping):
                 self._present[i] = 1
             self._header[1] = 0
         finally:
-            self._mutex.release()
+            self._lock_release()
 
     def clear(self) -> None:
         self._wlock()
         try:
             self._present[:] = bytes(len(self._keys))
         finally:
-            self._mutex.release()
+            self._lock_release()
 
     def values_array(self) -> np.ndarray:
         """A numpy copy of every present value, in declared-key order (see :meth:`keys_list`)."""
@@ -310,7 +337,7 @@ class ValueMapping(SharedMapping):
             values = np.frombuffer(self._values, dtype=self._numpy_dtype).copy()
             present = np.frombuffer(self._present, dtype=np.int8).astype(bool)
         finally:
-            self._mutex.release()
+            self._lock_release()
         return values[present]
 
     def keys_list(self) -> list:
@@ -327,7 +354,7 @@ class ValueMapping(SharedMapping):
         try:
             self._header[0] = _DESTROYED
         finally:
-            self._mutex.release()
+            self._lock_release()
         if self._name is not None:
             _runtime.remove_meta(self._name)
 
