@@ -413,6 +413,19 @@ def w_counters(s: Subject, p: Params) -> Result:
     return _counter(s, p, "incr (own key)", own_key=True)
 
 
+def _calibrated_ops(work: Callable[[int], None], min_time: float) -> int:
+    """Operations per process so that a parallel run lasts about ``min_time`` seconds
+    (a fixed count would let process start and exit dominate for fast subjects)."""
+    n = 256
+    while True:
+        t0 = time.perf_counter()
+        work(0, n)
+        dt = time.perf_counter() - t0
+        if dt >= 0.02 or n >= 1 << 22:
+            return max(256, int(n * min_time / max(dt, 1e-9)))
+        n *= 4
+
+
 def w_get_parallel(s: Subject, p: Params) -> Result:
     """N processes reading existing keys at once (read-heavy), for a fixed number of reads each."""
     samples = []
@@ -420,14 +433,15 @@ def w_get_parallel(s: Subject, p: Params) -> Result:
     try:
         for i in range(100):
             m[f"key{i:02d}"] = i
-        ops = max(500, int(p.min_time * 20000))
+        keys = [f"key{j:02d}" for j in range(100)]
 
-        def work(i: int) -> None:
+        def work(i: int, ops: int) -> None:
             for j in range(ops):
-                m[f"key{(j + i) % 100:02d}"]
+                m[keys[(j + i) % 100]]
 
+        ops = _calibrated_ops(work, p.min_time)
         for _ in range(p.repeats):
-            samples.append(ops * p.procs / _parallel(p.procs, work))
+            samples.append(ops * p.procs / _parallel(p.procs, lambda i: work(i, ops)))
     finally:
         s.close(m)
     return Result("get xN", s.name, statistics.median(samples), samples=samples,
@@ -441,19 +455,19 @@ def w_mixed(s: Subject, p: Params) -> Result:
     try:
         for i in range(100):
             m[f"key{i:02d}"] = i
-        ops = max(200, int(p.min_time * 2000))
+        keys = [f"key{j:02d}" for j in range(100)]
 
-        def work(i: int) -> None:
+        def work(i: int, ops: int) -> None:
             for j in range(ops):
-                k = f"key{(j * 7 + i) % 100:02d}"
+                k = keys[(j * 7 + i) % 100]
                 if j % 10 == 0:
                     m[k] = j
                 else:
                     m[k]
 
-        # size ops so the slowest subjects still finish in reasonable time
+        ops = _calibrated_ops(work, p.min_time)
         for _ in range(p.repeats):
-            samples.append(ops * p.procs / _parallel(p.procs, work))
+            samples.append(ops * p.procs / _parallel(p.procs, lambda i: work(i, ops)))
     finally:
         s.close(m)
     return Result("mixed 90/10", s.name, statistics.median(samples), samples=samples,
