@@ -82,7 +82,6 @@ def backends() -> dict[str, dict[str, Any]]:
             out[name] = {"available": False, "reason": str(exc)}
             continue
         caps = dataclasses.asdict(cls.capabilities)
-        caps.pop("extra", None)
         caps["value_kinds"] = sorted(caps["value_kinds"])
         caps["start_methods"] = sorted(caps["start_methods"])
         if caps["key_types"] is not None:

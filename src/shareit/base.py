@@ -17,7 +17,7 @@ import pickle
 import time
 from collections.abc import ItemsView, KeysView, Mapping, MutableMapping, ValuesView
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
 from . import _codec, _runtime
@@ -73,7 +73,6 @@ class Capabilities:
     fresh_reads: bool = True
     #: Extra notes for ``shareit.backends()``.
     notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 class _LockContext:
