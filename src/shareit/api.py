@@ -7,7 +7,7 @@ from typing import Any
 
 from . import _runtime, config, registry
 from .base import SharedMapping
-from .errors import NotFoundError, ShareitError
+from .errors import ShareitError
 
 __all__ = ["open", "destroy", "backends"]
 
@@ -57,13 +57,17 @@ def open(  # noqa: A001 - named like shelve.open and dbm.open on purpose
     return cls._open(name, cfg, create=create)
 
 
-def destroy(name: str) -> None:
-    """Remove the named mapping for every process that uses it."""
+def destroy(name: str, **options: Any) -> None:
+    """Remove the named mapping for every process that uses it.
+
+    The backend comes from this machine's record of the mapping; pass
+    ``backend=`` and its options (``url=``) for one that lives elsewhere (redis).
+    """
     _runtime.check_name(name)
     record = _runtime.read_meta(name)
-    if record is None:
-        raise NotFoundError(f"no shared mapping named {name!r} exists")
-    open(name, backend=record["backend"], create=False).destroy()
+    if record is not None:
+        options.setdefault("backend", record["backend"])
+    open(name, create=False, **options).destroy()
 
 
 def backends() -> dict[str, dict[str, Any]]:

@@ -23,6 +23,7 @@ _BUILTIN: dict[str, str] = {
     "shm": "shareit.backends.shm:ShmMapping",
     "value": "shareit.backends.value:ValueMapping",
     "queue": "shareit.backends.queue:QueueMapping",
+    "redis": "shareit.backends.redis:RedisMapping",
 }
 #: What to install when a backend's import fails for want of a dependency.
 _INSTALL_HINTS: dict[str, str] = {

@@ -85,8 +85,8 @@ d.close()
 ATTACH_SCRIPT = """
 import pickle, sys, shareit
 from shareit.testing._workers import read_then_write
-name, backend, expected, writes = pickle.loads(sys.stdin.buffer.read())
-d = shareit.open(name, backend=backend, create=False)
+name, backend, options, expected, writes = pickle.loads(sys.stdin.buffer.read())
+d = shareit.open(name, backend=backend, create=False, **options)
 read_then_write(d, expected, writes)
 print(repr(sorted(d.snapshot().items(), key=repr)))
 d.close()

@@ -93,7 +93,8 @@ class SharedMappingSuite:
 
     def need_any_values(self) -> None:
         if not self.any_values:
-            pytest.skip(f"backend {self.backend!r} stores only numeric values here")
+            pytest.skip(f"backend {self.backend!r} stores only numbers with these options "
+                        f"(value_type or serializer)")
 
     def need_method(self, method: str) -> None:
         if method not in self.caps.start_methods:
@@ -405,22 +406,23 @@ class SharedMappingSuite:
     def test_attach_by_name(self, d: SharedMapping) -> None:
         self.need("attach_by_name", "cannot attach by name")
         d["a"] = self.val(1)
-        e = shareit.open(d.name, backend=self.backend, create=False)
+        e = shareit.open(d.name, backend=self.backend, create=False, **self.options)
         assert e["a"] == self.val(1) and not e._owner
         e.close()
         with pytest.raises(shareit.NotFoundError):
-            shareit.open(f"nope-{uuid.uuid4().hex[:8]}", backend=self.backend, create=False)
+            shareit.open(f"nope-{uuid.uuid4().hex[:8]}", backend=self.backend, create=False,
+                         **self.options)
 
     def test_attach_with_conflicting_options_is_refused(self, d: SharedMapping) -> None:
         self.need("attach_by_name", "cannot attach by name")
         other = "int32" if d.config.value_type == "float64" else "float64"
         with pytest.raises(shareit.ConfigError, match="value_type"):
-            shareit.open(d.name, backend=self.backend, value_type=other)
+            shareit.open(d.name, backend=self.backend, **{**self.options, "value_type": other})
 
     def test_destroy_by_another_handle(self, d: SharedMapping) -> None:
         self.need("attach_by_name", "cannot attach by name")
         d["a"] = self.val(1)
-        shareit.destroy(d.name)
+        shareit.destroy(d.name, backend=self.backend, **self.options)
         assert shareit_files(d.name) == []
         with pytest.raises(shareit.BackendDiedError):
             d["a"]
@@ -476,7 +478,8 @@ class SharedMappingSuite:
     def test_unrelated_interpreter_by_name(self, d: SharedMapping) -> None:
         self.need("attach_by_name", "cannot attach by name")
         d["a"] = self.val(1)
-        payload = pickle.dumps((d.name, self.backend, {"a": self.val(1)}, {"b": self.val(2)}))
+        payload = pickle.dumps((d.name, self.backend, dict(self.options), {"a": self.val(1)},
+                                {"b": self.val(2)}))
         self._run_python(_workers.ATTACH_SCRIPT, payload)
         self._sync(d)
         assert dict(d) == {"a": self.val(1), "b": self.val(2)}

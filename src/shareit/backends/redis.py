@@ -1,0 +1,465 @@
+"""The ``redis`` backend: the same mapping across machines, in one Redis hash.
+
+Features
+--------
+- One Redis hash per mapping, at ``PREFIX + NAME`` (``prefix`` option,
+  default ``"shareit:"``), plus ``...:meta`` (its creator's options) and
+  ``...:lock``. Keys: str (stored as plain UTF-8, readable from any
+  language), bytes and int (tagged). Values: ints and floats are stored as
+  Redis numbers, so ``incr`` is ``HINCRBY``/``HINCRBYFLOAT``; other values
+  by ``serializer``: ``pickle`` (default, any value) or ``json`` (for
+  mappings shared with other languages or less trusted writers: unpickling
+  runs code chosen by whoever wrote the value).
+- Every write is one round trip (a Lua script that first checks the lock);
+  ``update`` and ``snapshot`` (``HGETALL``) are one each, not one per key, and
+  so is ``dict(d)``.
+- ``lock()`` is ``SET NX PX`` with a random token and a 2 s expiry that the
+  holder renews while it holds it: a holder that dies blocks the others for
+  at most 2 s. While it is held, every other writer waits.
+- A server that goes away raises :class:`~shareit.BackendDiedError` (never
+  redis-py's exceptions) within ``timeout``; when it returns, calls work again.
+- A handle pickles as URL + key + options; a process reconnects on first use,
+  and a forked child never reuses its parent's connection.
+
+Configuration
+-------------
+``shareit.open("sessions", backend="redis", url="redis://localhost:6379/0")``;
+``url`` takes ``redis://[:password@]host:port/db``, ``rediss://`` (TLS) and
+``unix:///path/to/redis.sock``. Several machines share a mapping by using the
+same URL and name; in ``shareit.toml`` on each host::
+
+    [mappings.sessions]
+    backend = "redis"
+    url = "redis://:secret@cache.internal:6379/0"
+    serializer = "json"
+
+Needs ``pip install 'shareit[redis]'``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import secrets
+import threading
+import time
+from typing import Any, Iterator
+
+from .. import _runtime
+from ..base import MISSING, STRUCTURAL_OPTIONS, Capabilities, SharedMapping, _check_number
+from ..config import Config
+from ..errors import (
+    BackendDiedError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ConfigError,
+    LockTimeoutError,
+    NotFoundError,
+)
+
+try:
+    import redis as _redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise BackendUnavailableError(
+        f"the redis backend needs redis-py ({exc}): pip install 'shareit[redis]'"
+    ) from exc
+
+LOCK_TTL = 2.0  # seconds a dead holder can block the others
+_LOCKED = "LOCKED"
+
+_CHECK = """
+if redis.call('EXISTS', KEYS[3]) == 0 then return redis.error_reply('GONE') end
+local o = redis.call('GET', KEYS[2])
+if o and o ~= ARGV[1] then return redis.error_reply('LOCKED') end
+"""
+_SET = _CHECK + "redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"
+_DEL = _CHECK + "return redis.call('HDEL', KEYS[1], ARGV[2])"
+_UPDATE = _CHECK + """
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1"""
+_CLEAR = _CHECK + "redis.call('DEL', KEYS[1]) return 1"
+_INCR = _CHECK + """
+if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then redis.call('HSET', KEYS[1], ARGV[2], ARGV[4]) end
+if ARGV[5] == 'i' then return redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3]) end
+return redis.call('HINCRBYFLOAT', KEYS[1], ARGV[2], ARGV[3])"""
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0"""
+
+
+class RedisMapping(SharedMapping):
+    """A mapping in a Redis hash: shared by every process on every machine that reaches the server."""
+
+    backend = "redis"
+    capabilities = Capabilities(
+        attach_by_name=True,
+        cross_machine=True,
+        key_types=(str, bytes, int),
+        ordered=False,
+        notes="one Redis hash; HINCRBY for incr; a token lock with expiry",
+    )
+
+    def __init__(self, name: str, config: Config, anonymous: bool = False):
+        super().__init__(None if anonymous else name, config)
+        self._key = f"{config.prefix or 'shareit:'}{name}"
+        self._meta_key, self._lock_key = self._key + ":meta", self._key + ":lock"
+        self._json = config.serializer == "json"
+        self._url = config.url or "redis://localhost:6379/0"
+        self._client_pid = -1
+        self._client: Any = None
+        self._scripts: dict = {}
+        self._tls = threading.local()
+        self._held: dict = {}  # thread id -> (token, depth), for this process
+        self._renewer: threading.Thread | None = None
+        self._seg = name
+
+    # ------------------------------------------------------------------ connection
+
+    def _r(self) -> Any:
+        if self._client_pid != os.getpid():  # first use, or a forked child: a connection of our own
+            self._check_open()
+            t = self._config.timeout
+            self._client = _redis.Redis.from_url(
+                self._url, socket_timeout=t, socket_connect_timeout=t,
+                retry=Retry(NoBackoff(), 0), health_check_interval=0,
+            )
+            self._scripts = {n: self._client.register_script(s) for n, s in (
+                ("set", _SET), ("del", _DEL), ("update", _UPDATE), ("clear", _CLEAR),
+                ("incr", _INCR), ("unlock", _UNLOCK), ("renew", _RENEW))}
+            self._client_pid = os.getpid()
+            self._held = {}
+        return self._client
+
+    def _do(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one Redis call, translating redis-py's errors into shareit's."""
+        try:
+            return fn(*args, **kwargs)
+        except _redis.exceptions.TimeoutError as exc:
+            raise BackendTimeoutError(
+                f"Redis at {_safe(self._url)} did not answer within {self._config.timeout:g} s ({exc})"
+            ) from None
+        except _redis.exceptions.ConnectionError as exc:
+            raise BackendDiedError(f"Redis at {_safe(self._url)} is unreachable ({exc})") from None
+
+    def _script(self, name: str, field_args: list, keys: list | None = None) -> Any:
+        """A write: retried while another process holds lock(), up to ``timeout``."""
+        self._r()
+        token = self._my_token()
+        deadline = time.monotonic() + self._config.timeout
+        delay = 0.001
+        while True:
+            try:
+                return self._do(self._scripts[name], keys or [self._key, self._lock_key, self._meta_key],
+                                [token] + field_args)
+            except _redis.exceptions.ResponseError as exc:
+                if "GONE" in str(exc):
+                    raise self._gone() from None
+                if _LOCKED not in str(exc):
+                    raise _response_error(exc) from None
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"mapping {self._label()} is locked by another process and was not released "
+                    f"within {self._config.timeout:g} s; pass a larger timeout if that is expected"
+                )
+            time.sleep(delay)  # the holder is elsewhere, maybe on another machine
+            delay = min(delay * 2, 0.05)
+
+    # ------------------------------------------------------------------ lifetime
+
+    @classmethod
+    def _open(cls, name: str | None, config: Config, create: bool = True) -> "RedisMapping":
+        if name is None:
+            if not create:
+                raise ConfigError("create=False needs a name: an anonymous mapping can only be created")
+            self = cls(f"anon-{secrets.token_hex(8)}", config, anonymous=True)
+            self._claim_meta()
+            self._become_owner()
+            return self
+        self = cls(name, config)
+        record = self._read_meta()
+        if record is None:
+            if not create:
+                raise NotFoundError(f"no shared mapping named {name!r} at {_safe(self._url)}")
+            if self._claim_meta():
+                self._become_owner()
+                return self
+            record = self._read_meta()
+        other = cls._attach_checked(name, config, record)
+        return other
+
+    @classmethod
+    def _attach_record(cls, name: str, config: Config, record: dict) -> "RedisMapping":
+        return cls(name, config)
+
+    def _read_meta(self) -> dict | None:
+        raw = self._do(self._r().hgetall, self._meta_key)
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def _claim_meta(self) -> bool:
+        r = self._r()
+        if not self._do(r.hsetnx, self._meta_key, "backend", self.backend):
+            return False
+        structural = {k: self._config[k] for k in STRUCTURAL_OPTIONS}
+        self._do(r.hset, self._meta_key, mapping={
+            "options": base64.b64encode(pickle.dumps(structural)).decode(),
+            **{k: str(v) for k, v in _runtime.owner_fields().items()},
+        })
+        return True
+
+    def _handle(self) -> tuple:
+        return (self._seg, self._config, self._name is None)
+
+    @classmethod
+    def _from_handle(cls, handle: tuple) -> "RedisMapping":
+        return cls(*handle)
+
+    def _close(self) -> None:
+        if self._client is not None and self._client_pid == os.getpid():
+            self._client.close()
+        self._client, self._client_pid = None, -1
+
+    def _destroy(self) -> None:
+        self._do(self._r().delete, self._key, self._meta_key, self._lock_key)
+        self._close()
+
+    # ------------------------------------------------------------------ encoding
+
+    def _enc_key(self, key: Any) -> bytes:
+        t = type(key)
+        if t is str:
+            b = key.encode("utf-8", "surrogatepass")
+            return b if not b.startswith(b"\x00") else b"\x00s" + b
+        if t is bytes:
+            return b"\x00b" + key
+        return b"\x00i" + str(key).encode()
+
+    @staticmethod
+    def _dec_key(b: bytes) -> Any:
+        if not b.startswith(b"\x00"):
+            return b.decode("utf-8", "surrogatepass")
+        tag, rest = b[1:2], b[2:]
+        if tag == b"b":
+            return rest
+        if tag == b"i":
+            return int(rest)
+        return rest.decode("utf-8", "surrogatepass")
+
+    def _enc(self, value: Any) -> bytes:
+        t = type(value)
+        if t is int:
+            return str(value).encode()
+        if t is float:
+            return repr(value).encode()
+        if self._json:
+            try:
+                return json.dumps(value).encode()
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"serializer='json' stores JSON values only (dict, list, str, numbers, bool, "
+                    f"None); {exc}. Use serializer='pickle' for other objects"
+                ) from None
+        from .._codec import dumps
+
+        return dumps(value)
+
+    def _dec(self, b: bytes) -> Any:
+        if b[:1] == b"\x80":
+            return pickle.loads(b)
+        if self._json:
+            return json.loads(b)
+        try:
+            return int(b)
+        except ValueError:
+            return float(b)
+
+    # ------------------------------------------------------------------ the five
+
+    def __getitem__(self, key: Any) -> Any:
+        pending = getattr(self._tls, "prefetch", None)
+        if pending is not None:
+            self._tls.prefetch = None
+            k, v = next(pending, (MISSING, None))
+            if k is key or k == key:
+                self._tls.prefetch = pending
+                return v
+        key = self._check_key(key)
+        raw = self._do(self._r().hget, self._key, self._enc_key(key))
+        if raw is None:
+            self._check_alive()
+            raise KeyError(key)
+        value = self._dec(raw)
+        return self._vt.coerce(value) if self._vt is not None else value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        key = self._check_key(key)
+        self._script("set", [self._enc_key(key), self._enc(self._coerce(value))])
+
+    def __delitem__(self, key: Any) -> None:
+        key = self._check_key(key)
+        if not self._script("del", [self._enc_key(key)]):
+            raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter([self._dec_key(k) for k in self._with_alive("hkeys")])
+
+    def __len__(self) -> int:
+        return self._with_alive("hlen")
+
+    def __contains__(self, key: Any) -> bool:
+        try:
+            key = self._check_key(key)
+        except KeyError:
+            return False
+        if self._do(self._r().hexists, self._key, self._enc_key(key)):
+            return True
+        self._check_alive()
+        return False
+
+    def _with_alive(self, command: str) -> Any:
+        """``command`` on the hash and an existence check of the mapping, in one round trip."""
+        pipe = self._r().pipeline(transaction=False)
+        getattr(pipe, command)(self._key)
+        pipe.exists(self._meta_key)
+        result, alive = self._do(pipe.execute)
+        if not alive:
+            raise self._gone()
+        return result
+
+    def _check_alive(self) -> None:
+        if not self._do(self._r().exists, self._meta_key):
+            raise self._gone()
+
+    def _gone(self) -> BackendDiedError:
+        return BackendDiedError(
+            f"mapping {self._label()} was destroyed (its key {self._key!r} is gone from "
+            f"{_safe(self._url)}); open it again"
+        )
+
+    # ------------------------------------------------------------------ one round trip each
+
+    def snapshot(self) -> dict:
+        raw = self._with_alive("hgetall")
+        out = {self._dec_key(k): self._dec(v) for k, v in raw.items()}
+        if self._vt is not None:
+            out = {k: self._vt.coerce(v) for k, v in out.items()}
+        return out
+
+    def _arm_prefetch(self, snap: dict) -> None:
+        self._tls.prefetch = iter(snap.items())
+
+    def _update_items(self, items: list[tuple[Any, Any]]) -> None:
+        args: list = []
+        for k, v in items:
+            args += [self._enc_key(k), self._enc(v)]
+        if args:
+            self._script("update", args)
+
+    def clear(self) -> None:
+        self._script("clear", [])
+
+    def incr(self, key: Any, delta: Any = 1, default: Any = 0) -> Any:
+        key = self._check_key(key)
+        _check_number("delta", delta)
+        if self._vt is not None and self._vt.name not in ("int64", "float64"):
+            return super().incr(key, delta, default)  # narrower types: checked under the lock
+        if self._vt is not None and self._vt.kind == "int":
+            self._vt.coerce(delta)  # a float delta into an int mapping: TypeError, nothing written
+        default = self._coerce(default)
+        kind = "f" if isinstance(delta, float) or self._vt is not None and self._vt.kind == "float" else "i"
+        field = self._enc_key(key)
+        for attempt in (kind, "f"):
+            try:
+                got = self._script("incr", [field, repr(delta) if attempt == "f" else str(delta),
+                                            self._enc(default), attempt])
+            except TypeError:
+                if attempt == "f":
+                    raise
+                continue  # an int delta on a float value: HINCRBYFLOAT
+            value = float(got) if attempt == "f" else int(got)
+            return self._coerce(value) if self._vt is not None else value
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------ the lock
+
+    def _my_token(self) -> str:
+        held = self._held.get(threading.get_ident())
+        return held[0] if held else ""
+
+    def _lock_acquire(self, timeout: float) -> bool:
+        r = self._r()
+        me = threading.get_ident()
+        held = self._held.get(me)
+        if held:
+            self._held[me] = (held[0], held[1] + 1)
+            return True
+        token = f"{os.getpid()}:{me}:{secrets.token_hex(8)}"
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        ttl_ms = int(LOCK_TTL * 1000)
+        while not self._do(lambda: r.set(self._lock_key, token, nx=True, px=ttl_ms)):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        self._held[me] = (token, 1)
+        self._start_renewer()
+        return True
+
+    def _lock_release(self) -> None:
+        me = threading.get_ident()
+        token, depth = self._held[me]
+        if depth > 1:
+            self._held[me] = (token, depth - 1)
+            return
+        del self._held[me]
+        self._do(self._scripts["unlock"], [self._lock_key], [token])
+
+    def _start_renewer(self) -> None:
+        if self._renewer is not None and self._renewer.is_alive():
+            return
+
+        def renew() -> None:  # keeps a held lock alive; ends when nothing is held
+            while self._held and self._client_pid == os.getpid():
+                for token, _ in list(self._held.values()):
+                    try:
+                        self._scripts["renew"]([self._lock_key], [token, int(LOCK_TTL * 1000)])
+                    except Exception:
+                        pass
+                time.sleep(LOCK_TTL / 4)
+
+        self._renewer = threading.Thread(target=renew, daemon=True, name="shareit-redis-lock")
+        self._renewer.start()
+
+    def info(self) -> dict:
+        """Where the mapping lives and who holds its lock (a token naming pid and thread)."""
+        r = self._r()
+        holder = self._do(r.get, self._lock_key)
+        return {"url": _safe(self._url), "key": self._key, "keys": len(self),
+                "lock_held": holder is not None,
+                "lock_holder": int(holder.split(b":")[0]) if holder else None}
+
+
+def _response_error(exc: Exception) -> Exception:
+    msg = str(exc)
+    if "not an integer" in msg or "not a float" in msg or "not a valid float" in msg:
+        return TypeError(f"incr() needs a number at this key ({msg}); use transform() for other values")
+    if "overflow" in msg:
+        return ValueError(f"incr() would overflow a 64-bit integer ({msg})")
+    return BackendDiedError(f"Redis refused the command: {msg}")
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
