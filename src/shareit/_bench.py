@@ -134,16 +134,23 @@ class ValueSubject(Subject):
 class ShareitSubject(Subject):
     kind = "shareit"
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, url: str | None = None):
         self.backend = backend
         self.name = backend
+        self.url = url
         caps = shareit.backends()[backend]
         self.values = "any" if "any" in caps.get("value_kinds", ["any"]) else "numeric"
 
+    @staticmethod
+    def extra_options(backend: str) -> dict:
+        """Options a backend needs to open at all (declared keys for fixed-key ones)."""
+        caps = shareit.backends()[backend]
+        return {"keys": ["hot"] + [f"c{i}" for i in range(8)]} if caps.get("fixed_keys") else {}
+
     def make(self, n_hint: int = 0, **opts: Any) -> Any:
-        opts = dict(opts)
-        if self.values == "numeric":
-            opts.setdefault("keys", ["hot"] + [f"c{i}" for i in range(8)])
+        opts = {**self.extra_options(self.backend), **opts}
+        if self.url and self.backend == "redis":
+            opts["url"] = self.url
         return shareit.open(f"bench-{uuid.uuid4().hex[:10]}", backend=self.backend,
                             capacity=max(n_hint, 1), **opts)
 
@@ -251,11 +258,11 @@ def run_peer(proxy: PeerProxy, workload: str, p: "Params") -> Result:
     return Result(**json.loads(lines[-1]))
 
 
-def subjects(backends: list[str], peers: bool = True) -> list[Subject]:
+def subjects(backends: list[str], peers: bool = True, url: str | None = None) -> list[Subject]:
     out: list[Subject] = [DictSubject(), ManagerSubject(), ManagerSubject(lock=False), ValueSubject()]
     if peers:
         out += [PeerProxy(cls) for cls in PEERS.values() if peer_available(cls)]
-    return out + [ShareitSubject(b) for b in backends]
+    return out + [ShareitSubject(b, url) for b in backends]
 
 
 # --------------------------------------------------------------------------- timing
@@ -605,7 +612,8 @@ def w_attach(s: Subject, p: Params) -> Result:
         def work(i: int) -> None:
             for r in range(p.repeats):
                 t0 = time.perf_counter()
-                a = shareit.open(name, backend=backend, create=False)
+                url = {"url": s.url} if getattr(s, "url", None) and backend == "redis" else {}
+                a = shareit.open(name, backend=backend, create=False, **url)
                 a[7]
                 out[r] = time.perf_counter() - t0
                 a.close()

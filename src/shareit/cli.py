@@ -59,6 +59,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"Valid: {', '.join(_bench.WORKLOADS)}", file=sys.stderr)
             return 2
     skipped = {b: info[b]["reason"] for b in wanted if not info[b]["available"]}
+    for b in wanted:  # a server backend with no server is skipped with the reason, not run
+        if b in skipped:
+            continue
+        try:
+            from .api import open as open_
+
+            opts = {"url": args.url} if args.url and b == "redis" else {}
+            open_(backend=b, timeout=2.0, **_bench.ShareitSubject.extra_options(b), **opts).close()
+        except Exception as exc:
+            skipped[b] = f"{type(exc).__name__}: {exc}"
     for b, why in skipped.items():
         print(f"skipping backend {b!r}: {why}", file=sys.stderr)
     usable = [b for b in wanted if b not in skipped]
@@ -66,7 +76,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         p.repeats, p.min_time, p.incr_per_proc = min(args.repeats, 3), 0.05, 2_000
         p.bulk_keys, p.propagation_changes = 20_000, 300
-    subjects = _bench.subjects(usable, peers=not args.no_peers)
+    subjects = _bench.subjects(usable, peers=not args.no_peers, url=args.url)
     plan = [(w, s) for w in workloads for s in subjects if _bench.WORKLOADS[w][1](s)]
     print(f"shareit bench: {len(plan)} runs on {os.cpu_count()} cores, {p.procs} processes, "
           f"median of {p.repeats}{' (quick)' if args.quick else ''}", file=sys.stderr)
@@ -269,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 cores")
     b.add_argument("--out", default="shareit-bench.json", help="where to write results (JSON)")
     b.add_argument("--no-peers", action="store_true", help="leave out UltraDict and shared-memory-dict")
+    b.add_argument("--url", help="server URL for the redis backend (default: its url option)")
     b.set_defaults(fn=cmd_bench)
     ls = sub.add_parser("ls", help="the live shared mappings on this machine")
     ls.add_argument("--json", action="store_true")
