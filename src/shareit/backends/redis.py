@@ -13,6 +13,8 @@ Features
 - Every write is one round trip (a Lua script that first checks the lock);
   ``update`` and ``snapshot`` (``HGETALL``) are one each, not one per key, and
   so is ``dict(d)``.
+- ``transform`` is optimistic (``WATCH``/``MULTI``, retried on conflict);
+  ``edit`` holds the lock, since a ``with`` block cannot be run twice.
 - ``lock()`` is ``SET NX PX`` with a random token and a 2 s expiry that the
   holder renews while it holds it: a holder that dies blocks the others for
   at most 2 s. While it is held, every other writer waits.
@@ -39,6 +41,7 @@ Needs ``pip install 'shareit[redis]'``.
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import pickle
@@ -387,6 +390,52 @@ class RedisMapping(SharedMapping):
             value = float(got) if attempt == "f" else int(got)
             return self._coerce(value) if self._vt is not None else value
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def transform(self, key: Any, fn: Any, default: Any = MISSING) -> Any:
+        """Optimistic: ``WATCH`` the hash, the lock and the mapping's record, read, run
+        ``fn``, then ``MULTI``/``EXEC``; a concurrent write makes ``EXEC`` fail and it
+        retries (until ``timeout``). Inside ``lock()`` the lock already excludes others."""
+        key = self._check_key(key)
+        if self._my_token():
+            return super().transform(key, fn, default)
+        r = self._r()
+        field = self._enc_key(key)
+        deadline = time.monotonic() + self._config.timeout
+        delay = 0.001
+        while True:
+            try:
+                with r.pipeline() as pipe:
+                    pipe.watch(self._key, self._lock_key, self._meta_key)
+                    if not pipe.exists(self._meta_key):
+                        raise self._gone()
+                    if pipe.get(self._lock_key) is None:
+                        raw = pipe.hget(self._key, field)
+                        if raw is not None:
+                            current = self._dec(raw)
+                            current = self._vt.coerce(current) if self._vt is not None else current
+                        elif default is MISSING:
+                            raise KeyError(key)
+                        else:
+                            current = copy.deepcopy(default)
+                        new = self._coerce(fn(current))
+                        encoded = self._enc(new)
+                        pipe.multi()
+                        pipe.hset(self._key, field, encoded)
+                        pipe.execute()
+                        return new
+            except _redis.exceptions.WatchError:
+                pass  # someone wrote meanwhile: read again
+            except _redis.exceptions.TimeoutError as exc:
+                raise BackendTimeoutError(f"Redis at {_safe(self._url)} did not answer ({exc})") from None
+            except _redis.exceptions.ConnectionError as exc:
+                raise BackendDiedError(f"Redis at {_safe(self._url)} is unreachable ({exc})") from None
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"transform() on mapping {self._label()} kept losing to other writers or to "
+                    f"a lock() holder for {self._config.timeout:g} s; pass a larger timeout"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     # ------------------------------------------------------------------ the lock
 

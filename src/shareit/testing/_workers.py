@@ -27,6 +27,15 @@ def incr_many(d: Any, key: Any, times: int, start: Any = None) -> None:
         d.incr(key)
 
 
+def transform_many(d: Any, key: Any, times: int) -> None:
+    for _ in range(times):
+        d.transform(key, _plus_one)
+
+
+def _plus_one(v: Any) -> Any:
+    return v + 1
+
+
 def locked_read_modify_write(d: Any, key: Any, times: int, start: Any = None) -> None:
     """Not atomic unless lock() really excludes the other processes."""
     if start is not None:

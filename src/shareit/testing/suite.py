@@ -507,6 +507,11 @@ class SharedMappingSuite:
         run_children(method, _workers.incr_many, [(d, "n", 100)] * 2)
         assert d["n"] == 200
 
+    def test_concurrent_transform_is_exact(self, d: SharedMapping) -> None:
+        d["n"] = 0
+        run_children("fork", _workers.transform_many, [(d, "n", 100)] * 3)
+        assert d["n"] == 300, "a transform was lost: it is not atomic across processes"
+
     def test_lock_gives_mutual_exclusion_across_processes(self, d: SharedMapping) -> None:
         d["n"] = 0
         run_children("fork", _workers.locked_read_modify_write, [(d, "n", 150)] * 3)
