@@ -14,6 +14,7 @@ import base64
 import copy as _copy
 import os
 import pickle
+import threading
 import time
 from collections.abc import ItemsView, KeysView, Mapping, MutableMapping, ValuesView
 from contextlib import contextmanager
@@ -106,18 +107,18 @@ class _KeysView(KeysView):
     """``keys()``; for backends with costly reads, one snapshot feeds the reads that follow.
 
     ``dict(d)`` and ``{**d}`` call ``keys()`` and then ``d[k]`` for each key in
-    order (CPython's generic merge). A backend that defines ``_arm_prefetch``
-    gets the snapshot taken here and serves exactly that sequence of reads
-    from it, so the copy costs one round trip and is consistent.
+    order (CPython's generic merge). For a backend that sets ``_prefetch_reads``
+    the snapshot taken here serves exactly that sequence of reads (see
+    ``SharedMapping._take_prefetched``), so the copy costs one round trip and
+    is consistent.
     """
 
     def __iter__(self):
         m = self._mapping
-        arm = getattr(m, "_arm_prefetch", None)
-        if arm is None:
+        if not m._prefetch_reads:
             return iter(m)
         snap = m.snapshot()
-        arm(snap)
+        m._prefetch_local().pending = iter(snap.items())
         return iter(list(snap))
 
 
@@ -148,6 +149,8 @@ class SharedMapping(MutableMapping):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: Backend-specific options: name -> (validator, default, description).
     options: ClassVar[dict] = {}
+    #: Reads cost a round trip: ``dict(d)`` then reads one snapshot (see ``_KeysView``).
+    _prefetch_reads: ClassVar[bool] = False
 
     def __init__(self, name: str | None, config: Config):
         self._name = name
@@ -380,6 +383,34 @@ class SharedMapping(MutableMapping):
                 pairs.append((k, v))
         pairs.extend(kwargs.items())
         return [(self._check_key(k), self._coerce(v)) for k, v in pairs]
+
+    # ----------------------------------------------------------------- dict(d) in one round trip
+
+    def _prefetch_local(self) -> threading.local:
+        local = self.__dict__.get("_prefetch_tls")
+        if local is None:
+            local = self._prefetch_tls = threading.local()
+        return local
+
+    def _take_prefetched(self, key: Any) -> Any:
+        """The value ``keys()`` fetched for ``key``, if it is the next read of that
+        sequence in this thread; else :data:`MISSING` (and the sequence is over)."""
+        local = self.__dict__.get("_prefetch_tls")
+        pending = getattr(local, "pending", None)
+        if pending is None:
+            return MISSING
+        local.pending = None
+        k, v = next(pending, (MISSING, None))
+        if k is key or k == key:
+            local.pending = pending
+            return v
+        return MISSING
+
+    def _end_prefetch(self) -> None:
+        """Any other call ends a ``dict(d)`` read sequence: no later read sees the old snapshot."""
+        local = self.__dict__.get("_prefetch_tls")
+        if local is not None:
+            local.pending = None
 
     # ----------------------------------------------------------------- locking
 

@@ -78,6 +78,7 @@ class ManagerMapping(SharedMapping):
     """A mapping held by a server process; one round trip per operation."""
 
     backend = "manager"
+    _prefetch_reads = True
     _server_extra_fields: tuple = ()
     capabilities = Capabilities(
         attach_by_name=True,
@@ -237,8 +238,8 @@ class ManagerMapping(SharedMapping):
             data = _dumps(req, _PROTO)
         except Exception:
             data = self._encode_request(req)  # raises TypeError saying what failed
+        self._end_prefetch()
         tls = self._tls
-        tls.prefetch = None  # any other call ends a dict(d) read sequence
         conn = getattr(tls, "conn", None)
         if conn is None or tls.generation != _fork_generation:
             conn = self._conn()
@@ -260,24 +261,12 @@ class ManagerMapping(SharedMapping):
     # ------------------------------------------------------------------ the five
 
     def __getitem__(self, key: Any) -> Any:
-        pending = getattr(self._tls, "prefetch", None)
-        if pending is not None:
-            self._tls.prefetch = None
-            k, v = next(pending, (MISSING, None))
-            if k is key or k == key:
-                self._tls.prefetch = pending
-                return v
+        value = self._take_prefetched(key)
+        if value is not MISSING:
+            return value
         if self._declared is not None:
             key = self._check_key(key)  # otherwise the server's dict raises the same TypeError
         return _unpack(self._call("get", key))
-
-    def _arm_prefetch(self, snap: dict) -> None:
-        """Serve the reads that follow ``keys()`` -- in its order, in this thread -- from ``snap``.
-
-        This is what makes ``dict(d)`` and ``{**d}`` one round trip (see ``base._KeysView``).
-        Any other call, or a read of another key, ends it.
-        """
-        self._tls.prefetch = iter(snap.items())
 
     def __setitem__(self, key: Any, value: Any) -> None:
         self._call("set", self._check_key(key), _pack(self._coerce(value)))

@@ -66,7 +66,7 @@ class QueueMapping(ManagerMapping):
 
     backend = "queue"
     _server_extra_fields = ("seq_path",)
-    _arm_prefetch = None  # dict(d) reads the local replica: no snapshot hand-off needed
+    _prefetch_reads = False  # dict(d) reads the local replica: no snapshot hand-off needed
     capabilities = Capabilities(
         attach_by_name=True,
         ordered=True,

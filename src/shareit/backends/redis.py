@@ -101,6 +101,7 @@ class RedisMapping(SharedMapping):
     """A mapping in a Redis hash: shared by every process on every machine that reaches the server."""
 
     backend = "redis"
+    _prefetch_reads = True
     capabilities = Capabilities(
         attach_by_name=True,
         cross_machine=True,
@@ -118,7 +119,6 @@ class RedisMapping(SharedMapping):
         self._client_pid = -1
         self._client: Any = None
         self._scripts: dict = {}
-        self._tls = threading.local()
         self._held: dict = {}  # thread id -> (token, depth), for this process
         self._renewer: threading.Thread | None = None
         self._seg = name
@@ -142,6 +142,7 @@ class RedisMapping(SharedMapping):
 
     def _do(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one Redis call, translating redis-py's errors into shareit's."""
+        self._end_prefetch()
         try:
             return fn(*args, **kwargs)
         except _redis.exceptions.TimeoutError as exc:
@@ -287,13 +288,9 @@ class RedisMapping(SharedMapping):
     # ------------------------------------------------------------------ the five
 
     def __getitem__(self, key: Any) -> Any:
-        pending = getattr(self._tls, "prefetch", None)
-        if pending is not None:
-            self._tls.prefetch = None
-            k, v = next(pending, (MISSING, None))
-            if k is key or k == key:
-                self._tls.prefetch = pending
-                return v
+        value = self._take_prefetched(key)
+        if value is not MISSING:
+            return value
         key = self._check_key(key)
         raw = self._do(self._r().hget, self._key, self._enc_key(key))
         if raw is None:
@@ -356,9 +353,6 @@ class RedisMapping(SharedMapping):
             out = {k: self._vt.coerce(v) for k, v in out.items()}
         return out
 
-    def _arm_prefetch(self, snap: dict) -> None:
-        self._tls.prefetch = iter(snap.items())
-
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
         args: list = []
         for k, v in items:
@@ -398,6 +392,7 @@ class RedisMapping(SharedMapping):
         key = self._check_key(key)
         if self._my_token():
             return super().transform(key, fn, default)
+        self._end_prefetch()  # this path talks to the pipeline directly, not through _do
         r = self._r()
         field = self._enc_key(key)
         deadline = time.monotonic() + self._config.timeout

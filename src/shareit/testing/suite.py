@@ -159,6 +159,13 @@ class SharedMappingSuite:
         if self.caps.ordered:
             assert list(d) == list(data)
 
+    def test_reads_after_keys_are_fresh(self, d: SharedMapping) -> None:
+        d.update(a=self.val(1), b=self.val(2))
+        keys = list(d.keys())  # may take a snapshot for dict(d); it must not outlive other calls
+        d[keys[0]] = self.val(9)
+        assert d[keys[0]] == self.val(9), "a read after keys() and a write returned the old value"
+        assert dict(d) == {keys[0]: self.val(9), keys[1]: self.val(2) if keys[1] == "b" else self.val(1)}
+
     def test_equality_with_any_mapping(self, d: SharedMapping) -> None:
         d.update(a=self.val(1), b=self.val(2))
         assert d == {"a": self.val(1), "b": self.val(2)}
