@@ -160,6 +160,22 @@ def list_records() -> list[tuple[str, dict | None]]:
     return out
 
 
+# --- fork -------------------------------------------------------------------------------
+
+#: Bumped in every forked child: per-process state (connections, lock descriptors,
+#: replicas) remembers the generation it was made in and is rebuilt when it differs.
+#: Cheaper on hot paths than calling os.getpid(), which is a system call.
+fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global fork_generation
+    fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 # --- cleanup of what this process owns, at exit -------------------------------------
 
 _cleanups: dict[int, tuple[int, Callable[[], None]]] = {}

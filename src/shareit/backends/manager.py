@@ -61,19 +61,6 @@ _pack, _unpack = _codec.pack, _codec.unpack
 _PROTO = pickle.HIGHEST_PROTOCOL
 _GRACE = 2.0  # seconds beyond a server-side wait before the client calls the server hung
 
-# A connection is per (process, thread). After fork, the child must never use the
-# parent's socket: a counter bumped in every forked child invalidates cached ones.
-_fork_generation = 0
-
-
-def _after_fork_in_child() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class ManagerMapping(SharedMapping):
     """A mapping held by a server process; one round trip per operation."""
 
@@ -93,7 +80,7 @@ class ManagerMapping(SharedMapping):
         self._address = address
         self._authkey = authkey
         self._extra = extra  # what a subclass's server needs too (see _server_extra)
-        self._tls = threading.local()
+        self._tls = threading.local()  # a connection per (process, thread): see _conn
         self._conns: list[Connection] = []
         self._conns_lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
@@ -178,11 +165,11 @@ class ManagerMapping(SharedMapping):
     def _conn(self) -> Connection:
         tls = self._tls
         conn = getattr(tls, "conn", None)
-        if conn is not None and tls.generation == _fork_generation:
+        if conn is not None and tls.generation == _runtime.fork_generation:
             return conn
         self._check_open()
         conn = self._connect()
-        tls.conn, tls.generation = conn, _fork_generation
+        tls.conn, tls.generation = conn, _runtime.fork_generation
         return conn
 
     def _connect(self) -> Connection:
@@ -241,7 +228,7 @@ class ManagerMapping(SharedMapping):
         self._end_prefetch()
         tls = self._tls
         conn = getattr(tls, "conn", None)
-        if conn is None or tls.generation != _fork_generation:
+        if conn is None or tls.generation != _runtime.fork_generation:
             conn = self._conn()
         try:
             conn.send_bytes(data)

@@ -47,7 +47,6 @@ from typing import Any, Callable, Iterator
 from .. import _runtime
 from ..base import MISSING, Capabilities
 from ..errors import ClosedError
-from . import manager as _manager
 from ._manager_server import CLEARED
 from .manager import ManagerMapping
 
@@ -107,14 +106,14 @@ class QueueMapping(ManagerMapping):
     def _refresh(self) -> None:
         """Bring the replica up to the hub's last published change (subscribing if needed)."""
         self._check_open()
-        if self._sub is None or self._sub_gen != _manager._fork_generation:
+        if self._sub is None or self._sub_gen != _runtime.fork_generation:
             self._subscribe()
         target = self._seqw[0]
         if target > self._applied:
             self._drain(target)
 
     def _subscribe(self) -> None:
-        if self._sub is not None and self._sub_gen == _manager._fork_generation:
+        if self._sub is not None and self._sub_gen == _runtime.fork_generation:
             self._sub.close()
         self._sub = None
         if self._seqw is None:
@@ -136,7 +135,7 @@ class QueueMapping(ManagerMapping):
             raise self._died(exc) from None
         old = self._local
         self._local, self._applied = data, seq
-        self._sub, self._sub_gen = conn, _manager._fork_generation
+        self._sub, self._sub_gen = conn, _runtime.fork_generation
         self._next_check = _monotonic() + ALIVE_CHECK
         if self._callbacks and old is not data:
             self._notify_resync(old, data)
@@ -180,7 +179,7 @@ class QueueMapping(ManagerMapping):
             self._subscribe()  # raises BackendDiedError if the hub is gone
 
     def _pushed(self, seq: int) -> None:
-        if self._sub is not None and self._sub_gen == _manager._fork_generation:
+        if self._sub is not None and self._sub_gen == _runtime.fork_generation:
             if seq > self._applied:
                 self._drain(seq)  # read-your-writes: our own change is applied before we return
 
@@ -193,7 +192,7 @@ class QueueMapping(ManagerMapping):
 
     def _fresh(self) -> dict:
         seqw = self._seqw
-        if seqw is None or seqw[0] != self._applied or self._sub_gen != _manager._fork_generation:
+        if seqw is None or seqw[0] != self._applied or self._sub_gen != _runtime.fork_generation:
             self._refresh()
         if _monotonic() >= self._next_check:
             self._check_alive()
@@ -201,7 +200,7 @@ class QueueMapping(ManagerMapping):
 
     def __getitem__(self, key: Any) -> Any:
         seqw = self._seqw  # the common case inline: nothing changed, no check due
-        if (seqw is None or seqw[0] != self._applied or self._sub_gen != _manager._fork_generation
+        if (seqw is None or seqw[0] != self._applied or self._sub_gen != _runtime.fork_generation
                 or _monotonic() >= self._next_check):
             self._fresh()
         try:
@@ -269,7 +268,7 @@ class QueueMapping(ManagerMapping):
     # ------------------------------------------------------------------ lifetime
 
     def _close(self) -> None:
-        if self._sub is not None and self._sub_gen == _manager._fork_generation:
+        if self._sub is not None and self._sub_gen == _runtime.fork_generation:
             self._sub.close()
         self._sub = None
         if self._seqw is not None:

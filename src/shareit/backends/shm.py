@@ -63,15 +63,6 @@ _crc32 = __import__("zlib").crc32
 _SPINS = 200  # optimistic read attempts before a reader takes the lock
 _LOCKFREE_READS = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
 
-_fork_generation = 0
-
-
-def _after_fork_in_child() -> None:
-    global _fork_generation
-    _fork_generation += 1
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _ClosedCache(dict):
@@ -205,7 +196,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         self._slots = {}
         self._c.release()
         self._cmv.release()
-        if isinstance(self._mutex, FlockMutex) and self._lock_forkgen == _fork_generation:
+        if isinstance(self._mutex, FlockMutex) and self._lock_forkgen == _runtime.fork_generation:
             self._mutex.close()
         self._mutex = None  # the robust mutex holds no buffer export: the mmap can close
         self._cmm.close()
@@ -223,7 +214,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
     # ------------------------------------------------------------------ the writer lock
 
     def _lock_acquire(self, timeout: float) -> bool:
-        if self._lock_forkgen != _fork_generation:
+        if self._lock_forkgen != _runtime.fork_generation:
             self._reinit_lock()
         if not self._mutex.acquire(timeout):
             return False
@@ -251,7 +242,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
             except FileNotFoundError:
                 raise self._died() from None
         self._depth = 0
-        self._lock_forkgen = _fork_generation
+        self._lock_forkgen = _runtime.fork_generation
 
     def _wlock(self) -> None:
         self._check_open()
@@ -384,7 +375,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         general path. With ``delta`` (``incr``), adds it and returns the new value.
         """
         w = self._slots.get(key, -1)
-        if w < 0 or self._lock_forkgen != _fork_generation:
+        if w < 0 or self._lock_forkgen != _runtime.fork_generation:
             return False
         m = self._mutex
         rc = m.trylock()
