@@ -17,6 +17,7 @@ import sys
 import time
 
 import shareit
+from shareit._bench import _parallel
 
 FORK = mp.get_context("fork")
 N_GETSET = 20_000
@@ -30,20 +31,8 @@ def rate(fn, n: int) -> float:
 
 
 def parallel_incr(target, procs: int = 2) -> float:
-    barrier = FORK.Barrier(procs + 1)
-
-    def child() -> None:
-        barrier.wait(60)
-        target(N_INCR)
-
-    ps = [FORK.Process(target=child) for _ in range(procs)]
-    for p in ps:
-        p.start()
-    barrier.wait(60)
-    t0 = time.perf_counter()
-    for p in ps:
-        p.join(600)
-    return procs * N_INCR / (time.perf_counter() - t0)
+    """ops/s of ``procs`` forked processes each running ``target(N_INCR)``, started together."""
+    return procs * N_INCR / _parallel(procs, lambda i: target(N_INCR))
 
 
 def main(repeats: int = 5) -> None:

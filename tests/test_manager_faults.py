@@ -16,33 +16,7 @@ import shareit
 from shareit import _runtime
 from shareit.testing import shareit_files
 
-DEADLINE = 10.0
-
-
-def wait_until(pred, timeout: float = DEADLINE, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        time.sleep(0.01)  # polling our own view with a deadline, not waiting on a peer's timing
-
-
-def pid_gone(pid: int) -> bool:
-    return not _runtime.pid_alive(pid, None) or _is_zombie(pid)
-
-
-def _state(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return b"X"
-    return data[data.rindex(b")") + 2 :].split()[0]
-
-
-def _is_zombie(pid: int) -> bool:
-    return _state(pid) in (b"Z", b"X")
-
+from helpers import gone, proc_state, wait_until
 
 @pytest.fixture
 def name() -> str:
@@ -62,7 +36,7 @@ def test_killed_server_raises_backenddied_on_every_call_quickly(d) -> None:
     other = pickle.loads(pickle.dumps(d))
     assert other["a"] == 1
     os.kill(d.info()["pid"], signal.SIGKILL)
-    wait_until(lambda: pid_gone(d._proc.pid), what="server death")
+    wait_until(lambda: gone(d._proc.pid), what="server death")
     ops = [lambda: d["a"], lambda: d.__setitem__("b", 2), lambda: len(d), lambda: d.incr("a"),
            lambda: d.snapshot(), lambda: d.lock().acquire(), lambda: list(d), lambda: other["a"]]
     for op in ops * 2:  # every later call, not only the first
@@ -77,7 +51,7 @@ def test_stopped_server_times_out_instead_of_hanging(d) -> None:
     pid = d.info()["pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: _state(pid) == b"T", what="server stopped")  # kill() returns before it stops
+        wait_until(lambda: proc_state(pid) == b"T", what="server stopped")  # kill() returns before it stops
         started = time.monotonic()
         with pytest.raises(shareit.BackendTimeoutError, match="did not answer"):
             d["a"]
@@ -109,7 +83,7 @@ def test_server_exits_when_owner_is_killed(name: str, method: str) -> None:
         assert attached["x"] == 1
         os.kill(owner.pid, signal.SIGKILL)
         owner.join(60)
-        wait_until(lambda: pid_gone(server_pid), what="server exit after owner death")
+        wait_until(lambda: gone(server_pid), what="server exit after owner death")
         wait_until(lambda: shareit_files(name) == [], what="record removal")
         with pytest.raises(shareit.BackendDiedError):
             attached["x"]
@@ -132,7 +106,7 @@ def test_persistent_mapping_outlives_its_owner(name: str) -> None:
         pid = d.info()["pid"]
     finally:
         d.destroy()
-    wait_until(lambda: pid_gone(pid), what="persistent server exit after destroy")
+    wait_until(lambda: gone(pid), what="persistent server exit after destroy")
     assert shareit_files(name) == []
 
 
@@ -220,5 +194,5 @@ def test_owner_close_destroys_and_attacher_close_does_not(name: str) -> None:
     assert owner["a"] == 1
     pid = owner.info()["pid"]
     owner.close()
-    wait_until(lambda: pid_gone(pid), what="server exit")
+    wait_until(lambda: gone(pid), what="server exit")
     assert shareit_files(name) == []

@@ -16,6 +16,8 @@ from shareit import _runtime
 from shareit.backends import queue as qmod
 from shareit.testing import shareit_files
 
+from helpers import proc_state, wait_until
+
 FORK = mp.get_context("fork")
 TIMEOUT = 60
 
@@ -31,22 +33,6 @@ def d(name):
     yield m
     m.close()
     assert shareit_files(name) == []
-
-
-def state(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return b"X"
-    return data[data.rindex(b")") + 2 :].split()[0]
-
-
-def wait_until(pred, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.005)  # polling our own view with a deadline
 
 
 def test_unchanged_reads_receive_nothing(d, monkeypatch) -> None:
@@ -136,7 +122,7 @@ def test_hub_death_reaches_every_process_within_a_second(d) -> None:
     p.start()
     assert ready.wait(TIMEOUT)
     os.kill(d.info()["pid"], signal.SIGKILL)
-    wait_until(lambda: state(d._proc.pid) in (b"Z", b"X"), "hub death")
+    wait_until(lambda: proc_state(d._proc.pid) in (b"Z", b"X"), "hub death")
     go.set()
     started = time.monotonic()
     with pytest.raises(shareit.BackendDiedError):
@@ -162,7 +148,7 @@ def test_a_stopped_replica_is_dropped_then_catches_up(d) -> None:
     p.start()
     assert ready.wait(TIMEOUT)
     os.kill(p.pid, signal.SIGSTOP)
-    wait_until(lambda: state(p.pid) == b"T", "reader stopped")
+    wait_until(lambda: proc_state(p.pid) == b"T", "reader stopped")
     try:
         started = time.monotonic()
         big = "x" * 100_000
@@ -194,7 +180,7 @@ def test_hub_exits_when_its_owner_is_killed(name) -> None:
     assert other["x"] == 1
     os.kill(owner.pid, signal.SIGKILL)
     owner.join(TIMEOUT)
-    wait_until(lambda: not _runtime.pid_alive(hub) or state(hub) in (b"Z", b"X"), "hub exit")
+    wait_until(lambda: not _runtime.pid_alive(hub) or proc_state(hub) in (b"Z", b"X"), "hub exit")
     wait_until(lambda: shareit_files(name) == [], "record and seq word removal")
     with pytest.raises(shareit.BackendDiedError):
         other["y"] = 2

@@ -18,7 +18,7 @@ import pytest
 import shareit
 from shareit.backends import _shm_layout as L
 from shareit.backends import shm
-from shareit.testing import shareit_files
+from shareit.testing import join_all, shareit_files
 
 FORK = mp.get_context("fork")
 TIMEOUT = 120
@@ -35,18 +35,6 @@ def d(name):
     yield m
     m.close()
     assert shareit_files(name) == []
-
-
-def join_all(procs, timeout: float = TIMEOUT) -> list[int]:
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, "a child process hung"
-    return [p.exitcode for p in procs]
 
 
 # ---------------------------------------------------------------------------- torn reads

@@ -433,52 +433,45 @@ def _calibrated_ops(work: Callable[[int], None], min_time: float) -> int:
         n *= 4
 
 
-def w_get_parallel(s: Subject, p: Params) -> Result:
-    """N processes reading existing keys at once (read-heavy), for a fixed number of reads each."""
+def _parallel_workload(s: Subject, p: Params, name: str,
+                       loop: Callable[[Any, list, int, int], None]) -> Result:
+    """``p.procs`` processes each run ``loop(m, keys, i, ops)`` over 100 existing keys at once."""
     samples = []
     m = s.make()
     try:
-        for i in range(100):
-            m[f"key{i:02d}"] = i
         keys = [f"key{j:02d}" for j in range(100)]
-
-        def work(i: int, ops: int) -> None:
-            for j in range(ops):
-                m[keys[(j + i) % 100]]
-
-        ops = _calibrated_ops(work, p.min_time)
+        for j, k in enumerate(keys):
+            m[k] = j
+        ops = _calibrated_ops(lambda i, n: loop(m, keys, i, n), p.min_time)
         for _ in range(p.repeats):
-            samples.append(ops * p.procs / _parallel(p.procs, lambda i: work(i, ops)))
+            samples.append(ops * p.procs / _parallel(p.procs, lambda i: loop(m, keys, i, ops)))
     finally:
         s.close(m)
-    return Result("get xN", s.name, statistics.median(samples), samples=samples,
-                  note=f"{p.procs} procs")
+    return Result(name, s.name, statistics.median(samples), samples=samples, note=f"{p.procs} procs")
+
+
+def _reads(m: Any, keys: list, i: int, ops: int) -> None:
+    for j in range(ops):
+        m[keys[(j + i) % 100]]
+
+
+def _reads_and_writes(m: Any, keys: list, i: int, ops: int) -> None:
+    for j in range(ops):
+        k = keys[(j * 7 + i) % 100]
+        if j % 10 == 0:
+            m[k] = j
+        else:
+            m[k]
+
+
+def w_get_parallel(s: Subject, p: Params) -> Result:
+    """N processes reading existing keys at once (read-heavy)."""
+    return _parallel_workload(s, p, "get xN", _reads)
 
 
 def w_mixed(s: Subject, p: Params) -> Result:
-    """N processes, 90 % get / 10 % set over 100 keys, for a fixed number of ops each."""
-    samples = []
-    m = s.make()
-    try:
-        for i in range(100):
-            m[f"key{i:02d}"] = i
-        keys = [f"key{j:02d}" for j in range(100)]
-
-        def work(i: int, ops: int) -> None:
-            for j in range(ops):
-                k = keys[(j * 7 + i) % 100]
-                if j % 10 == 0:
-                    m[k] = j
-                else:
-                    m[k]
-
-        ops = _calibrated_ops(work, p.min_time)
-        for _ in range(p.repeats):
-            samples.append(ops * p.procs / _parallel(p.procs, lambda i: work(i, ops)))
-    finally:
-        s.close(m)
-    return Result("mixed 90/10", s.name, statistics.median(samples), samples=samples,
-                  note=f"{p.procs} procs")
+    """N processes, 90 % get / 10 % set over 100 keys."""
+    return _parallel_workload(s, p, "mixed 90/10", _reads_and_writes)
 
 
 def w_edit(s: Subject, p: Params) -> Result:

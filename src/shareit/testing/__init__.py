@@ -14,6 +14,6 @@ a backend skips, and every skip says why. Needs pytest and hypothesis (the
 """
 
 from .stateful import mapping_state_machine
-from .suite import SharedMappingSuite, run_children, shareit_files
+from .suite import SharedMappingSuite, join_all, run_children, shareit_files
 
-__all__ = ["SharedMappingSuite", "mapping_state_machine", "run_children", "shareit_files"]
+__all__ = ["SharedMappingSuite", "join_all", "mapping_state_machine", "run_children", "shareit_files"]

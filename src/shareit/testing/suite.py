@@ -45,6 +45,12 @@ def run_children(
     procs = [ctx.Process(target=target, args=args) for args in arglists]
     for p in procs:
         p.start()
+    codes = join_all(procs, timeout)
+    assert codes == [0] * len(procs), f"child exit codes {codes} (see the child's traceback above)"
+
+
+def join_all(procs: list, timeout: float = CHILD_TIMEOUT) -> list:
+    """Join every process within ``timeout``, killing any that hang (then failing); exit codes."""
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -53,8 +59,7 @@ def run_children(
         p.kill()
         p.join()
     assert not hung, f"{len(hung)} child process(es) still running after {timeout:g} s (deadlock?)"
-    codes = [p.exitcode for p in procs]
-    assert codes == [0] * len(procs), f"child exit codes {codes} (see the child's traceback above)"
+    return [p.exitcode for p in procs]
 
 
 class SharedMappingSuite:
