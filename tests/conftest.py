@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -39,3 +40,9 @@ def no_leaks_after_session():
     assert not left, f"the test session left these in {_runtime.runtime_dir()}: {left}"
     running = _children_running()
     assert not running, f"the test session left these processes running: {running}"
+
+
+@pytest.fixture
+def name() -> str:
+    """A fresh mapping name for one test."""
+    return f"ft-{uuid.uuid4().hex[:10]}"

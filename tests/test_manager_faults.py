@@ -8,7 +8,6 @@ import pickle
 import signal
 import stat
 import time
-import uuid
 
 import pytest
 
@@ -17,11 +16,6 @@ from shareit import _runtime
 from shareit.testing import shareit_files
 
 from helpers import gone, proc_state, wait_until
-
-@pytest.fixture
-def name() -> str:
-    return f"mf-{uuid.uuid4().hex[:10]}"
-
 
 @pytest.fixture
 def d(name):

@@ -7,7 +7,6 @@ import os
 import signal
 import struct
 import time
-import uuid
 
 import pytest
 
@@ -20,11 +19,6 @@ from helpers import proc_state, wait_until
 
 FORK = mp.get_context("fork")
 TIMEOUT = 60
-
-
-@pytest.fixture
-def name() -> str:
-    return f"qf-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture

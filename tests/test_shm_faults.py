@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -22,11 +21,6 @@ from shareit.testing import join_all, shareit_files
 
 FORK = mp.get_context("fork")
 TIMEOUT = 120
-
-
-@pytest.fixture
-def name() -> str:
-    return f"sf-{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ loses updates is shown as such, not as fast.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import statistics
 import time
@@ -50,11 +51,19 @@ class Subject:
     def close(self, m: Any) -> None:
         pass
 
-    def incr(self, m: Any, key: str) -> None:
+    def lock_for(self, m: Any) -> Any:
+        """The lock a user of this baseline or peer would take around a read-modify-write."""
         raise NotImplementedError
 
+    def incr(self, m: Any, key: str) -> None:
+        with self.lock_for(m):
+            m[key] = m[key] + 1
+
     def edit(self, m: Any, key: str) -> None:
-        raise NotImplementedError
+        with self.lock_for(m):
+            v = m[key]
+            v["x"] += 1
+            m[key] = v
 
     def snapshot(self, m: Any) -> dict:
         return dict(m)
@@ -97,18 +106,8 @@ class ManagerSubject(Subject):
     def close(self, m: Any) -> None:
         self.manager.shutdown()
 
-    def incr(self, m: Any, key: str) -> None:
-        if self.lock:
-            with self.mlock:
-                m[key] += 1
-        else:
-            m[key] += 1
-
-    def edit(self, m: Any, key: str) -> None:
-        with self.mlock:
-            v = m[key]
-            v["x"] += 1
-            m[key] = v
+    def lock_for(self, m: Any) -> Any:
+        return self.mlock if self.lock else contextlib.nullcontext()
 
     def snapshot(self, m: Any) -> dict:
         return m.copy()
@@ -181,15 +180,8 @@ class UltraDictSubject(Subject):
     def close(self, m: Any) -> None:
         m.unlink()
 
-    def incr(self, m: Any, key: str) -> None:
-        with m.lock:
-            m[key] = m[key] + 1
-
-    def edit(self, m: Any, key: str) -> None:
-        with m.lock:
-            v = m[key]
-            v["x"] += 1
-            m[key] = v
+    def lock_for(self, m: Any) -> Any:
+        return m.lock
 
     def snapshot(self, m: Any) -> dict:
         return dict(m.items())
@@ -210,15 +202,8 @@ class SharedMemoryDictSubject(Subject):
         m.shm.close()
         m.shm.unlink()
 
-    def incr(self, m: Any, key: str) -> None:
-        with self.mlock:
-            m[key] = m[key] + 1
-
-    def edit(self, m: Any, key: str) -> None:
-        with self.mlock:
-            v = m[key]
-            v["x"] += 1
-            m[key] = v
+    def lock_for(self, m: Any) -> Any:
+        return self.mlock
 
     def snapshot(self, m: Any) -> dict:
         return dict(m.items())
