@@ -125,20 +125,23 @@ class Store:
     # -- writes: wait while another client holds the lock ---------------------------
 
     def _put(self, key, value) -> None:
-        old = self.data.get(key)
-        self.data[key] = value
+        data = self.data
+        new = key not in data
+        old = None if new else data[key]
+        data[key] = value
         self.wrapped += (type(value) is tuple) - (type(old) is tuple)
-        self.changed(key, value)
+        self.changed(key, value, new)
 
     def _removed(self, key, value):
         self.wrapped -= type(value) is tuple
-        self.changed(key, REMOVED)
+        self.changed(key, REMOVED, False)
         return value
 
-    def changed(self, key, value) -> None:
+    def changed(self, key, value, new: bool) -> None:
         """Every change goes through here (``value`` is :data:`REMOVED` for a delete and
-        :data:`CLEARED`, with key None, for clear); the queue backend's hub broadcasts them.
-        Both markers are tuples of str, which no stored value is."""
+        :data:`CLEARED`, with key None, for clear; ``new`` says the key was inserted); the
+        queue backend's hub broadcasts them. Both markers are tuples of str, which no
+        stored value is."""
 
     def op_set(self, key, value) -> None:
         with self.cond:
@@ -161,7 +164,7 @@ class Store:
             self._wait_free(self.tls.timeout)
             self.data.clear()
             self.wrapped = 0
-            self.changed(None, CLEARED)
+            self.changed(None, CLEARED, False)
 
     def op_pop(self, key):
         with self.cond:
@@ -241,29 +244,46 @@ class Server:
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
             conn_setup(conn, 0, self.params["timeout"])  # an idle client may wait forever
-            recv, send = conn.recv_bytes, conn.send_bytes
-            while True:
-                raw = recv()
-                store.requests += 1
-                try:
-                    op, *args = _loads(raw)
-                except Exception as exc:
-                    send(_dumps((False, _unloadable(exc)), _PROTO))
-                    continue
-                if op == "shutdown":
-                    self.shutdown(conn)
-                if op == "hello":
-                    me.client_pid = args[1]  # type: ignore[attr-defined]
-                    args = args[:1]
-                if op == "subscribe":
-                    self.subscribe(conn)
-                    continue
-                send(_dumps(self.run_op(op, args), _PROTO))
+            self.loop(conn, me)
         except (EOFError, OSError):
             pass  # the client went away (or failed authentication)
         finally:
             store.release_all_of(me)
+            self.disconnected(me)
             conn.close()
+
+    def loop(self, conn: Connection, me: threading.Thread) -> None:
+        """Serve one connection's requests until it ends (EOFError/OSError)."""
+        recv = conn.recv_bytes
+        while True:
+            self.handle(conn, me, recv())
+
+    def handle(self, conn: Connection, me: threading.Thread, raw: bytes) -> None:
+        """One request: run it and send the reply."""
+        try:
+            request = _loads(raw)
+        except Exception as exc:
+            self.store.requests += 1
+            conn.send_bytes(_dumps((False, _unloadable(exc)), _PROTO))
+            return
+        self.dispatch(conn, me, request)
+
+    def dispatch(self, conn: Connection, me: threading.Thread, request: tuple) -> None:
+        self.store.requests += 1
+        op, *args = request
+        if op == "shutdown":
+            self.shutdown(conn)
+        if op == "hello":
+            me.client_pid = args[1]  # type: ignore[attr-defined]
+            me.replica = args[2] if len(args) > 2 else None  # type: ignore[attr-defined]
+            args = args[:1]
+        if op == "subscribe":
+            self.subscribe(conn, *args)
+            return
+        conn.send_bytes(_dumps(self.run_op(op, args), _PROTO))
+
+    def disconnected(self, me: threading.Thread) -> None:
+        """A client connection ended (its lock, if any, is already released)."""
 
     def make_store(self, params: dict) -> Store:
         return Store(params["value_type"])
@@ -275,7 +295,7 @@ class Server:
         except BaseException as exc:  # sent back to the caller, raised there
             return (False, exc)
 
-    def subscribe(self, conn: Connection) -> None:
+    def subscribe(self, conn: Connection, replica: bytes | None = None) -> None:
         raise RuntimeError("this server pushes no changes")
 
     def shutdown(self, conn: Connection | None) -> None:

@@ -188,14 +188,18 @@ class ManagerMapping(SharedMapping):
             conn_setup(conn, timeout + _GRACE, timeout + _GRACE)
             answer_challenge(conn, self._authkey)
             deliver_challenge(conn, self._authkey)
-            conn.send_bytes(_dumps(("hello", timeout, os.getpid()), _PROTO))
-            _loads(conn.recv_bytes())  # (True, server pid[, change number])
+            conn.send_bytes(_dumps(self._hello(), _PROTO))
+            conn._shareit_hello = _loads(conn.recv_bytes())[1]  # type: ignore[attr-defined]
         except (OSError, EOFError) as exc:
             conn.close()
             raise self._died(exc) from None
         with self._conns_lock:
             self._conns.append(conn)
         return conn
+
+    def _hello(self) -> tuple:
+        """The first request on every connection: who this client is."""
+        return ("hello", self._config.timeout, os.getpid())
 
     def _drop_conn(self) -> None:
         conn = getattr(self._tls, "conn", None)

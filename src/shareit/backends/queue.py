@@ -6,26 +6,39 @@ Features
   lookup. A hub process (the manager server, extended) holds the
   authoritative state, applies every change in one global order, and pushes
   each change to every replica over a connection of its own.
-- A read costs no system call when nothing changed: the hub stores the
-  number of its last change in a shared 8-byte word, and a replica drains
-  the pushed changes only when that word moved. Every read therefore sees
-  every change completed before it, in any process (read-your-writes and
-  monotonic reads follow). ``sync()`` makes this replica apply everything the
-  hub had accepted when it was called.
-- Writes, ``incr``, ``transform``, ``edit`` and ``lock()`` go through the hub
-  (linearizable), as in the ``manager`` backend; a write returns after its own
-  change is applied to this process's replica.
+- ``d[k] = v`` is pipelined: it is sent to the hub and returns without waiting
+  for a reply, so a process can issue hundreds of thousands of sets a second.
+  The hub applies what arrives in batches, one push per batch.
+- Consistency. A read costs no system call when nothing changed: a shared
+  8-byte word changes whenever anything changes (a set sent by any process, or
+  a change published by the hub), and a replica only looks further when it
+  moved. Then it waits until the hub has applied every set that any process
+  had finished sending, and applies the pushed changes up to there. So a read
+  sees every change completed before it started -- by this process or any
+  other, including sets that returned an instant ago (read-your-writes and
+  monotonic reads follow). The same barrier runs in the hub before every other
+  operation (``incr``, ``del``, ``lock()``, ...) and before a new replica's
+  snapshot, so nothing overtakes a set that had returned. ``sync()`` applies
+  everything the hub had accepted when it was called; reads need it only to
+  act on changes that happen *during* a long computation.
+- ``incr``, ``transform``, ``edit``, ``del``, ``update``, ``clear`` and
+  ``lock()`` are round trips to the hub (linearizable), as in the ``manager``
+  backend. While another process holds ``lock()``, ``d[k] = v`` waits like the
+  other writes; a set sent in the instant the lock was being taken is applied
+  when it is released.
 - Change notification: :meth:`QueueMapping.on_change` registers a callback
   that runs in this process for every change applied to its replica, and
   :meth:`QueueMapping.wait_for_change` blocks until one arrives.
-- Attaching, by inheritance or by name, subscribes first and receives a
-  snapshot at the hub's current change number, then every later change:
-  nothing missed, nothing applied twice.
-- Faults: an unpicklable value fails in the writer before anything is sent;
-  a killed writer's acknowledged change is already in the hub; a replica
-  that stops reading is dropped and resubscribes when it reads again; the hub
-  dying gives :class:`~shareit.BackendDiedError` on the next write at once and
-  on the next read within 0.25 s; the hub exits when its owner dies.
+- Attaching, by inheritance or by name, subscribes and receives a snapshot at
+  the hub's current change number, then every later change: nothing missed,
+  nothing applied twice.
+- Faults: an unpicklable value fails in the writer before anything is sent; a
+  set that returned is in the hub's socket and is applied even if the writer
+  is killed at once; a writer killed in the middle of sending a value changes
+  nothing; a replica that stops reading is dropped and resubscribes when it
+  reads again; the hub dying gives :class:`~shareit.BackendDiedError` on the
+  next operation in every process at once (a watcher thread notices the hang-up
+  of the push connection); the hub exits when its owner dies.
 
 Configuration
 -------------
@@ -41,23 +54,40 @@ import mmap
 import os
 import pickle
 import secrets
+import select
+import threading
 import time
+import weakref
+from collections import deque
 from typing import Any, Callable, Iterator
 
-from .. import _runtime
+from .. import _codec, _runtime
 from ..base import MISSING, Capabilities
-from ..errors import ClosedError
+from ..errors import BackendTimeoutError
 from ._manager_server import CLEARED
+from ._queue_hub import (
+    PREFIX_SHIFT,
+    SLOT_BASE,
+    W_CHANGE,
+    W_LOCKED,
+    W_SEQ,
+    W_SHUT,
+    W_SLOTS_HW,
+    WORDS_SIZE,
+)
 from .manager import ManagerMapping
 
-_loads = pickle.loads
-_monotonic = time.monotonic
-ALIVE_CHECK = 0.25  # seconds between checks that the hub is still there, on reads
+_loads, _dumps = pickle.loads, pickle.dumps
+_PROTO = pickle.HIGHEST_PROTOCOL
+_PLAIN = _codec.PLAIN_TYPES
+_pack = _codec.pack
+STALE = -1  # a "last seen change" that no change word ever equals: the next read looks
+PIPELINED_KEYS = frozenset({str, int, bytes})  # keys the hub can always load: sets need no reply
+DRAIN_AFTER = 32  # a writer applies the hub's confirmations once this many are waiting
+READ_CHUNK = 1 << 18
+_NO_WORDS = memoryview(bytearray(8 * (SLOT_BASE + 2))).cast("Q")  # before subscribing, after close
 
-
-class _ClosedReplica(dict):
-    def __missing__(self, key: Any) -> Any:
-        raise ClosedError("this queue mapping is closed in this process; open it again by name")
+_live: "weakref.WeakValueDictionary[int, QueueMapping]" = weakref.WeakValueDictionary()
 
 
 class QueueMapping(ManagerMapping):
@@ -69,21 +99,29 @@ class QueueMapping(ManagerMapping):
     capabilities = Capabilities(
         attach_by_name=True,
         ordered=True,
-        notes="per-process replicas; reads are local dict lookups; writes go through a hub",
+        notes="per-process replicas; reads are local dict lookups; sets are pipelined to a hub",
     )
 
     def __init__(self, name: str | None, config: Any, address: str, authkey: bytes,
                  **extra: Any):
         super().__init__(name, config, address, authkey, **extra)
         self._seq_path: str = extra["seq_path"]
-        self._local: dict = {}
+        self._local: dict = {}  # key -> stored value (plain, or (pickle,)), in the hub's order
+        self._fast: dict = {}  # key -> value for plain values: all that __getitem__ looks at
+        self._pending: dict = {}  # key -> (prefix, n, stored): own sets not yet confirmed
+        self._unacked: dict[int, deque] = {}  # prefix -> (n, key, stored) of own sets, in order
+        self._own_slots: set[int] = set()
         self._applied = -1
         self._sub: Any = None
-        self._sub_gen = -1
-        self._seqmm: Any = None
-        self._seqw: Any = None
-        self._next_check = 0.0
+        self._subbuf = bytearray()
+        self._w: Any = _NO_WORDS
+        self._wmm: Any = None
+        self._seen = STALE
+        self._hup = False
+        self._token = secrets.token_bytes(8)
+        self._replica_lock = threading.RLock()
         self._callbacks: list[Callable[[str, Any, Any], None]] = []
+        _live[id(self)] = self
 
     @classmethod
     def _server_extra(cls, name: str | None) -> dict:
@@ -91,7 +129,7 @@ class QueueMapping(ManagerMapping):
         path = os.path.join(_runtime.runtime_dir(), f"{_runtime.PREFIX}{stem}.seq")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, 8)
+            os.ftruncate(fd, WORDS_SIZE)
         finally:
             os.close(fd)
         return {"hub": True, "seq_path": path}
@@ -101,131 +139,380 @@ class QueueMapping(ManagerMapping):
         super()._cleanup_record(name, record)
         _unlink_quiet(record.get("seq_path"))
 
+    def _forked(self) -> None:
+        """In a forked child: the parent's connections and replica state are not ours."""
+        self._tls = threading.local()
+        self._sub = None
+        self._subbuf = bytearray()
+        self._own_slots = set()
+        self._unacked = {}
+        self._token = secrets.token_bytes(8)
+        self._replica_lock = threading.RLock()
+        self._seen = STALE
+
+    # ------------------------------------------------------------------ connections
+
+    def _hello(self) -> tuple:
+        return ("hello", self._config.timeout, os.getpid(), self._token)
+
+    def _conn(self):
+        conn = super()._conn()
+        if not hasattr(conn, "_qslot"):
+            _, slot, prefix = conn._shareit_hello
+            conn._qslot, conn._qprefix, conn._qsent = slot, prefix, 0
+            conn._qbase, conn._qword = prefix << PREFIX_SHIFT, SLOT_BASE + 2 * slot
+            conn._qfd = conn.fileno()
+            if slot >= 0:
+                self._own_slots.add(slot)
+                self._unacked[prefix] = deque()
+        return conn
+
+    def _drop_conn(self) -> None:
+        conn = getattr(self._tls, "conn", None)
+        if conn is not None and getattr(conn, "_qslot", -1) >= 0:
+            self._own_slots.discard(conn._qslot)
+            self._unacked.pop(conn._qprefix, None)
+            # its sets that were sent whole are applied; resubscribe to learn their effect
+            self._pending.clear()
+            self._seen = STALE
+            if self._sub is not None:
+                self._unwatch()
+                self._sub.close()
+                self._sub = None
+        super()._drop_conn()
+
     # ------------------------------------------------------------------ the replica
 
-    def _refresh(self) -> None:
-        """Bring the replica up to the hub's last published change (subscribing if needed)."""
+    def _catch_up(self, own: bool = False) -> None:
+        """Make this replica reflect every change completed anywhere before this call.
+
+        With ``own``, this process's own sets are waited for too: its replica then
+        holds the hub's order, not only its contents (for iteration)."""
         self._check_open()
-        if self._sub is None or self._sub_gen != _runtime.fork_generation:
-            self._subscribe()
-        target = self._seqw[0]
-        if target > self._applied:
-            self._drain(target)
+        with self._replica_lock:
+            if self._sub is None:
+                self._subscribe()
+                return
+            w = self._w
+            if self._hup or w[W_SHUT]:
+                self._check_alive()
+            change = w[W_CHANGE]
+            self._wait_for_sets(own)
+            target = w[W_SEQ]
+            if target > self._applied:
+                self._drain(target)
+            self._seen = change
+
+    def _wait_for_sets(self, own: bool) -> None:
+        """Wait until the hub has applied every set that another replica (or, with ``own``,
+        this one too) finished sending."""
+        w, own = self._w, (() if own else self._own_slots)
+        deadline = None
+        while True:
+            for slot in range(w[W_SLOTS_HW]):
+                i = SLOT_BASE + 2 * slot
+                if w[i + 1] < w[i] and slot not in own:
+                    break
+            else:
+                return
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self._config.timeout
+            elif now >= deadline:
+                raise BackendTimeoutError(
+                    f"the hub of mapping {self._label()} did not apply sets sent by another "
+                    f"process within {self._config.timeout:g} s: it is stopped or overloaded"
+                )
+            self._drain_some(0.0005)
 
     def _subscribe(self) -> None:
-        if self._sub is not None and self._sub_gen == _runtime.fork_generation:
+        if self._sub is not None:
+            self._unwatch()
             self._sub.close()
         self._sub = None
-        if self._seqw is None:
+        if self._wmm is None:
             try:
-                fd = os.open(self._seq_path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(self._seq_path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
                 raise self._died(FileNotFoundError(self._seq_path)) from None
             try:
-                self._seqmm = mmap.mmap(fd, 8, prot=mmap.PROT_READ)
+                self._wmm = mmap.mmap(fd, WORDS_SIZE)
             finally:
                 os.close(fd)
-            self._seqw = memoryview(self._seqmm).cast("Q")
+            self._w = memoryview(self._wmm).cast("Q")
+        change = self._w[W_CHANGE]
         conn = self._connect()
         try:
-            conn.send_bytes(pickle.dumps(("subscribe",)))
-            seq, data = _loads(conn.recv_bytes())
+            conn.send_bytes(_dumps(("subscribe", self._token), _PROTO))
+            seq, data, acked = _loads(conn.recv_bytes())
         except (OSError, EOFError) as exc:
             conn.close()
             raise self._died(exc) from None
         old = self._local
-        self._local, self._applied = data, seq
-        self._sub, self._sub_gen = conn, _runtime.fork_generation
-        self._next_check = _monotonic() + ALIVE_CHECK
+        for key, (prefix, n, stored) in list(self._pending.items()):
+            if acked.get(prefix, n) >= n:  # in the snapshot (a connection gone had all applied)
+                del self._pending[key]
+            else:
+                data[key] = stored  # not applied yet: this replica still shows its own set
+        for prefix, queue in self._unacked.items():
+            done = acked.get(prefix, -1)
+            while queue and queue[0][0] <= done:
+                queue.popleft()
+        self._set_all(data)
+        self._applied = seq
+        self._sub, self._subbuf, self._hup = conn, bytearray(), False
+        self._watch()
+        self._seen = change
         if self._callbacks and old is not data:
             self._notify_resync(old, data)
+
+    def _read_pushes(self, timeout: float | None) -> list:
+        """Every whole push message now available (waiting up to ``timeout`` for one)."""
+        sub, buf, out = self._sub, self._subbuf, []
+        fd = sub.fileno()
+        while True:
+            pos, end = 0, len(buf)
+            while end - pos >= 4:
+                size = int.from_bytes(buf[pos:pos + 4], "big", signed=True)
+                start = pos + 4
+                if size == -1:
+                    if end - pos < 12:
+                        break
+                    size, start = int.from_bytes(buf[pos + 4:pos + 12], "big"), pos + 12
+                if end - start < size:
+                    break
+                out.append(_loads(buf[start:start + size]))
+                pos = start + size
+            if pos:
+                del buf[:pos]
+            if out:
+                return out
+            if timeout is not None and not sub.poll(timeout):
+                return out
+            chunk = os.read(fd, READ_CHUNK)
+            if not chunk:
+                raise EOFError
+            buf += chunk
+            timeout = None  # a message has started: wait for the rest of it
 
     def _drain(self, target: int) -> None:
         """Apply pushed changes until this replica has applied change ``target``."""
         while self._applied < target:
             try:
-                raw = self._sub.recv_bytes()
+                for msg in self._read_pushes(None):
+                    self._apply(msg)
             except (OSError, EOFError):
                 self._subscribe()  # dropped (we were stopped) or the hub died: try again
-                continue
-            self._apply(*_loads(raw))
 
-    def _apply(self, seq: int, effects: list) -> None:
+    def _drain_some(self, timeout: float) -> None:
+        try:
+            for msg in self._read_pushes(timeout):
+                self._apply(msg)
+        except (OSError, EOFError):
+            self._subscribe()
+
+    def _apply(self, msg: tuple) -> None:
+        seq, effects, prefix, n = msg[:4]
         if seq <= self._applied:
             return  # already in the snapshot we subscribed with
-        local = self._local
-        for key, value in effects:
-            if type(value) is tuple and type(value[0]) is str:  # a marker, not a stored value
-                if value == CLEARED:
-                    local.clear()
-                    self._notify("clear", None, None)
-                else:  # REMOVED
-                    local.pop(key, None)
-                    self._notify("del", key, None)
-            else:
-                local[key] = value
-                self._notify("set", key, value)
+        if effects is None:
+            self._confirmed(prefix, n, msg[4])
+        elif self._pending:
+            self._apply_merging(effects, prefix, n)
+        else:
+            local, fast, notify = self._local, self._fast, self._callbacks
+            for key, value, _new in effects:
+                if type(value) is tuple and type(value[0]) is str:  # a marker, not a value
+                    if value == CLEARED:
+                        local.clear()
+                        fast.clear()
+                        notify and self._notify("clear", None, None)
+                    else:  # REMOVED
+                        local.pop(key, None)
+                        fast.pop(key, None)
+                        notify and self._notify("del", key, None)
+                else:
+                    local[key] = value
+                    if type(value) in _PLAIN:
+                        fast[key] = value
+                    else:
+                        fast.pop(key, None)
+                    notify and self._notify("set", key, value)
         self._applied = seq
 
+    def _apply_merging(self, effects: list, prefix: int, n: int) -> None:
+        """Apply changes while own sets are in flight: those come later in the hub's order,
+        so they win over any change pushed before them."""
+        pending, local = self._pending, self._local
+        for key, value, new in effects:
+            if type(value) is tuple and value == CLEARED:
+                keep = {k: local[k] for k in pending if k in local}
+                self._set_all({})
+                self._notify("clear", None, None)
+                for k, v in keep.items():
+                    self._store_local(k, v)
+                continue
+            p = pending.get(key)
+            if p is not None:
+                if p[0] == prefix and p[1] <= n:
+                    del pending[key]  # our own set, by a round trip on the same connection
+                else:
+                    if new and key in local:  # the hub inserted it here: keep its order
+                        local[key] = local.pop(key)
+                    continue
+            if type(value) is tuple and type(value[0]) is str:  # REMOVED
+                local.pop(key, None)
+                self._fast.pop(key, None)
+                self._notify("del", key, None)
+            else:
+                self._store_local(key, value)
+                self._notify("set", key, value)
+
+    def _confirmed(self, prefix: int, n: int, news: list) -> None:
+        """The hub applied this replica's own sets up to number ``n`` on connection ``prefix``."""
+        queue = self._unacked.get(prefix)
+        if queue is None:
+            return
+        pending, local = self._pending, self._local
+        news = set(news)
+        while queue and queue[0][0] <= n:
+            m, key, stored = queue.popleft()
+            p = pending.get(key)
+            if p is not None and p[0] == prefix and p[1] == m:
+                del pending[key]
+            elif p is None:
+                self._store_local(key, stored)  # another thread's set came first at the hub
+            # else a later set of ours to this key is in flight: it shows already
+            if m in news and key in local:
+                local[key] = local.pop(key)  # inserted at the hub now: that is its place
+            self._notify("set", key, stored)
+
+    def _store_local(self, key: Any, stored: Any) -> None:
+        self._local[key] = stored
+        if type(stored) in _PLAIN:
+            self._fast[key] = stored
+        else:
+            self._fast.pop(key, None)
+
+    def _set_all(self, data: dict) -> None:
+        self._local = data
+        self._fast = {k: v for k, v in data.items() if type(v) in _PLAIN}
+
     def _check_alive(self) -> None:
-        """Notice a dead hub on reads too (at most every ALIVE_CHECK seconds)."""
-        self._next_check = _monotonic() + ALIVE_CHECK
-        sub = self._sub
+        """The watcher saw the push connection hang up: the hub is gone or dropped us."""
+        self._hup = False
+        if self._w[W_SHUT]:
+            raise self._died(EOFError("the hub shut down"))
         try:
-            if sub.poll(0):  # pushed changes, or EOF because the hub went away
-                raw = sub.recv_bytes()
-                self._apply(*_loads(raw))
+            while self._sub.poll(0):
+                for msg in self._read_pushes(0):
+                    self._apply(msg)
         except (OSError, EOFError):
             self._subscribe()  # raises BackendDiedError if the hub is gone
 
     def _pushed(self, seq: int) -> None:
-        if self._sub is not None and self._sub_gen == _runtime.fork_generation:
-            if seq > self._applied:
-                self._drain(seq)  # read-your-writes: our own change is applied before we return
+        if self._sub is not None and seq > self._applied:
+            with self._replica_lock:
+                self._drain(seq)  # our own change, and everything before it, is applied
 
     def sync(self) -> None:
-        """Apply every change the hub had accepted when ``sync()`` was called."""
-        self._refresh()
-        self._call("seq")  # the reply carries the hub's change number: _pushed drains to it
+        """Apply every change the hub had accepted when ``sync()`` was called (sets any
+        process had sent included)."""
+        if self._sub is None:
+            self._catch_up()  # subscribe
+        self._call("seq")  # the hub's barrier runs first; the reply's change number is drained
+        self._catch_up(own=True)  # and this replica notes the change word it is now fresh for
 
     # ------------------------------------------------------------------ reads: local
 
     def _fresh(self) -> dict:
-        seqw = self._seqw
-        if seqw is None or seqw[0] != self._applied or self._sub_gen != _runtime.fork_generation:
-            self._refresh()
-        if _monotonic() >= self._next_check:
-            self._check_alive()
+        if self._w[W_CHANGE] != self._seen:
+            self._catch_up()
+        return self._local
+
+    def _in_order(self) -> dict:
+        """The replica in the hub's order: own sets of new keys take their place there
+        once the hub confirms them, so wait for that when some are in flight."""
+        if self._w[W_CHANGE] != self._seen or self._pending:
+            self._catch_up(own=bool(self._pending))
         return self._local
 
     def __getitem__(self, key: Any) -> Any:
-        seqw = self._seqw  # the common case inline: nothing changed, no check due
-        if (seqw is None or seqw[0] != self._applied or self._sub_gen != _runtime.fork_generation
-                or _monotonic() >= self._next_check):
-            self._fresh()
+        if self._w[W_CHANGE] != self._seen:
+            self._catch_up()
         try:
-            value = self._local[key]
+            return self._fast[key]
+        except (KeyError, TypeError):
+            pass
+        try:
+            stored = self._local[key]
         except KeyError:
             if self._declared is not None:
                 self._check_key(key)
             raise KeyError(key) from None
-        return _loads(value[0]) if type(value) is tuple else value
+        return _loads(stored[0])
 
     def __contains__(self, key: Any) -> bool:
         return key in self._fresh()
 
     def __iter__(self) -> Iterator[Any]:
-        return iter(list(self._fresh()))
+        return iter(list(self._in_order()))
 
     def __len__(self) -> int:
         return len(self._fresh())
 
     def snapshot(self) -> dict:
-        data = dict(self._fresh())
+        data = dict(self._in_order())
         for k, v in data.items():
             if type(v) is tuple:
                 data[k] = _loads(v[0])
         return data
+
+    # ------------------------------------------------------------------ writes
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if self._declared is not None or type(key) not in PIPELINED_KEYS:
+            key = self._check_key(key)
+        stored = _pack(value if self._vt is None else self._vt.coerce(value))
+        conn = getattr(self._tls, "conn", None)
+        if (conn is None or self._w[W_LOCKED] or self._sub is None or conn._qslot < 0
+                or type(key) not in PIPELINED_KEYS):
+            self._set_slow(key, stored)
+        else:
+            self._send_set(conn, key, stored)
+
+    def _set_slow(self, key: Any, stored: Any) -> None:
+        if self._sub is None:
+            self._catch_up()
+        conn = self._conn()
+        if self._w[W_LOCKED] or conn._qslot < 0 or type(key) not in PIPELINED_KEYS:
+            self._call("set", key, stored)  # waits for another process's lock(), with its timeout
+        else:
+            self._send_set(conn, key, stored)
+
+    def _send_set(self, conn: Any, key: Any, stored: Any) -> None:
+        """Pipeline one set: once the request is in the hub's socket it will be applied."""
+        data = _dumps(("aset", key, stored), _PROTO)
+        size = len(data)
+        frame = (size.to_bytes(4, "big") if size < 0x7FFFFFFF
+                 else b"\xff\xff\xff\xff" + size.to_bytes(8, "big")) + data
+        try:
+            done = os.write(conn._qfd, frame)
+            while done < len(frame):  # a large value, or a signal: send the rest
+                done += os.write(conn._qfd, memoryview(frame)[done:])
+        except OSError as exc:
+            self._drop_conn()
+            raise self._died(exc) from None
+        n = conn._qsent = conn._qsent + 1
+        w = self._w
+        w[conn._qword] = n  # counted: every read and hub operation now waits for it
+        w[W_CHANGE] = conn._qbase | n
+        self._pending[key] = (conn._qprefix, n, stored)
+        self._unacked[conn._qprefix].append((n, key, stored))
+        self._store_local(key, stored)
+        if w[W_SEQ] - self._applied > DRAIN_AFTER:
+            with self._replica_lock:
+                self._drain(w[W_SEQ])
 
     # ------------------------------------------------------------------ notification
 
@@ -236,27 +523,29 @@ class QueueMapping(ManagerMapping):
         (key and value None). Callbacks run in this process, in the thread
         that applies the change (any read, write, :meth:`sync` or
         :meth:`wait_for_change`), in the hub's order, from the moment of this call
-        (this replica subscribes now if it had not yet).
+        (this replica subscribes now if it had not yet). This process's own sets
+        are notified when the hub confirms them.
         """
-        self._refresh()
+        self._catch_up()
         self._callbacks.append(callback)
 
     def wait_for_change(self, timeout: float | None = None) -> bool:
         """Block until a change from any process reaches this replica; False on timeout."""
-        self._refresh()
-        sub = self._sub
-        try:
-            if not sub.poll(self._config.timeout if timeout is None else timeout):
-                return False
-            self._apply(*_loads(sub.recv_bytes()))
-        except (OSError, EOFError):
-            self._subscribe()
-        self._refresh()
+        self._catch_up()
+        applied = self._applied
+        deadline = time.monotonic() + (self._config.timeout if timeout is None else timeout)
+        with self._replica_lock:
+            while self._applied == applied:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._drain_some(left)
+        self._catch_up()
         return True
 
     def _notify(self, kind: str, key: Any, value: Any) -> None:
         for fn in self._callbacks:
-            fn(kind, key, None if value is None else (_loads(value[0]) if type(value) is tuple else value))
+            fn(kind, key, None if value is None else _codec.unpack(value))
 
     def _notify_resync(self, old: dict, new: dict) -> None:
         for key in old.keys() - new.keys():
@@ -267,21 +556,103 @@ class QueueMapping(ManagerMapping):
 
     # ------------------------------------------------------------------ lifetime
 
+    def _watch(self) -> None:
+        _watcher().add(self._sub.fileno(), self)
+
+    def _unwatch(self) -> None:
+        if self._sub is not None:
+            _watcher().remove(self._sub.fileno())
+
     def _close(self) -> None:
-        if self._sub is not None and self._sub_gen == _runtime.fork_generation:
+        if self._sub is not None:
+            self._unwatch()
             self._sub.close()
         self._sub = None
-        if self._seqw is not None:
-            self._seqw.release()
-            self._seqmm.close()
-            self._seqw = None
-        self._local = _ClosedReplica()
+        self._w = _NO_WORDS
+        self._seen = STALE
+        if self._wmm is not None:
+            self._wmm.close()
+            self._wmm = None
+        self._local, self._fast, self._pending = {}, {}, {}
+        _live.pop(id(self), None)
         super()._close()
 
     def _destroy(self) -> None:
         super()._destroy()
         _unlink_quiet(self._seq_path)
 
+
+class _Watcher:
+    """One thread per process that marks a replica stale when its push connection hangs
+    up (the hub died, or dropped a replica that stopped reading), so that reads need no
+    time check of their own to notice within a second."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.refs: dict[int, weakref.ref] = {}
+        self.poller = select.poll()
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.poller.register(self.wake_r, select.POLLIN)
+        threading.Thread(target=self.run, name="shareit-queue-watcher", daemon=True).start()
+
+    def add(self, fd: int, m: QueueMapping) -> None:
+        with self.lock:
+            self.refs[fd] = weakref.ref(m)
+            self.poller.register(fd, select.POLLRDHUP)
+        self._wake()
+
+    def remove(self, fd: int) -> None:
+        with self.lock:
+            if self.refs.pop(fd, None) is not None:
+                self.poller.unregister(fd)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def run(self) -> None:
+        while True:
+            for fd, _events in self.poller.poll():
+                if fd == self.wake_r:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                with self.lock:
+                    ref = self.refs.pop(fd, None)
+                    if ref is not None:
+                        self.poller.unregister(fd)
+                m = ref() if ref is not None else None
+                if m is not None:
+                    m._hup = True
+                    m._seen = STALE
+
+
+_the_watcher: _Watcher | None = None
+_watcher_lock = threading.Lock()
+
+
+def _watcher() -> _Watcher:
+    global _the_watcher
+    if _the_watcher is None:
+        with _watcher_lock:
+            if _the_watcher is None:
+                _the_watcher = _Watcher()
+    return _the_watcher
+
+
+def _after_fork_in_child() -> None:
+    global _the_watcher, _watcher_lock
+    _the_watcher, _watcher_lock = None, threading.Lock()  # its thread is not in the child
+    for m in list(_live.values()):
+        m._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _unlink_quiet(path: str | None) -> None:
@@ -290,4 +661,3 @@ def _unlink_quiet(path: str | None) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
-
