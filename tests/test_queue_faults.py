@@ -250,3 +250,31 @@ def test_own_set_is_read_back_over_an_older_pushed_value(d) -> None:
         assert d["k"] == -i and d.snapshot() == {"k": -i}
         p.join(TIMEOUT)
         assert p.exitcode == 0
+
+
+def test_threads_of_one_process_share_its_replica(d) -> None:
+    import threading
+
+    errors = []
+
+    def work(t: int) -> None:
+        try:
+            for i in range(5000):
+                d[f"t{t}-{i % 50}"] = i
+                assert d[f"t{t}-{i % 50}"] == i  # each thread reads its own sets back
+                if i % 500 == 0:
+                    d.incr("n")
+        except BaseException as exc:  # reported below, with the thread's failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert not errors, errors
+    d.sync()
+    snap = d.snapshot()
+    assert snap["n"] == 40 and len(snap) == 201
+    assert all(snap[f"t{t}-{k}"] == 4950 + k for t in range(4) for k in range(50))
+    assert not d._pending, "every set of every thread is confirmed after sync()"
