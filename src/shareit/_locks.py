@@ -120,8 +120,12 @@ class RobustMutex:
         self._unlock = lib.pthread_mutex_unlock
         self._consistent = lib.pthread_mutex_consistent
         #: ``trylock()`` -> 0 (held), 16 (EBUSY) or 130 (EOWNERDEAD: held, must repair).
-        self.trylock = partial(lib.pthread_mutex_trylock, self._ptr)
-        self.unlock = partial(lib.pthread_mutex_unlock, self._ptr)
+        #: These two are the hot path: neither ever blocks, so they are called holding the
+        #: GIL (PyDLL), without errno saving or argument conversion (the pointer is already
+        #: a c_void_p; both return an int).
+        fast = _pthread_fast()
+        self.trylock = partial(fast.pthread_mutex_trylock, self._ptr)
+        self.unlock = partial(fast.pthread_mutex_unlock, self._ptr)
 
     @staticmethod
     def init(buffer: object, offset: int = 0) -> None:
@@ -243,6 +247,19 @@ def _pthread():
             getattr(lib, name).restype = ctypes.c_int
         _lib = lib
     return _lib
+
+
+_fast_lib = None
+
+
+def _pthread_fast():
+    global _fast_lib
+    if _fast_lib is None:
+        import ctypes
+        import ctypes.util
+
+        _fast_lib = ctypes.PyDLL(ctypes.util.find_library("pthread") or None)
+    return _fast_lib
 
 
 def _timespec():

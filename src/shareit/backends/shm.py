@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import platform
 import secrets
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -59,6 +60,19 @@ from ._shm_layout import (
 
 
 _loads = __import__("pickle").loads
+_LIVE_KIND = L.LIVE | 0xFF
+_LIVE_INT, _LIVE_FLOAT = L.LIVE | V_INT, L.LIVE | V_FLOAT
+_live: "weakref.WeakValueDictionary[int, ShmMapping]" = weakref.WeakValueDictionary()
+
+
+def _after_fork_in_child() -> None:
+    # The fast write path trusts its key -> entry cache to mean "this process's lock
+    # is set up"; in a child it is not (a flock descriptor would be the parent's).
+    for m in list(_live.values()):
+        m._slots = {}
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 _crc32 = __import__("zlib").crc32
 _SPINS = 200  # optimistic read attempts before a reader takes the lock
 _LOCKFREE_READS = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
@@ -96,6 +110,8 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         self._mutex: Any = None
         self._depth = 0
         self._lock_forkgen = -1
+        _live[id(self)] = self
+        self._plain = self._declared is None and self._vt is None  # d[k] = number may go fast
         self._journaling = True
         self._saved_header = False
         self._map_current()
@@ -241,6 +257,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
                 self._mutex = FlockMutex(L.ctrl_path(self._seg))
             except FileNotFoundError:
                 raise self._died() from None
+        self._trylock, self._unlock = self._mutex.trylock, self._mutex.unlock  # (hot path)
         self._depth = 0
         self._lock_forkgen = _runtime.fork_generation
 
@@ -319,7 +336,8 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         if g.q[w] != ver or not meta & L.LIVE:
             return None
         value = L.decode_value(kind, inline, raw)
-        self._slots[key] = w
+        if self._lock_forkgen == _runtime.fork_generation:  # (the fast write path's key)
+            self._slots[key] = w
         cache = self._cache
         if len(cache) >= L.CACHE_MAX:
             cache.clear()
@@ -342,16 +360,47 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         return value
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        t = type(value)
+        if t is int or t is float:
+            w = self._slots.get(key, -1) if self._plain else -1
+            if w >= 0:  # the hot path, inline: see _fast_store, which it repeats for speed
+                if t is float:
+                    want, inline = _LIVE_FLOAT, _f2i(value)
+                elif -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
+                    want, inline = _LIVE_INT, value
+                else:
+                    want = 0
+                m = self._mutex
+                rc = self._trylock() if want else 1
+                if not rc or (want and self._fast_contended(m, rc)):
+                    try:
+                        c = self._c
+                        g = self._g
+                        if (c[C_GSEQ] == self._epoch and not c[C_JSTATE] and not c[C_GROW]
+                                and g.u32[w * 2 + 5] & _LIVE_KIND == want):
+                            if L.FAULT:
+                                self._store_inline(c, g, w, inline)
+                                return
+                            c[C_JSTATE] = (w << 2) | J_INLINE
+                            stamp = c[C_STAMP] + 1
+                            c[C_STAMP] = stamp
+                            q = g.q
+                            q[w] = 2 * stamp + 1
+                            g.qs[w + 3] = inline
+                            q[w] = 2 * stamp + 2
+                            c[C_JSTATE] = 0
+                            return
+                    finally:
+                        self._unlock()
         if type(key) is not str or self._declared is not None:
             key = self._check_key(key)
         if self._vt is not None:
             value = self._vt.coerce(value)
-        t = type(value)
-        if t is int and -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF:
-            if self._fast_store(key, V_INT, value, None):
+            t = type(value)
+            if (t is int and -0x8000000000000000 <= value <= 0x7FFFFFFFFFFFFFFF
+                    and self._fast_store(key, V_INT, value, None)):
                 return
-        elif t is float:
-            if self._fast_store(key, V_FLOAT, _f2i(value), None):
+            if t is float and self._fast_store(key, V_FLOAT, _f2i(value), None):
                 return
         vkind, vinl, vraw = L.encode_value(value)
         kkind, kb = L.encode_key(key)
@@ -374,29 +423,19 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         a kind change, another thread inside ``lock()``) and the caller takes the
         general path. With ``delta`` (``incr``), adds it and returns the new value.
         """
-        w = self._slots.get(key, -1)
-        if w < 0 or self._lock_forkgen != _runtime.fork_generation:
+        w = self._slots.get(key, -1)  # filled only once this process's lock is set up
+        if w < 0:
             return False
         m = self._mutex
         rc = m.trylock()
-        if rc == 130:  # the last holder died: the general path repairs
-            m.make_consistent()
-            m.unlock()
+        if rc and not self._fast_contended(m, rc):
             return False
-        if rc:
-            got = m.acquire(self._config.timeout)
-            if got is not True:  # timed out (the general path raises), or the holder died
-                if got:          # (held now and consistent): the general path repairs
-                    m.unlock()
-                return False
         try:
             c = self._c
-            if c[C_JSTATE] or c[C_GROW] or c[C_GSEQ] != self._epoch:
+            if c[C_GSEQ] != self._epoch or c[C_JSTATE] or c[C_GROW]:
                 return False
             g = self._g
             meta = g.u32[w * 2 + 5]
-            if not meta & LIVE:
-                return False
             qs = g.qs
             if delta is not None:  # incr: the new value from the current one
                 old_kind = meta & 0xFF
@@ -414,23 +453,41 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
                     kind, inline = V_FLOAT, _f2i(new)
                 else:
                     return False
-            if meta & 0xFF != kind:
+            if meta & _LIVE_KIND != LIVE | kind:
                 return False
-            c[C_JSTATE] = (w << 2) | J_INLINE
-            stamp = c[C_STAMP] + 1
-            c[C_STAMP] = stamp
-            q = g.q
-            q[w] = 2 * stamp + 1
-            if L.FAULT:
-                L.fault("mid_entry")
-            qs[w + 3] = inline
-            q[w] = 2 * stamp + 2
-            if L.FAULT:
-                L.fault("before_commit")
-            c[C_JSTATE] = 0
+            self._store_inline(c, g, w, inline)
         finally:
             m.unlock()
         return True if delta is None else new
+
+    def _store_inline(self, c: Any, g: Any, w: int, inline: int) -> None:
+        """With the lock held: one inline value word of entry ``w`` changes in place."""
+        c[C_JSTATE] = (w << 2) | J_INLINE
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        q = g.q
+        q[w] = 2 * stamp + 1
+        if L.FAULT:
+            L.fault("mid_entry")
+        g.qs[w + 3] = inline
+        q[w] = 2 * stamp + 2
+        if L.FAULT:
+            L.fault("before_commit")
+        c[C_JSTATE] = 0
+
+    def _fast_contended(self, m: Any, rc: int) -> bool:
+        """``trylock()`` did not simply get the lock: wait for it; False sends the caller to
+        the general path (which raises on a timeout, or repairs after a dead holder)."""
+        if rc == 130:  # the last holder died
+            m.make_consistent()
+            m.unlock()
+            return False
+        got = m.acquire(self._config.timeout)
+        if got is True:
+            return True
+        if got:  # held now, after a dead holder: unlock, and the general path repairs
+            m.unlock()
+        return False
 
     def _write_one(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
                    vraw: bytes | None) -> None:
