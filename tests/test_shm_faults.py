@@ -103,6 +103,7 @@ def test_no_torn_reads_in_a_million(d) -> None:
 
 
 def die_at(d, step: str, op: str) -> None:
+    d["n"] = 1  # (unchanged) the first write in a child sets up its lock: then "n" goes fast
     L.FAULT = step
     if op == "set_int":
         d["n"] = 2  # fast path: one inline word
@@ -114,8 +115,10 @@ def die_at(d, step: str, op: str) -> None:
         del d["s"]
     elif op == "update":
         d.update({"n": 2, "s": "new" * 10, "fresh": "new"})
-    elif op == "grow":
+    elif op == "grow":  # ints: located and rebuilt in numpy
         d.update({f"g{i}": i for i in range(1000)})
+    elif op == "grow_str":  # other values: put one by one into the unpublished generation
+        d.update({f"g{i}": str(i) for i in range(1000)})
     os._exit(3)  # the fault point was not reached
 
 
@@ -126,6 +129,7 @@ CASES = [
     ("before_commit", "insert"), ("mid_entry", "delete"), ("before_commit", "delete"),
     ("after_write", "update"), ("before_commit", "update"),
     ("mid_grow", "grow"), ("mid_switch", "grow"), ("after_switch", "grow"),
+    ("mid_grow", "grow_str"), ("mid_switch", "grow_str"), ("after_switch", "grow_str"),
 ]
 OLD = {"n": 1, "s": "old", "keep": [1, 2]}
 NEW = {"n": 2, "s": "new" * 10, "fresh": "new"}
@@ -144,7 +148,7 @@ def test_writer_killed_at_a_fault_point_leaves_old_or_new(d, step: str, op: str)
         assert snap.get(key, "<absent>") in (OLD.get(key, "<absent>"), NEW[key], "<absent>")
         if key in OLD and op != "delete":
             assert key in snap
-    if op == "grow":
+    if op.startswith("grow"):
         keys = [k for k in snap if isinstance(k, str) and k.startswith("g")]
         assert len(keys) in (0, 1000), "a bulk update must land whole or not at all"
     d["n"] = 10
@@ -361,5 +365,65 @@ def test_flock_fallback_where_robust_mutexes_are_missing(monkeypatch, name) -> N
         assert all(r.is_set() for r in readies)
         assert d.incr("n") == 601, "exact under the flock lock, and not blocked by dead holders"
         assert d.verify() == []
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("keys_kind", ["numpy ints", "str"])
+def test_bulk_access_in_numpy_matches_a_dict(keys_kind: str) -> None:
+    """get_many/set_many beyond the journaled size: located and applied in numpy."""
+    d = shareit.open(backend="shm", value_type="int64")
+    try:
+        rng = np.random.default_rng(7)
+        model: dict = {}
+        for round_ in range(6):
+            ints = rng.choice(5000, size=1500, replace=False)
+            keys = ints if keys_kind == "numpy ints" else [f"k{i}" for i in ints.tolist()]
+            values = rng.integers(-(2**40), 2**40, size=len(ints))
+            d.set_many(keys, values)
+            model.update(zip([k.item() if isinstance(k, np.generic) else k for k in keys],
+                             values.tolist()))
+            for k in list(model)[: 40 * round_]:  # deletes leave dead entries to skip
+                if k in d:
+                    del d[k]
+                    del model[k]
+            assert d.snapshot() == model and list(d.keys()) == list(model)
+            probe = list(model)[::7]
+            np.testing.assert_array_equal(d.get_many(probe), [model[k] for k in probe])
+            assert d.verify() == []
+        missing = 10**6 if keys_kind == "numpy ints" else "nope"
+        got = d.get_many([next(iter(model)), missing], default=-1)
+        assert got[1] == -1
+        with pytest.raises(KeyError, match=str(missing)):
+            d.get_many([missing])
+        with pytest.raises(ValueError, match="does not fit"):
+            d.set_many(np.arange(300), np.full(300, 2**63, dtype=np.uint64))
+        assert d.snapshot() == model, "a rejected bulk write changes nothing"
+    finally:
+        d.close()
+
+
+def set_many_and_die(d, step: str) -> None:
+    d[0] = 0.0  # the first write in a child sets up its lock
+    L.FAULT = step
+    d.set_many(np.arange(2000), np.full(2000, 7.0))
+    os._exit(3)
+
+
+@pytest.mark.parametrize("step", ["mid_grow", "after_switch"])
+def test_set_many_killed_lands_whole_or_not_at_all(step: str) -> None:
+    d = shareit.open(backend="shm", value_type="float64")
+    try:
+        d.set_many(np.arange(1000), np.arange(1000.0))
+        child = FORK.Process(target=set_many_and_die, args=(d, step))
+        child.start()
+        assert join_all([child]) == [-signal.SIGKILL], "the fault point was not reached"
+        assert d.verify() == []
+        values = d.values_array()
+        assert len(values) in (1000, 2000)
+        old = np.arange(1000.0)
+        assert (values == 7.0).all() if len(values) == 2000 else (values == old).all()
+        d.set_many(np.arange(3000), np.ones(3000))
+        assert d.verify() == [] and d.values_array().sum() == 3000
     finally:
         d.close()

@@ -21,6 +21,9 @@ from . import _shm_layout as L
 _crc32 = zlib.crc32
 
 
+SMALL_BATCH = 256  # up to this many keys, set_many journals key by key
+
+
 class ShmBulk:
     """Bulk and diagnostic methods of ShmMapping (see the module docstring)."""
 
@@ -43,35 +46,110 @@ class ShmBulk:
         return self._live_keys_values(values=False)[0]
 
     def get_many(self, keys: Any, default: Any = MISSING) -> np.ndarray:
-        """Values of many keys as a numpy array, read under one lock.
+        """Values of many keys as a numpy array, read under one lock, in numpy.
 
-        A missing key raises ``KeyError`` unless ``default`` is given.
+        ``keys`` is a sequence, or a numpy integer array. A missing key raises
+        ``KeyError`` unless ``default`` is given.
         """
+        from ._shm_many import locate
+
         self._need_numeric("get_many")
-        keys = [self._check_key(k) for k in keys]
-        out = np.empty(len(keys), dtype=self._config.value_type)
+        batch = self._key_batch(keys)
         self._wlock()
         try:
-            for i, key in enumerate(keys):
-                kkind, kb = L.encode_key(key)
-                found, value = self._read_entry_locked(key, kkind, kb, _crc32(kb, kkind))
-                if not found:
-                    if default is MISSING:
-                        raise KeyError(key)
-                    value = default
-                out[i] = value
+            found = locate(self._g, batch)
+            have = found >= 0
+            cols = self._g.entries()[["meta", "val"]][found[have]]  # fancy indexing copies
         finally:
             self._lock_release()
+        if not have.all() and default is MISSING:
+            raise KeyError(batch.key(int(np.argmin(have))))
+        out = np.empty(batch.n, dtype=self._config.value_type)
+        out[have] = _numeric(cols, self._config.value_type)
+        if not have.all():
+            out[~have] = default
         return out
 
     def set_many(self, keys: Any, values: Any) -> None:
-        """Set many keys from a sequence or numpy array of values, in one atomic step."""
+        """Set many keys from a sequence or numpy array of values, in one atomic step.
+
+        ``keys`` is a sequence, or a numpy integer array. Beyond a few hundred keys the
+        table is rebuilt with the changes applied, in numpy, and switched to at once.
+        """
+        from ._shm_many import has_duplicates
+
         self._need_numeric("set_many")
-        keys = list(keys)
-        values = np.asarray(values).tolist()
-        if len(keys) != len(values):
-            raise ValueError(f"set_many: {len(keys)} keys but {len(values)} values")
-        self._update_items(self._validated_items(zip(keys, values), {}))
+        batch = self._key_batch(keys)
+        arr = np.asarray(values)
+        if arr.ndim != 1 or len(arr) != batch.n:
+            raise ValueError(f"set_many: {batch.n} keys but {arr.size} values")
+        inline = self._inline_values(arr)
+        if inline is None or batch.n <= SMALL_BATCH or has_duplicates(batch):
+            keys = [batch.key(i) for i in range(batch.n)]  # journaled, one key at a time
+            self._update_items(self._validated_items(zip(keys, arr.tolist()), {}))
+            return
+        self._set_batch(batch, L.V_FLOAT if self._vt.kind == "float" else L.V_INT, inline)
+
+    def _set_batch(self, batch: Any, vkind: int, inline: np.ndarray) -> None:
+        """Set distinct keys to inline numbers of one kind: locate them, then rebuild the
+        table with the changes, all in numpy, under one lock; one store publishes it."""
+        from ._shm_many import locate
+
+        self._wlock()
+        try:
+            found = locate(self._g, batch)
+            add = found < 0
+            heap = int(((batch.lens[add] + 7) // 8).sum()) * 8
+            self._rebuild(extra_entries=int(add.sum()), extra_heap=heap,
+                          changes=(found, batch, vkind, inline))
+        finally:
+            self._lock_release()
+
+    def _update_in_numpy(self, items: list) -> bool:
+        """``update()`` of many (validated) items whose values are all ints or all floats,
+        as one numpy rebuild; False (nothing done) for any other kind of batch."""
+        from ._shm_many import encode_keys, has_duplicates
+
+        values = [v for _, v in items]
+        kind = type(values[0])
+        if kind not in (int, float) or not all(type(v) is kind for v in values):
+            return False
+        try:
+            inline = np.array(values, dtype="<i8" if kind is int else "<f8")
+        except OverflowError:
+            return False  # ints beyond int64 live on the heap
+        batch = encode_keys([k for k, _ in items])
+        if has_duplicates(batch):
+            return False
+        self._set_batch(batch, L.V_INT if kind is int else L.V_FLOAT, inline.view("<i8"))
+        return True
+
+    def _key_batch(self, keys: Any) -> Any:
+        from ._shm_many import encode_keys
+
+        if self._declared is not None:
+            keys = [self._check_key(k.item() if isinstance(k, np.generic) else k) for k in keys]
+        try:
+            return encode_keys(keys)
+        except TypeError as exc:
+            raise TypeError(f"{exc}; nothing was changed") from None
+
+    def _inline_values(self, arr: np.ndarray) -> np.ndarray | None:
+        """``arr`` as the table's inline int64 words, checked like ``value_type`` checks one
+        value (the first bad one raises its error); None if numpy cannot do it."""
+        vt = self._vt
+        if arr.dtype.kind not in "iuf" or (vt.kind == "int" and arr.dtype.kind == "f"):
+            for v in arr.tolist():
+                vt.coerce(v)  # raises for the first value that does not fit
+            return None  # (e.g. an object array of fitting Python ints)
+        if vt.kind == "float":
+            return arr.astype("<f8").view("<i8")
+        if len(arr) and (arr.min() < vt.lo or arr.max() > vt.hi):
+            bad = arr[(arr < vt.lo) | (arr > vt.hi)][0]
+            vt.coerce(int(bad))  # raises the range error
+        if len(arr) and arr.max() > np.iinfo(np.int64).max:
+            return None  # uint64 beyond int64 is not stored inline
+        return arr.astype("<i8")
 
     def _need_numeric(self, what: str) -> None:
         if self._vt is None or not self._vt.numeric:

@@ -59,13 +59,22 @@ def build_index(index: np.ndarray, hashes: np.ndarray) -> None:
 
 
 def build_generation(seg: str, old: L.Generation, target: int, extra_entries: int,
-                     extra_heap: int, empty: bool, cap_hint: int, ctrl: Any) -> L.Generation:
-    """A new, not yet published generation holding ``old``'s live entries and room to spare."""
+                     extra_heap: int, empty: bool, cap_hint: int, ctrl: Any,
+                     changes: Any = None) -> L.Generation:
+    """A new, not yet published generation holding ``old``'s live entries and room to spare.
+
+    ``changes`` -- ``(found, batch, vkind, inline)`` from :mod:`._shm_many` -- also sets
+    the keys of ``batch`` to inline values (``found``: each key's entry in ``old``, or
+    -1 for a key to append), all in numpy.
+    """
     if empty:
         live = old.entries()[:0].copy()
+        livepos = None
     else:
         ents = old.entries()[: old.q[L.H_USED]]
-        live = ents[(ents["meta"] & L.LIVE) != 0]
+        mask = (ents["meta"] & L.LIVE) != 0
+        live = ents[mask]
+        livepos = np.cumsum(mask) - 1  # old entry -> its place in the new generation
     n = len(live)
     kinds = live["meta"] & 0xFF
     on_heap = np.isin(kinds, _HEAP_KINDS)
@@ -98,10 +107,44 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
         stamp = ctrl[L.C_STAMP] + 1
         ctrl[L.C_STAMP] = stamp
         out["ver"][:n] = 2 * stamp + 2
-        build_index(new.index(), live["hash"])
+    if changes is not None:
+        n, used_words = _apply_changes(new, n, used_words, livepos, ctrl, *changes)
+    if n:
+        build_index(new.index(), new.entries()["hash"][:n])
     q = new.q
     q[L.H_USED], q[L.H_LIVE], q[L.H_TOP], q[L.H_GARBAGE] = n, n, used_words, 0
     return new
+
+
+def _apply_changes(new: L.Generation, n: int, top: int, livepos: Any, ctrl: Any,
+                   found: np.ndarray, batch: Any, vkind: int, inline: np.ndarray) -> tuple[int, int]:
+    """Overwrite the values of keys already in ``new`` and append the others after its ``n``
+    entries (their key bytes after heap word ``top``); the new entry count and heap top."""
+    out = new.entries()
+    have = found >= 0
+    if have.any():
+        at = livepos[found[have]]
+        out["val"][at] = inline[have]
+        out["meta"][at] = (out["meta"][at] & ~np.uint32(0xFF)) | np.uint32(vkind)
+    add = np.nonzero(~have)[0]
+    m = len(add)
+    if m:
+        kwords = (batch.lens[add] + 7) // 8
+        koff = top + _exclusive_cumsum(kwords)
+        total = int(kwords.sum())
+        heap = np.frombuffer(new.mm, dtype=np.uint64, count=new.heapw, offset=new.hoff)
+        heap[top:top + total] = batch.blob.view(np.uint64)[_gather_ranges(batch.wstart[add], kwords)]
+        tail = out[n:n + m]
+        stamp = ctrl[L.C_STAMP] + 1
+        ctrl[L.C_STAMP] = stamp
+        tail["ver"] = 2 * stamp + 2
+        tail["hash"] = batch.hashes[add]
+        tail["klen"] = batch.lens[add]
+        tail["koff"] = koff
+        tail["meta"] = L.LIVE | (batch.kinds[add].astype(np.uint32) << 8) | vkind
+        tail["val"] = inline[add]
+        top += total
+    return n + m, top
 
 
 def decode_keys(ents: np.ndarray, heap: np.ndarray) -> list:

@@ -208,17 +208,20 @@ class ShmWriter:
         g.q[L.H_LIVE] -= 1
         g.q[L.H_GARBAGE] += garbage
 
-    def _rebuild(self, extra_entries: int = 0, extra_heap: int = 0, empty: bool = False) -> None:
-        """Copy the live entries into a new generation with room to spare, then switch to it."""
+    def _rebuild(self, extra_entries: int = 0, extra_heap: int = 0, empty: bool = False,
+                 changes: Any = None) -> None:
+        """Copy the live entries into a new generation with room to spare (and with
+        ``changes``: see ``build_generation``), then switch to it."""
         from ._shm_rebuild import build_generation
 
         c, old = self._c, self._g
         target = old.gen + 1
         c[L.C_GROW] = target
         new = build_generation(self._seg, old, target, extra_entries, extra_heap, empty,
-                               self._config.capacity or 0, c)
+                               self._config.capacity or 0, c, changes)
         L.fault("mid_grow")
         c[L.C_GEN] = target
+        L.fault("mid_switch")
         c[L.C_GSEQ] = target * 2  # one aligned store publishes the new generation
         L.fault("after_switch")
         L.unlink_quiet(old.path)

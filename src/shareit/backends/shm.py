@@ -52,7 +52,7 @@ from ..base import Capabilities, SharedMapping, _add, _check_number
 from ..config import Config
 from ..errors import BackendDiedError, ClosedError, ConfigError, NotFoundError
 from . import _shm_layout as L
-from ._shm_bulk import ShmBulk
+from ._shm_bulk import SMALL_BATCH, ShmBulk
 from ._shm_write import ShmWriter
 from ._shm_layout import (
     C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, LIVE, V_FLOAT, V_INT, _f2i, _i2f,
@@ -610,6 +610,8 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         return dict(zip(keys, vals))
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
+        if len(items) > SMALL_BATCH and self._update_in_numpy(items):
+            return
         encoded = []
         for key, value in items:
             kkind, kb = L.encode_key(key)
