@@ -55,6 +55,7 @@ import os
 import pickle
 import secrets
 import select
+import struct
 import threading
 import time
 import weakref
@@ -81,6 +82,7 @@ _loads, _dumps = pickle.loads, pickle.dumps
 _PROTO = pickle.HIGHEST_PROTOCOL
 _PLAIN = _codec.PLAIN_TYPES
 _pack = _codec.pack
+_HEADER, _BIG_HEADER = struct.Struct("!i").pack, struct.Struct("!iQ").pack  # connection framing
 STALE = -1  # a "last seen change" that no change word ever equals: the next read looks
 PIPELINED_KEYS = frozenset({str, int, bytes})  # keys the hub can always load: sets need no reply
 DRAIN_AFTER = 32  # a writer applies the hub's confirmations once this many are waiting
@@ -164,7 +166,7 @@ class QueueMapping(ManagerMapping):
             conn._qfd = conn.fileno()
             if slot >= 0:
                 self._own_slots.add(slot)
-                self._unacked[prefix] = deque()
+                conn._qunacked = self._unacked[prefix] = deque()
         return conn
 
     def _drop_conn(self) -> None:
@@ -494,8 +496,7 @@ class QueueMapping(ManagerMapping):
         """Pipeline one set: once the request is in the hub's socket it will be applied."""
         data = _dumps(("aset", key, stored), _PROTO)
         size = len(data)
-        frame = (size.to_bytes(4, "big") if size < 0x7FFFFFFF
-                 else b"\xff\xff\xff\xff" + size.to_bytes(8, "big")) + data
+        frame = (_HEADER(size) if size < 0x7FFFFFFF else _BIG_HEADER(-1, size)) + data
         try:
             done = os.write(conn._qfd, frame)
             while done < len(frame):  # a large value, or a signal: send the rest
@@ -508,8 +509,12 @@ class QueueMapping(ManagerMapping):
         w[conn._qword] = n  # counted: every read and hub operation now waits for it
         w[W_CHANGE] = conn._qbase | n
         self._pending[key] = (conn._qprefix, n, stored)
-        self._unacked[conn._qprefix].append((n, key, stored))
-        self._store_local(key, stored)
+        conn._qunacked.append((n, key, stored))
+        self._local[key] = stored  # (_store_local, inline)
+        if type(stored) in _PLAIN:
+            self._fast[key] = stored
+        else:
+            self._fast.pop(key, None)
         if w[W_SEQ] - self._applied > DRAIN_AFTER:
             with self._replica_lock:
                 self._drain(w[W_SEQ])
