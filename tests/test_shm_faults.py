@@ -427,3 +427,45 @@ def test_set_many_killed_lands_whole_or_not_at_all(step: str) -> None:
         assert d.verify() == [] and d.values_array().sum() == 3000
     finally:
         d.close()
+
+
+def test_set_many_of_existing_keys_keeps_the_index_and_adds_in_place() -> None:
+    """A bulk rebuild that deletes nothing and fits keeps the table size and its index,
+    placing only the new keys; every key stays reachable, old and new."""
+    d = shareit.open(backend="shm", value_type="float64", capacity=10_000)
+    try:
+        d.set_many(np.arange(2000), np.arange(2000.0))
+        cap = d.info()["capacity"]
+        d.set_many(np.arange(2000), np.arange(2000.0) + 0.5)  # every key exists
+        d.set_many(np.arange(1500, 2500), np.full(1000, -1.0))  # half exist, half are new
+        assert d.info()["capacity"] == cap
+        expect = np.concatenate([np.arange(1500.0) + 0.5, np.full(1000, -1.0)])
+        np.testing.assert_array_equal(d.get_many(np.arange(2500)), expect)
+        assert d[1499] == 1499.5 and d[2499] == -1.0 and 2500 not in d
+        assert d.verify() == []
+    finally:
+        d.close()
+
+
+def insert_long_key_and_die(d) -> None:
+    d["n"] = 1  # the first write in a child sets up its lock
+    L.FAULT = "mid_entry"
+    d["abcdefghijk"] = 5  # key bytes are on the heap when the writer dies
+    os._exit(3)
+
+
+def test_bulk_lookup_after_a_rolled_back_insert() -> None:
+    """A rolled-back insert leaves its key bytes past the heap top; a shorter key written
+    there later is zero-padded, so get_many, which compares whole words, finds it."""
+    d = shareit.open(backend="shm", value_type="int64")
+    try:
+        d["n"] = 1
+        child = FORK.Process(target=insert_long_key_and_die, args=(d,))
+        child.start()
+        assert join_all([child]) == [-signal.SIGKILL], "the fault point was not reached"
+        d["xyz"] = 7
+        assert "abcdefghijk" not in d
+        np.testing.assert_array_equal(d.get_many(["xyz", "n"]), [7, 1])
+        assert d.verify() == []
+    finally:
+        d.close()

@@ -124,8 +124,9 @@ def locate(g: L.Generation, batch: KeyBatch) -> np.ndarray:
               & (((meta >> 8) & 0xFF) == batch.kinds[cand]) & ((meta & L.LIVE) != 0))
         at, cand, ce = at[ok], cand[ok], ce[ok]
         if cand.size:
-            same = _same_bytes(heap, ents["koff"][ce].astype(np.int64) * 8, batch.blob,
-                               batch.wstart[cand] * 8, batch.lens[cand])
+            same = _same_words(heap.view(np.uint64), ents["koff"][ce].astype(np.int64),
+                               batch.blob.view(np.uint64), batch.wstart[cand],
+                               (batch.lens[cand] + 7) // 8)
             found[cand[same]] = ce[same]
             keep[at[same]] = False
         pending = pending[keep]
@@ -133,15 +134,16 @@ def locate(g: L.Generation, batch: KeyBatch) -> np.ndarray:
     return found
 
 
-def _same_bytes(a: np.ndarray, astart: np.ndarray, b: np.ndarray, bstart: np.ndarray,
-                lens: np.ndarray) -> np.ndarray:
-    """For each i: a[astart[i]:+lens[i]] == b[bstart[i]:+lens[i]]."""
-    same = np.ones(len(lens), dtype=bool)
-    nonempty = lens > 0
+def _same_words(a: np.ndarray, astart: np.ndarray, b: np.ndarray, bstart: np.ndarray,
+                words: np.ndarray) -> np.ndarray:
+    """For each i: a[astart[i]:+words[i]] == b[bstart[i]:+words[i]] (keys are zero-padded
+    to whole 8-byte words on the heap and in a batch, so words compare like bytes)."""
+    if (words == 1).all():  # ints, and str/bytes keys of up to 8 bytes
+        return a[astart] == b[bstart]
+    same = np.ones(len(words), dtype=bool)
+    nonempty = words > 0
     if nonempty.any():
-        lens_ne = lens[nonempty]
-        differ = (a[_gather_ranges(astart[nonempty], lens_ne)]
-                  != b[_gather_ranges(bstart[nonempty], lens_ne)])
-        counts = np.add.reduceat(differ, _exclusive_cumsum(lens_ne), dtype=np.int64)
-        same[nonempty] = counts == 0
+        w = words[nonempty]
+        differ = a[_gather_ranges(astart[nonempty], w)] != b[_gather_ranges(bstart[nonempty], w)]
+        same[nonempty] = np.add.reduceat(differ, _exclusive_cumsum(w), dtype=np.int64) == 0
     return same

@@ -34,28 +34,28 @@ def _gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shift
 
 
-def build_index(index: np.ndarray, hashes: np.ndarray) -> None:
-    """Place entries 0..n-1 by linear probing, many at a time.
+def build_index(index: np.ndarray, hashes: np.ndarray, first: int = 0) -> None:
+    """Place entries ``first``.. ``first + len(hashes) - 1`` by linear probing, many at a
+    time, into ``index`` (empty, or holding entries placed the same way).
 
     An entry only ever moves past occupied slots, so the probing invariant
-    (every slot between a key's home and its place is occupied) holds.
+    (every slot between a key's home and its place is occupied) holds. Where
+    several entries reach one free slot in a round, one of them takes it: all
+    are scattered there, and the one the slot ends up holding won.
     """
     isize = len(index)
-    n = len(hashes)
     pos = hashes.astype(np.int64) % isize
-    pending = np.arange(n, dtype=np.int64)
-    placed = np.zeros(n, dtype=bool)
+    pending = np.arange(len(hashes), dtype=np.int64)
     while pending.size:
         p = pos[pending]
         free = index[p] == L.EMPTY
         if free.any():
-            cand, cp = pending[free], p[free]
-            slots, first = np.unique(cp, return_index=True)
-            winners = cand[first]
-            index[slots] = winners
-            placed[winners] = True
-            pending = pending[~placed[pending]]
-        pos[pending] = (pos[pending] + 1) % isize
+            cp = p[free]
+            index[cp] = pending[free] + first
+            won = np.zeros(len(pending), dtype=bool)
+            won[free] = index[cp] == pending[free] + first
+            pending, p = pending[~won], p[~won]
+        pos[pending] = (p + 1) % isize
 
 
 def build_generation(seg: str, old: L.Generation, target: int, extra_entries: int,
@@ -67,15 +67,23 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
     the keys of ``batch`` to inline values (``found``: each key's entry in ``old``, or
     -1 for a key to append), all in numpy.
     """
+    same_places = False  # every entry keeps its number, so the old index stays valid
     if empty:
         live = old.entries()[:0].copy()
         livepos = None
     else:
         ents = old.entries()[: old.q[L.H_USED]]
         mask = (ents["meta"] & L.LIVE) != 0
-        live = ents[mask]
-        livepos = np.cumsum(mask) - 1  # old entry -> its place in the new generation
+        if mask.all():
+            live, livepos, same_places = ents, np.arange(len(ents)), True
+        else:
+            live = ents[mask]
+            livepos = np.cumsum(mask) - 1  # old entry -> its place in the new generation
     n = len(live)
+    need = n + extra_entries
+    # A rebuild that deletes nothing and still fits (set_many of existing keys, a heap
+    # that filled up) keeps the table size, copies the index and places only new keys.
+    same_places = same_places and old.cap >= need + need // 8 + 8
     kinds = live["meta"] & 0xFF
     on_heap = np.isin(kinds, _HEAP_KINDS)
     val = live["val"]
@@ -84,7 +92,7 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
     kwords = (live["klen"].astype(np.int64) + 7) // 8
     vwords = (vlen + 7) // 8
     used_words = int(kwords.sum() + vwords.sum())
-    cap = max(cap_hint if empty else 0, int((n + extra_entries) * 1.5) + 8)
+    cap = old.cap if same_places else max(cap_hint if empty else 0, int(need * 1.5) + 8)
     # Room for many more writes before the next rebuild: values are never overwritten
     # in place, so a small table with one churning key would otherwise rebuild every
     # few writes. Large tables get 1.5x their live bytes (the memory bound).
@@ -107,10 +115,14 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
         stamp = ctrl[L.C_STAMP] + 1
         ctrl[L.C_STAMP] = stamp
         out["ver"][:n] = 2 * stamp + 2
+    placed = 0
+    if same_places:
+        new.index()[:] = old.index()
+        placed = n
     if changes is not None:
         n, used_words = _apply_changes(new, n, used_words, livepos, ctrl, *changes)
-    if n:
-        build_index(new.index(), new.entries()["hash"][:n])
+    if n > placed:
+        build_index(new.index(), new.entries()["hash"][placed:n], first=placed)
     q = new.q
     q[L.H_USED], q[L.H_LIVE], q[L.H_TOP], q[L.H_GARBAGE] = n, n, used_words, 0
     return new

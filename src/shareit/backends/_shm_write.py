@@ -134,6 +134,8 @@ class ShmWriter:
         if top + words > g.heapw:
             raise L.Grow
         q[L.H_TOP] = top + words
+        if len(data) & 7:
+            q[g.hw + top + words - 1] = 0  # zero padding: bulk lookups compare whole words
         b = g.hoff + top * 8
         g.mv[b : b + len(data)] = data
         return top
