@@ -34,12 +34,13 @@ class ShmBulk:
         self._wlock()
         try:
             ents = self._g.entries()[: self._g.q[L.H_USED]]
-            live = ents["meta"] & L.LIVE
-            cols = ents[["meta", "val"]]
-            cols = np.array(cols) if live.all() else cols[live != 0]  # copies two columns only
+            meta, val = ents["meta"].copy(), ents["val"].copy()  # two columns, each one pass
         finally:
             self._lock_release()
-        return _numeric(cols, self._config.value_type)
+        live = (meta & L.LIVE) != 0
+        if not live.all():
+            meta, val = meta[live], val[live]
+        return _numeric(meta, val, self._config.value_type)
 
     def keys_list(self) -> list:
         """Every key in iteration order (the order of :meth:`values_array`)."""
@@ -59,13 +60,15 @@ class ShmBulk:
         try:
             found = locate(self._g, batch)
             have = found >= 0
-            cols = self._g.entries()[["meta", "val"]][found[have]]  # fancy indexing copies
+            at = found[have]
+            ents = self._g.entries()
+            meta, val = ents["meta"][at], ents["val"][at]  # fancy indexing copies
         finally:
             self._lock_release()
         if not have.all() and default is MISSING:
             raise KeyError(batch.key(int(np.argmin(have))))
         out = np.empty(batch.n, dtype=self._config.value_type)
-        out[have] = _numeric(cols, self._config.value_type)
+        out[have] = _numeric(meta, val, self._config.value_type)
         if not have.all():
             out[~have] = default
         return out
@@ -245,14 +248,14 @@ class ShmBulk:
         }
 
 
-def _numeric(ents: np.ndarray, value_type: str) -> np.ndarray:
-    kinds = ents["meta"] & 0xFF
-    raw = ents["val"]
+def _numeric(meta: np.ndarray, raw: np.ndarray, value_type: str) -> np.ndarray:
+    """Inline values (``raw``, a copy the caller owns) of the given kinds as ``value_type``."""
+    kinds = meta & 0xFF
     if value_type.startswith("float"):
-        out = raw.view("<f8").copy()
+        out = raw.view("<f8")
         ints = kinds == L.V_INT
         if ints.any():
-            out[ints] = raw[ints]
+            out[ints] = raw[ints]  # (reads the int words before they are overwritten)
         return out.astype(value_type, copy=False)
     if value_type == "bool":
         return kinds == L.V_TRUE
