@@ -497,6 +497,7 @@ class QueueMapping(ManagerMapping):
         data = _dumps(("aset", key, stored), _PROTO)
         size = len(data)
         frame = (_HEADER(size) if size < 0x7FFFFFFF else _BIG_HEADER(-1, size)) + data
+        done = 0
         try:
             done = os.write(conn._qfd, frame)
             while done < len(frame):  # a large value, or a signal: send the rest
@@ -504,6 +505,10 @@ class QueueMapping(ManagerMapping):
         except OSError as exc:
             self._drop_conn()
             raise self._died(exc) from None
+        except BaseException:
+            if done:  # (KeyboardInterrupt between two writes) the hub drops the part sent
+                self._drop_conn()
+            raise
         n = conn._qsent = conn._qsent + 1
         w = self._w
         w[conn._qword] = n  # counted: every read and hub operation now waits for it
