@@ -336,22 +336,27 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         if g.q[w] != ver or not meta & L.LIVE:
             return None
         value = L.decode_value(kind, inline, raw)
+        kt = type(key)
+        if kt is tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
+            return (True, value)
         if self._lock_forkgen == _runtime.fork_generation:  # (the fast write path's key)
             self._slots[key] = w
         cache = self._cache
         if len(cache) >= L.CACHE_MAX:
             cache.clear()
+        # A hit must be of the same type: 1 == 1.0 == True, but only 1 is a valid key.
         if kind in L.IMMUTABLE_KINDS:
-            cache[key] = (w, ver, value, True)
+            cache[key] = (w, ver, value, True, kt)
         else:
-            cache[key] = (w, ver, raw, False)
+            cache[key] = (w, ver, raw, False, kt)
         return (True, value)
 
     # ------------------------------------------------------------------ the five
 
     def __getitem__(self, key: Any) -> Any:
         hit = self._cache.get(key)
-        if hit is not None and self._c[C_GSEQ] == self._epoch and self._q[hit[0]] == hit[1]:
+        if (hit is not None and hit[4] is type(key) and self._c[C_GSEQ] == self._epoch
+                and self._q[hit[0]] == hit[1]):
             return hit[2] if hit[3] else _loads(hit[2])
         self._check_open()
         found, value = self._read(self._check_key(key))
@@ -361,8 +366,8 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         t = type(value)
-        if t is int or t is float:
-            w = self._slots.get(key, -1) if self._plain else -1
+        if (t is int or t is float) and (type(key) is str or type(key) is int):
+            w = self._slots.get(key, -1) if self._plain else -1  # (1.0 or True: not here)
             if w >= 0:  # the hot path, inline: see _fast_store, which it repeats for speed
                 if t is float:
                     want, inline = _LIVE_FLOAT, _f2i(value)

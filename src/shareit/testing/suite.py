@@ -345,6 +345,33 @@ class SharedMappingSuite:
             d[frozenset({1})] = self.val(1)
         assert len(d) == 0
 
+    def test_key_equal_to_a_stored_one_but_of_a_refused_type(self, d: SharedMapping) -> None:
+        """1.0, True and numpy's 1 equal 1 (and hash alike); a backend that refuses their
+        types refuses them even once 1 has been read and written (no cache answers)."""
+        import numpy as np
+
+        allowed = self.caps.key_types
+        if allowed is None or int not in allowed:
+            pytest.skip(f"backend {self.backend!r} takes any hashable key, or no int keys")
+        d[1] = 5
+        assert d[1] == 5
+        d[1] = 6  # (a repeated write of a number may take a fast path)
+        assert d[1] == 6
+        bad: list = [1.0, True, np.int64(1)]
+        if tuple in allowed:
+            d[(1, "a")] = 7
+            assert d[(1, "a")] == 7
+            bad.append((1.0, "a"))
+        before = dict(d)
+        for key in bad:
+            with pytest.raises(TypeError, match="keys of type"):
+                d[key]
+            with pytest.raises(TypeError, match="keys of type"):
+                d[key] = 8
+            with pytest.raises(TypeError, match="keys of type"):
+                d[key] = 8.5
+        assert dict(d) == before
+
     def test_unpicklable_value_raises_and_changes_nothing(self, d: SharedMapping) -> None:
         self.need_any_values()
         d["a"] = 1
