@@ -190,3 +190,16 @@ def test_owner_close_destroys_and_attacher_close_does_not(name: str) -> None:
     owner.close()
     wait_until(lambda: gone(pid), what="server exit")
     assert shareit_files(name) == []
+
+
+def test_update_counts_pickled_values_and_merges_repeated_keys(d) -> None:
+    """The server keeps count of pickled values (a snapshot of plain data skips unpickling);
+    one update() of mixed, repeated and overwriting items keeps that count exact."""
+    d["a"] = [1]
+    d["b"] = 2
+    d.update([("a", 3), ("b", [4]), ("c", [5]), ("c", 6), ("d", [7]), ("a", [8])])
+    assert dict(d) == {"a": [8], "b": [4], "c": 6, "d": [7]}
+    assert list(d) == ["a", "b", "c", "d"]
+    assert d.info()["pickled_values"] == 3
+    d.update({"a": 1, "b": 2, "d": 3})
+    assert d.info()["pickled_values"] == 0 and d.snapshot() == {"a": 1, "b": 2, "c": 6, "d": 3}

@@ -382,7 +382,20 @@ class SharedMapping(MutableMapping):
                     ) from None
                 pairs.append((k, v))
         pairs.extend(kwargs.items())
-        return [(self._check_key(k), self._coerce(v)) for k, v in pairs]
+        keys_ok = False  # whether every key is known valid without a per-key check
+        if self._declared is None:
+            allowed = self.capabilities.key_types
+            if allowed is None:
+                keys_ok = isinstance(other, Mapping)  # its keys hash (pairs may not)
+            else:
+                kinds = {type(k) for k, _ in pairs}  # (each allowed type but tuple hashes)
+                keys_ok = tuple not in kinds and kinds.issubset(allowed)
+        if not keys_ok:
+            return [(self._check_key(k), self._coerce(v)) for k, v in pairs]
+        if self._vt is None:
+            return pairs
+        coerce = self._vt.coerce
+        return [(k, coerce(v)) for k, v in pairs]
 
     # ----------------------------------------------------------------- dict(d) in one round trip
 

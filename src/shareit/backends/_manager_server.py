@@ -30,6 +30,7 @@ import struct
 import sys
 import threading
 import time
+from collections import Counter
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 
 from .. import _codec, _runtime
@@ -143,6 +144,13 @@ class Store:
         queue backend's hub broadcasts them. Both markers are tuples of str, which no
         stored value is."""
 
+    def changed_many(self, items: dict) -> None:
+        """``changed`` for each of ``items`` (sets of one update), before they are stored."""
+        if type(self).changed is not Store.changed:
+            data = self.data
+            for key, value in items.items():
+                self.changed(key, value, key not in data)
+
     def op_set(self, key, value) -> None:
         with self.cond:
             self._wait_free(self.tls.timeout)
@@ -153,11 +161,17 @@ class Store:
             self._wait_free(self.tls.timeout)
             self._removed(key, self.data.pop(key))
 
-    def op_update(self, pairs: list) -> None:
+    def op_update(self, items: dict) -> None:
+        """Store every item of ``items`` (a dict: a key given twice to ``update()`` was
+        merged by the client into its last value, at its first place)."""
         with self.cond:
             self._wait_free(self.tls.timeout)
-            for key, value in pairs:
-                self._put(key, value)
+            data = self.data
+            if self.wrapped:
+                self.wrapped -= Counter(map(type, map(data.get, items)))[tuple]
+            self.wrapped += Counter(map(type, items.values()))[tuple]
+            self.changed_many(items)
+            data.update(items)
 
     def op_clear(self) -> None:
         with self.cond:

@@ -134,6 +134,10 @@ class HubStore(Store):
     def changed(self, key, value, new: bool) -> None:
         self.effects.append((key, value, new))
 
+    def changed_many(self, items: dict) -> None:
+        data = self.data
+        self.effects.extend([(k, v, k not in data) for k, v in items.items()])
+
     def apply_batch(self, me: threading.Thread, pairs: list) -> None:
         """Apply pipelined sets from one connection (or defer them while another holds lock())."""
         with self.cond:

@@ -38,6 +38,7 @@ when the owner is killed. The server here keeps Manager's transport
 from __future__ import annotations
 
 import copy
+import operator
 import os
 import pickle
 import secrets
@@ -58,6 +59,7 @@ from ._manager_server import conn_setup
 
 _dumps, _loads = pickle.dumps, pickle.loads
 _pack, _unpack = _codec.pack, _codec.unpack
+_second = operator.itemgetter(1)
 _PROTO = pickle.HIGHEST_PROTOCOL
 _GRACE = 2.0  # seconds beyond a server-side wait before the client calls the server hung
 
@@ -289,7 +291,11 @@ class ManagerMapping(SharedMapping):
         return data
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
-        self._call("update", [(k, _pack(v)) for k, v in items])
+        plain = _codec.PLAIN_TYPES
+        if set(map(type, map(_second, items))) <= plain:  # (the common case: C loops only)
+            self._call("update", dict(items))
+        else:
+            self._call("update", {k: v if type(v) in plain else _pack(v) for k, v in items})
 
     def clear(self) -> None:
         self._call("clear")
