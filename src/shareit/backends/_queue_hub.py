@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from ._manager_server import Server, Store, _dumps, _loads, _PROTO, conn_setup
 
 SUB_SEND_TIMEOUT = 1.0
-READ_CHUNK = 1 << 18
+READ_CHUNK = 1 << 16  # below malloc's mmap threshold: no mmap/munmap per read
 
 # The shared words file: 8-byte words.
 W_CHANGE = 0  # changes on every change anywhere: hub publish or client aset (unique values)

@@ -86,7 +86,7 @@ _HEADER, _BIG_HEADER = struct.Struct("!i").pack, struct.Struct("!iQ").pack  # co
 STALE = -1  # a "last seen change" that no change word ever equals: the next read looks
 PIPELINED_KEYS = frozenset({str, int, bytes})  # keys the hub can always load: sets need no reply
 DRAIN_AFTER = 32  # a writer applies the hub's confirmations once this many are waiting
-READ_CHUNK = 1 << 18
+READ_CHUNK = 1 << 16  # below malloc's mmap threshold: no mmap/munmap per read
 _NO_WORDS = memoryview(bytearray(8 * (SLOT_BASE + 2))).cast("Q")  # before subscribing, after close
 
 _live: "weakref.WeakValueDictionary[int, QueueMapping]" = weakref.WeakValueDictionary()
