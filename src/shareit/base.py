@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import copy as _copy
+import operator
 import os
 import pickle
 import threading
@@ -33,6 +34,8 @@ from .errors import (
 )
 
 __all__ = ["SharedMapping", "Capabilities", "MISSING", "STRUCTURAL_OPTIONS", "record_options"]
+
+_first = operator.itemgetter(0)
 
 
 class _Missing:
@@ -388,7 +391,7 @@ class SharedMapping(MutableMapping):
             if allowed is None:
                 keys_ok = isinstance(other, Mapping)  # its keys hash (pairs may not)
             else:
-                kinds = {type(k) for k, _ in pairs}  # (each allowed type but tuple hashes)
+                kinds = set(map(type, map(_first, pairs)))  # (each allowed type but tuple hashes)
                 keys_ok = tuple not in kinds and kinds.issubset(allowed)
         if not keys_ok:
             return [(self._check_key(k), self._coerce(v)) for k, v in pairs]

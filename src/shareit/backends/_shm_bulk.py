@@ -8,6 +8,7 @@ the facts ``shareit inspect`` shows.
 from __future__ import annotations
 
 import fcntl
+import operator
 import os
 import zlib
 from typing import Any
@@ -19,6 +20,7 @@ from ..base import MISSING
 from . import _shm_layout as L
 
 _crc32 = zlib.crc32
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 SMALL_BATCH = 256  # up to this many keys, set_many journals key by key
@@ -113,15 +115,15 @@ class ShmBulk:
         as one numpy rebuild; False (nothing done) for any other kind of batch."""
         from ._shm_many import encode_keys, has_duplicates
 
-        values = [v for _, v in items]
+        values = list(map(_second, items))  # (C loops here: this is the bulk path)
         kind = type(values[0])
-        if kind not in (int, float) or not all(type(v) is kind for v in values):
+        if kind not in (int, float) or set(map(type, values)) != {kind}:
             return False
         try:
             inline = np.array(values, dtype="<i8" if kind is int else "<f8")
         except OverflowError:
             return False  # ints beyond int64 live on the heap
-        batch = encode_keys([k for k, _ in items])
+        batch = encode_keys(list(map(_first, items)))
         if has_duplicates(batch):
             return False
         self._set_batch(batch, L.V_INT if kind is int else L.V_FLOAT, inline.view("<i8"))

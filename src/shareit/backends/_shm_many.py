@@ -60,7 +60,7 @@ def encode_keys(keys: Any) -> KeyBatch:
             return _encode_each(keys.tolist())
         return _encode_ints(keys.astype("<i8"), keys)
     keys = list(keys)
-    if keys and all(type(k) is int for k in keys):
+    if keys and set(map(type, keys)) == {int}:
         try:
             ints = np.array(keys, dtype="<i8")
         except OverflowError:
