@@ -278,3 +278,34 @@ def test_threads_of_one_process_share_its_replica(d) -> None:
     assert snap["n"] == 40 and len(snap) == 201
     assert all(snap[f"t{t}-{k}"] == 4950 + k for t in range(4) for k in range(50))
     assert not d._pending, "every set of every thread is confirmed after sync()"
+
+
+def update_and_signal(d, done) -> None:
+    d.update({"a": 1, "b": 2, "c": [3], "new": 4})
+    done.set()
+
+
+def test_an_update_pushed_while_own_sets_are_in_flight_does_not_hide_them(d) -> None:
+    """Another process's update() reaches this replica as one effect. While this
+    process's later sets to some of its keys are unconfirmed, those keys keep their
+    own values; the other keys take the update's; the order is the hub's."""
+    d.update({"a": 0, "b": 0, "own": 0})
+    assert d["a"] == 0  # subscribed
+    events = []
+    d.on_change(lambda kind, key, value: events.append((kind, key, value)))
+    done = FORK.Event()
+    p = FORK.Process(target=update_and_signal, args=(d, done))
+    p.start()
+    assert done.wait(TIMEOUT)  # its push waits, unread, in this replica's socket
+    d["b"] = "mine"  # pipelined: in flight while the update's push is applied
+    d["late"] = "mine too"
+    assert d["b"] == "mine" and d["late"] == "mine too"
+    assert d["a"] == 1 and d["c"] == [3] and d["new"] == 4
+    assert list(d) == ["a", "b", "own", "c", "new", "late"]
+    d.sync()
+    assert d.snapshot() == {"a": 1, "b": "mine", "own": 0, "c": [3], "new": 4,
+                            "late": "mine too"}
+    assert ("set", "a", 1) in events and ("set", "c", [3]) in events
+    assert events[-2:] == [("set", "b", "mine"), ("set", "late", "mine too")]
+    p.join(TIMEOUT)
+    assert p.exitcode == 0

@@ -40,6 +40,7 @@ _dumps, _loads = pickle.dumps, pickle.loads
 _PROTO = pickle.HIGHEST_PROTOCOL
 REMOVED = ("<removed>",)  # a 1-tuple of str: never a packed value, which is (bytes,)
 CLEARED = ("<cleared>",)
+UPDATED = ("<updated>",)  # (only in the queue hub's pushes: one update()'s items)
 
 
 class Store:

@@ -27,7 +27,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
-from ._manager_server import Server, Store, _dumps, _loads, _PROTO, conn_setup
+from ._manager_server import UPDATED, Server, Store, _dumps, _loads, _PROTO, conn_setup
 
 SUB_SEND_TIMEOUT = 1.0
 READ_CHUNK = 1 << 16  # below malloc's mmap threshold: no mmap/munmap per read
@@ -135,8 +135,10 @@ class HubStore(Store):
         self.effects.append((key, value, new))
 
     def changed_many(self, items: dict) -> None:
-        data = self.data
-        self.effects.extend([(k, v, k not in data) for k, v in items.items()])
+        """One effect for a whole update(): ``(items, UPDATED, the keys it inserts)``, with
+        True for "all of them"; a replica applies it with one dict.update()."""
+        news = items.keys() - self.data.keys()
+        self.effects.append((items, UPDATED, True if len(news) == len(items) else news))
 
     def apply_batch(self, me: threading.Thread, pairs: list) -> None:
         """Apply pipelined sets from one connection (or defer them while another holds lock())."""

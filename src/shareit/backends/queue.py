@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterator
 from .. import _codec, _runtime
 from ..base import MISSING, Capabilities
 from ..errors import BackendTimeoutError
-from ._manager_server import CLEARED
+from ._manager_server import CLEARED, UPDATED
 from ._queue_hub import (
     PREFIX_SHIFT,
     SLOT_BASE,
@@ -329,6 +329,8 @@ class QueueMapping(ManagerMapping):
                         local.clear()
                         fast.clear()
                         notify and self._notify("clear", None, None)
+                    elif value == UPDATED:  # one update(): ``key`` holds its items
+                        self._apply_update(key)
                     else:  # REMOVED
                         local.pop(key, None)
                         fast.pop(key, None)
@@ -342,33 +344,57 @@ class QueueMapping(ManagerMapping):
                     notify and self._notify("set", key, value)
         self._applied = seq
 
+    def _apply_update(self, items: dict) -> None:
+        """One ``update()`` at the hub: its items, stored forms, in the hub's order."""
+        self._local.update(items)
+        if set(map(type, items.values())) <= _PLAIN:
+            self._fast.update(items)
+        else:
+            fast = self._fast
+            for key, value in items.items():
+                if type(value) in _PLAIN:
+                    fast[key] = value
+                else:
+                    fast.pop(key, None)
+        if self._callbacks:
+            for key, value in items.items():
+                self._notify("set", key, value)
+
     def _apply_merging(self, effects: list, prefix: int, n: int) -> None:
         """Apply changes while own sets are in flight: those come later in the hub's order,
         so they win over any change pushed before them."""
-        pending, local = self._pending, self._local
+        local = self._local
         for key, value, new in effects:
             if type(value) is tuple and value == CLEARED:
-                keep = {k: local[k] for k in pending if k in local}
+                keep = {k: local[k] for k in self._pending if k in local}
                 self._set_all({})
                 self._notify("clear", None, None)
                 for k, v in keep.items():
                     self._store_local(k, v)
-                continue
-            p = pending.get(key)
-            if p is not None:
-                if p[0] == prefix and p[1] <= n:
-                    del pending[key]  # our own set, by a round trip on the same connection
-                else:
-                    if new and key in local:  # the hub inserted it here: keep its order
-                        local[key] = local.pop(key)
-                    continue
-            if type(value) is tuple and type(value[0]) is str:  # REMOVED
-                local.pop(key, None)
-                self._fast.pop(key, None)
-                self._notify("del", key, None)
+                local = self._local
+            elif type(value) is tuple and value == UPDATED:
+                for k, v in key.items():  # (``new``: the keys it inserted, or True for all)
+                    self._merge_one(k, v, new is True or k in new, prefix, n)
             else:
-                self._store_local(key, value)
-                self._notify("set", key, value)
+                self._merge_one(key, value, new, prefix, n)
+
+    def _merge_one(self, key: Any, value: Any, new: bool, prefix: int, n: int) -> None:
+        local, pending = self._local, self._pending
+        p = pending.get(key)
+        if p is not None:
+            if p[0] == prefix and p[1] <= n:
+                del pending[key]  # our own set, by a round trip on the same connection
+            else:
+                if new and key in local:  # the hub inserted it here: keep its order
+                    local[key] = local.pop(key)
+                return
+        if type(value) is tuple and type(value[0]) is str:  # REMOVED
+            local.pop(key, None)
+            self._fast.pop(key, None)
+            self._notify("del", key, None)
+        else:
+            self._store_local(key, value)
+            self._notify("set", key, value)
 
     def _confirmed(self, prefix: int, n: int, news: list) -> None:
         """The hub applied this replica's own sets up to number ``n`` on connection ``prefix``."""
