@@ -140,10 +140,11 @@ class Store:
         return value
 
     def changed(self, key, value, new: bool) -> None:
-        """Every change but an update() goes through here (``value`` is :data:`REMOVED`
-        for a delete and :data:`CLEARED`, with key None, for clear; ``new`` says the key
-        was inserted); the queue backend's hub broadcasts them. Markers (these two, and
-        the hub's :data:`UPDATED`) are tuples of str, which no stored value is."""
+        """Every change goes through here, an update()'s through ``changed_many``, which
+        calls this per item unless overridden (``value`` is :data:`REMOVED` for a delete
+        and :data:`CLEARED`, with key None, for clear; ``new`` says the key was inserted);
+        the queue backend's hub broadcasts them. Markers (these two, and the hub's
+        :data:`UPDATED`) are tuples of str, which no stored value is."""
 
     def changed_many(self, items: dict) -> None:
         """``changed`` for each of ``items`` (sets of one update), before they are stored."""
