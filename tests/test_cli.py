@@ -33,6 +33,21 @@ def test_bench_quick_subset_writes_parsable_results(tmp_path) -> None:
     assert rows[("incr (hot key)", "manager")]["exact"] is True
     assert rows[("incr (hot key)", "Manager().dict()")]["exact"] is True
     assert data["machine"]["cpus"] == os.cpu_count()
+    from shareit._bench import TITLES
+
+    assert {r["workload"] for r in data["results"]} <= set(TITLES.values())
+
+
+def test_a_failed_peer_is_reported_under_its_workload_title() -> None:
+    """A peer that crashes (shared-memory-dict has no lock) gets a "failed" cell in its
+    workload's row, not a row of its own."""
+    from shareit import _bench
+
+    class Missing:
+        name = "no-such-peer"
+
+    r = _bench.run_peer(_bench.PeerProxy(Missing), "mixed", _bench.Params())
+    assert r.workload == "mixed 90/10" and r.note.startswith("failed:") and r.ops_per_s is None
 
 
 def test_bench_rejects_unknown_names_with_valid_ones() -> None:

@@ -239,7 +239,7 @@ def run_peer(proxy: PeerProxy, workload: str, p: "Params") -> Result:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return Result(workload, proxy.name, note=f"failed: {tail[:120]}")
+        return Result(TITLES.get(workload, workload), proxy.name, note=f"failed: {tail[:120]}")
     return Result(**json.loads(lines[-1]))
 
 
@@ -624,6 +624,16 @@ WORKLOADS: dict[str, tuple[Callable[[Subject, Params], Result], Callable[[Subjec
     "attach": (w_attach, lambda s: s.kind == "shareit" and s.values == "any"
                and shareit.backends()[s.name].get("attach_by_name", False)),
 }
+
+
+#: workload name -> the title its results carry (a failed peer's row goes under it too)
+TITLES = {
+    "get": "get", "getdict": "get dict", "counter": "read counter", "getN": "get xN",
+    "set": "set", "mixed": "mixed 90/10", "incr": "incr (hot key)", "counters": "incr (own key)",
+    "edit": "nested edit", "snapshot": "snapshot 100k", "build": "build 100k",
+    "bulk": "bulk numeric 100k", "propagation": "propagation", "attach": "attach 100k",
+}
+assert TITLES.keys() == WORKLOADS.keys()
 
 
 def registry_class(backend: str) -> type:
