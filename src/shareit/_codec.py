@@ -35,6 +35,11 @@ loads = pickle.loads
 PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
 
 
+def all_plain(values: Any) -> bool:
+    """Whether every value is of a plain type (C loops only: for bulk paths)."""
+    return set(map(type, values)) <= PLAIN_TYPES
+
+
 def pack(value: Any) -> Any:
     """A value as a server stores it: plain built-ins as themselves, others as ``(pickle,)``.
 

@@ -291,10 +291,10 @@ class ManagerMapping(SharedMapping):
         return data
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
-        plain = _codec.PLAIN_TYPES
-        if set(map(type, map(_second, items))) <= plain:  # (the common case: C loops only)
+        if _codec.all_plain(map(_second, items)):  # (the common case)
             self._call("update", dict(items))
         else:
+            plain = _codec.PLAIN_TYPES
             self._call("update", {k: v if type(v) in plain else _pack(v) for k, v in items})
 
     def clear(self) -> None:
