@@ -1,18 +1,30 @@
-"""Session-wide leak checks: no shareit files left in the runtime dir, no server left running."""
+"""Session-wide setup and leak checks.
+
+Each test session uses a private runtime dir of its own (``SHAREIT_RUNTIME_DIR``,
+inherited by every child process), so the leak check counts only what this
+session created: another test run, or an application using shareit on the same
+machine, can neither fail it nor be disturbed by it.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
 
 from shareit import _runtime
 
+_SESSION_DIR = tempfile.mkdtemp(
+    prefix="shareit-tests-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+)
+os.environ["SHAREIT_RUNTIME_DIR"] = _SESSION_DIR
+
 
 def _our_files() -> set[str]:
-    d = _runtime.runtime_dir()
-    return {f for f in os.listdir(d) if f.startswith(_runtime.PREFIX)}
+    return set(os.listdir(_runtime.runtime_dir()))
 
 
 def _children_running() -> list[str]:
@@ -34,11 +46,13 @@ def _children_running() -> list[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks_after_session():
-    before = _our_files()
+    assert _runtime.runtime_dir().startswith(_SESSION_DIR)
     yield
-    left = sorted(_our_files() - before)
-    assert not left, f"the test session left these in {_runtime.runtime_dir()}: {left}"
+    left = sorted(_our_files())
     running = _children_running()
+    if not left and not running:
+        shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    assert not left, f"the test session left these in {_runtime.runtime_dir()}: {left}"
     assert not running, f"the test session left these processes running: {running}"
 
 

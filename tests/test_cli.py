@@ -78,7 +78,7 @@ def test_ls_inspect_and_gc_spare_the_living(tmp_path, monkeypatch) -> None:
     record = _runtime.read_meta(dead_name)
     os.kill(owner.pid, signal.SIGSTOP)  # keep its record: a stopped owner is alive...
     try:
-        os.kill(record["server_pid"], signal.SIGKILL)
+        os.kill(record["fields"]["server_pid"], signal.SIGKILL)
     finally:
         os.kill(owner.pid, signal.SIGKILL)  # ...then dies without any cleanup
         owner.join(60)

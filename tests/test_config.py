@@ -215,8 +215,11 @@ def test_errors_inherit_matching_builtins() -> None:
     assert issubclass(e.BackendDiedError, ConnectionError)
     assert issubclass(e.LockTimeoutError, TimeoutError) and issubclass(e.ClosedError, ValueError)
     assert issubclass(e.NotFoundError, FileNotFoundError)
+    assert issubclass(e.PermissionDeniedError, PermissionError)
+    assert issubclass(e.RecordError, ValueError)
     for cls in (e.ConfigError, e.BackendUnavailableError, e.BackendDiedError, e.LockTimeoutError,
-                e.CapacityError, e.ClosedError, e.NotFoundError):
+                e.CapacityError, e.ClosedError, e.NotFoundError, e.PermissionDeniedError,
+                e.RecordError):
         assert issubclass(cls, e.ShareitError)
 
 
@@ -224,7 +227,7 @@ def test_runtime_dir_override(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SHAREIT_RUNTIME_DIR", str(tmp_path))
     d = shareit.open("rt-test", backend="manager")
     try:
-        assert os.path.exists(tmp_path / "shareit-rt-test.meta")
+        assert os.path.exists(tmp_path / f"shareit-{os.geteuid()}" / "rt-test@meta")
     finally:
         d.close()
-    assert not os.path.exists(tmp_path / "shareit-rt-test.meta")
+    assert not os.path.exists(tmp_path / f"shareit-{os.geteuid()}" / "rt-test@meta")

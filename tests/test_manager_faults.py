@@ -115,7 +115,9 @@ def test_record_is_private_and_holds_address_and_key(d, name: str) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     record = _runtime.read_meta(name)
     assert record["backend"] == "manager" and record["owner_pid"] == os.getpid()
-    assert record["address"].startswith("\0shareit-") and len(bytes.fromhex(record["authkey"])) == 32
+    fields = record["fields"]
+    assert fields["address"].startswith(f"\0shareit-{os.geteuid()}-")
+    assert len(bytes.fromhex(fields["authkey"])) == 32
 
 
 def test_stale_record_of_dead_owner_is_replaced(name: str) -> None:

@@ -183,3 +183,220 @@ def test_missing_extra_says_what_to_install() -> None:
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install 'shareit[redis]'" in out.stdout, out.stderr
+
+
+# ---------------------------------------------------------------------- trust boundary
+
+
+class _Planted:
+    """Unpickling this creates the file ``path``: proof that a pickle ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _planted_payload(marker: str) -> bytes:
+    import pickle
+
+    return pickle.dumps(_Planted(marker), protocol=5)
+
+
+def test_planted_payload_would_run_if_unpickled(tmp_path) -> None:
+    """The payload the tests below plant really runs code when unpickled."""
+    import pickle
+
+    marker = tmp_path / "ran"
+    pickle.loads(_planted_payload(str(marker))).close()
+    assert marker.exists()
+
+
+def _raw() -> "redis.Redis":  # noqa: F821 - redis-py straight to the test server
+    import redis
+
+    return redis.Redis(unix_socket_path=SERVER["sock"])
+
+
+def _edit(d, key) -> None:
+    with d.edit(key):
+        pass
+
+
+@pytest.mark.parametrize("planted", ["pickle", b"NaN", b"Infinity", b"{'a': 1}", b"\xff\xfe\x00",
+                                     b"[" * 100_000, b"nope"])
+def test_json_never_unpickles_a_planted_value(tmp_path, planted) -> None:
+    marker = tmp_path / "ran"
+    payload = _planted_payload(str(marker)) if planted == "pickle" else planted
+    d = shareit.open(backend="redis", url=SERVER["url"], serializer="json")
+    try:
+        d["ok"] = 1
+        _raw().hset(d._key, "evil", payload)
+        reads = {
+            "d[k]": lambda: d["evil"], "get": lambda: d.get("evil"), "snapshot": d.snapshot,
+            "items": lambda: list(d.items()), "values": lambda: list(d.values()),
+            "dict(d)": lambda: dict(d), "{**d}": lambda: {**d}, "copy": d.copy,
+            "==": lambda: d == {"ok": 1}, "transform": lambda: d.transform("evil", lambda v: v),
+            "pop": lambda: d.pop("evil"), "edit": lambda: _edit(d, "evil"),
+        }
+        for what, read in reads.items():
+            with pytest.raises(ValueError, match=r"key 'evil' of mapping .* is not JSON"):
+                read()
+            assert not marker.exists(), f"{what} unpickled a value under serializer='json'"
+        assert "<unreadable: ValueError>" in repr(d), "repr never raises, never unpickles"
+        assert _raw().hget(d._key, "evil") == payload, "the bad value is left as it is"
+        assert d["ok"] == 1 and sorted(d) == ["evil", "ok"]
+    finally:
+        d.close()
+    assert not marker.exists()
+
+
+def test_json_top_level_nan_and_inf_round_trip() -> None:
+    import math
+
+    import numpy as np
+
+    for serializer in ("json", "pickle"):
+        d = shareit.open(backend="redis", url=SERVER["url"], serializer=serializer)
+        try:
+            d.update(n=math.nan, p=math.inf, m=-math.inf, np_n=np.float64("nan"))
+            got = d.snapshot()
+            assert math.isnan(got["n"]) and math.isnan(got["np_n"]) and type(got["n"]) is float
+            assert got["p"] == math.inf and got["m"] == -math.inf and d["p"] == math.inf
+            assert math.isnan(d.transform("n", lambda v: v))
+        finally:
+            d.close()
+
+
+def test_json_nested_nan_or_inf_is_refused_and_nothing_changes() -> None:
+    import math
+
+    d = shareit.open(backend="redis", url=SERVER["url"], serializer="json")
+    try:
+        d["a"] = [1.5]
+        before = _raw().hgetall(d._key)
+        bad = [[math.nan], {"x": math.inf}, {"y": [-math.inf]}]
+        for value in bad:
+            with pytest.raises(ValueError, match="JSON has no NaN"):
+                d["a"] = value
+            with pytest.raises(ValueError, match="JSON has no NaN"):
+                d["b"] = value
+            with pytest.raises(ValueError, match="JSON has no NaN"):
+                d.update({"c": 1, "d": value})
+            with pytest.raises(ValueError, match="JSON has no NaN"):
+                d.transform("a", lambda v, value=value: value)
+            with pytest.raises(ValueError, match="JSON has no NaN"):
+                d.setdefault("e", value)
+            with pytest.raises(ValueError, match="JSON has no NaN"), d.edit("a") as v:
+                v.append(math.nan)
+        assert _raw().hgetall(d._key) == before, "nothing written"
+        assert d == {"a": [1.5]}
+    finally:
+        d.close()
+
+
+def test_incr_with_numpy_scalars() -> None:
+    import numpy as np
+
+    d = shareit.open(backend="redis", url=SERVER["url"])
+    try:
+        assert d.incr("i", np.int64(3)) == 3 and type(d["i"]) is int
+        assert d.incr("i", np.int32(2)) == 5
+        assert d.incr("i", np.uint8(1)) == 6
+        assert d.incr("f", np.float64(0.5)) == 0.5
+        assert d.incr("f", np.float32(0.25)) == 0.75 and type(d["f"]) is float
+        assert d.incr("i", np.float64(0.5)) == 6.5, "an int value takes a float delta"
+        assert d.incr("new", np.int64(1), default=np.int64(10)) == 11
+        assert d.incr("newf", 1, default=np.float64(0.5)) == 1.5
+        before = _raw().hgetall(d._key)
+        for delta in (np.float64("nan"), np.float64("inf"), float("-inf")):
+            with pytest.raises(ValueError, match="finite"):
+                d.incr("i", delta)
+            with pytest.raises(ValueError, match="finite"):
+                d.incr("absent", delta)
+        with pytest.raises(TypeError, match="default must be a number"):
+            d.incr("absent", 1, default="x")
+        with pytest.raises(TypeError, match="real number"):
+            d.incr("absent", 1j)
+        assert _raw().hgetall(d._key) == before and "absent" not in d, "nothing written"
+    finally:
+        d.close()
+    for vt, delta, want in (("int64", np.int64(4), 4), ("float64", np.float64(0.5), 0.5),
+                            ("float64", np.int64(2), 2.0)):
+        d = shareit.open(backend="redis", url=SERVER["url"], value_type=vt)
+        try:
+            assert d.incr("k", delta) == want and d["k"] == want
+        finally:
+            d.close()
+
+
+def _meta_key(name: str) -> str:
+    return f"shareit:{name}:meta"
+
+
+def test_meta_options_are_json_and_round_trip() -> None:
+    import json
+
+    name = f"r-{uuid.uuid4().hex[:8]}"
+    d = shareit.open(name, backend="redis", url=SERVER["url"], keys=["a", b"b", 3], capacity=7)
+    try:
+        raw = _raw().hgetall(_meta_key(name))
+        assert json.loads(raw[b"options"]) == {
+            "value_type": None, "keys": [["s", "a"], ["b", "Yg=="], ["i", 3]],
+            "capacity": 7, "persist": False}
+        assert raw[b"backend"] == b"redis" and raw[b"version"] == b"2"
+        other = shareit.open(name, backend="redis", url=SERVER["url"], create=False)
+        assert other.config.keys == ("a", b"b", 3) and other.config.capacity == 7
+        other.close()
+    finally:
+        d.close()
+
+
+def _old_meta(payload: bytes) -> dict:
+    import base64
+
+    return {"backend": "redis", "options": base64.b64encode(payload).decode(),
+            "owner_pid": str(os.getpid()), "owner_start": "1", "created": "1.0"}
+
+
+@pytest.mark.parametrize("planted, says", [
+    ("old-format pickle", "no 'version' field"),
+    ("pickle in options", "'options' field is not JSON"),
+    ("raw pickle in options", "not UTF-8"),
+    ({"version": "2", "backend": "redis"}, "no 'options' field"),
+    ({"version": "1", "backend": "redis", "options": "{}"}, "format version"),
+    ({"version": "2", "backend": "../etc", "options": "{}"}, "not a backend name"),
+    ({"version": "2", "backend": "redis", "options": "[1]"}, "not a JSON object"),
+    ({"version": "2", "backend": "redis", "options": '{"capacity": "9"}'}, "capacity"),
+    ({"version": "2", "backend": "redis", "options": '{"value_type": {"a": 1}}'}, "value_type"),
+    ({"version": "2", "backend": "redis", "options": '{"keys": [["x", 1]]}'}, "declared key"),
+    ({"version": "2", "backend": "redis", "options": '{"persist": "yes"}'}, "persist"),
+    ({"version": "2", "backend": "redis", "options": "NaN"}, "not JSON"),
+    ({"version": "2", "backend": "redis", "options": "[" * 100_000}, "not JSON"),
+])
+def test_planted_meta_is_a_record_error_and_never_unpickled(tmp_path, planted, says) -> None:
+    marker = tmp_path / "ran"
+    payload = _planted_payload(str(marker))
+    if planted == "old-format pickle":
+        fields = _old_meta(payload)
+    elif planted == "pickle in options":
+        fields = {**_old_meta(payload), "version": "2"}
+    elif planted == "raw pickle in options":
+        fields = {**_old_meta(payload), "version": "2", "options": payload}
+    else:
+        fields = planted
+    name = f"r-{uuid.uuid4().hex[:8]}"
+    key = _meta_key(name)
+    _raw().hset(key, mapping=fields)
+    try:
+        before = _raw().hgetall(key)
+        for create in (True, False):
+            with pytest.raises(shareit.RecordError, match=says) as err:
+                shareit.open(name, backend="redis", url=SERVER["url"], create=create)
+            assert repr(key) in str(err.value), "the message names the redis key"
+            assert not marker.exists(), "the record's payload ran"
+        assert _raw().hgetall(key) == before, "nothing shared changed"
+        assert not _raw().exists(f"shareit:{name}"), "no hash was created"
+    finally:
+        _raw().delete(key)

@@ -154,8 +154,8 @@ def test_writer_killed_at_a_fault_point_leaves_old_or_new(d, step: str, op: str)
     d["n"] = 10
     d["after"] = "works"
     assert d["n"] == 10 and d.incr("n") == 11 and d["after"] == "works"
-    assert shareit_files(d.name) == [f"shareit-{d.name}", f"shareit-{d.name}.g{d.info()['generation']}",
-                                     f"shareit-{d.name}.meta"], "a dead writer's segment leaked"
+    assert shareit_files(d.name) == [f"{d.name}@ctl", f"{d.name}@g{d.info()['generation']}",
+                                     f"{d.name}@meta"], "a dead writer's segment leaked"
 
 
 def random_writer(d, started) -> None:
@@ -303,11 +303,13 @@ def test_numeric_bulk_access() -> None:
 
 def test_segments_are_private_and_versioned(d, name) -> None:
     d["a"] = 1
-    for f in shareit_files(name):
-        path = os.path.join("/dev/shm", f)
+    files = shareit_files(name)
+    assert f"{name}@ctl" in files and f"{name}@meta" in files, files
+    for f in files:
+        path = os.path.join(shareit.api._runtime.runtime_dir(), f)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, f
     record = shareit.api._runtime.read_meta(name)
-    assert record["owner_pid"] == os.getpid() and record["layout"] == L.LAYOUT
+    assert record["owner_pid"] == os.getpid() and record["version"] == 2
 
 
 ATTACH_AND_EXIT = """

@@ -23,6 +23,8 @@ from .errors import (
     ConfigError,
     LockTimeoutError,
     NotFoundError,
+    PermissionDeniedError,
+    RecordError,
     ShareitError,
     UnknownBackendError,
 )
@@ -49,4 +51,6 @@ __all__ = [
     "CapacityError",
     "ClosedError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "RecordError",
 ]

@@ -19,6 +19,18 @@ import time
 from .errors import LockTimeoutError
 
 
+def _open_lockfile(path: str, create: bool) -> int:
+    """A lock file of ours: never through a symlink, owner and mode checked."""
+    from ._runtime import open_private
+
+    if create:
+        try:
+            return open_private(path, os.O_RDWR, create=True)
+        except FileExistsError:
+            pass
+    return open_private(path, os.O_RDWR)
+
+
 class FileLock:
     """A reentrant (per thread) lock across processes on ``path``, released if its holder dies."""
 
@@ -33,8 +45,7 @@ class FileLock:
 
     def _fileno(self) -> int:
         if self._pid != os.getpid():  # first use, or a forked child: never share the parent's lock
-            flags = os.O_RDWR | (os.O_CREAT if self._create else 0) | os.O_CLOEXEC
-            self._fd = os.open(self.path, flags, 0o600)
+            self._fd = _open_lockfile(self.path, self._create)
             self._pid = os.getpid()
         return self._fd
 
@@ -184,7 +195,7 @@ class FlockMutex:
     """
 
     def __init__(self, path: str):
-        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._fd = _open_lockfile(path, False)
         self._rlock = threading.RLock()
         self._depth = 0
 

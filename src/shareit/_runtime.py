@@ -1,10 +1,26 @@
-"""Where named shared objects are recorded, who owns them, and cleanup at exit.
+"""Where named shared objects live, who may use them, and cleanup at exit.
 
-Each named mapping has one record file, ``<dir>/shareit-<name>.meta`` (JSON,
-mode 0600), holding its backend, owner pid and start time, creation time,
-``persist`` and what the backend needs to attach (an address, a segment name).
-``<dir>`` is ``$SHAREIT_RUNTIME_DIR``, else ``/dev/shm``, else the temp dir.
-Creating the record with ``O_EXCL`` is what makes "create or attach" race-free.
+Trust model: a mapping's files are this user's alone. Everything lives in a
+per-user directory, ``<base>/shareit-<euid>/`` (mode 0700, like tmux's socket
+directory), where ``<base>`` is ``$SHAREIT_RUNTIME_DIR``, else ``/dev/shm``,
+else the temp dir. Before use the directory is checked with ``lstat``: a real
+directory (not a symlink), owned by the effective uid, no group or other
+access; the base must not let others swap it (owned by us or root, and sticky
+if others can write to it). Every file in it is opened with ``O_NOFOLLOW``
+(and ``O_EXCL`` when created) and ``fstat``-checked the same way. Anything
+that fails raises :class:`~shareit.errors.PermissionDeniedError`, naming the
+path and its owner: another user's object is never used.
+
+Names and files: a mapping's files are ``NAME@KIND`` (``@meta`` its record,
+``@ctl``, ``@gN``, ``@seq``, ``@lock``); ``@`` never occurs in a name, so no
+name's files can equal or prefix another's. Anonymous objects use stems that
+start with ``+``, which no name does.
+
+Each named mapping has one record, ``NAME@meta`` (JSON, see
+:mod:`shareit._records`), holding its backend, owner pid and start time,
+creation time, ``persist`` and what the backend needs to attach (an address,
+an auth key) -- never a path. Creating it with ``O_EXCL`` is what makes
+"create or attach" race-free.
 """
 
 from __future__ import annotations
@@ -13,36 +29,132 @@ import atexit
 import json
 import os
 import re
+import secrets
+import stat
 import tempfile
 import threading
 import time
 from typing import Any, Callable
 
-from .errors import ConfigError
+from . import _records
+from .errors import ConfigError, PermissionDeniedError, RecordError
 
-PREFIX = "shareit-"
-LAYOUT_VERSION = 1
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,119}$")
+LAYOUT_VERSION = _records.VERSION
+SEP = "@"  # between a stem and a file kind; never in a name
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,119}")
+_ANON_RE = re.compile(r"\+anon-[0-9]{1,10}-[0-9a-f]{8,32}")
 
 
-def runtime_dir() -> str:
+def base_dir() -> str:
     d = os.environ.get("SHAREIT_RUNTIME_DIR")
     if d:
         return d
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def _owner_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _refuse(path: str, why: str) -> PermissionDeniedError:
+    return PermissionDeniedError(
+        f"refusing to use {path}: {why}. shareit only uses files and directories that "
+        f"belong to you (uid {os.geteuid()}) with no group or other access; remove it if it "
+        f"is not yours, or set SHAREIT_RUNTIME_DIR to a directory of your own"
+    )
+
+
+def check_private(path: str, st: os.stat_result, kind: str) -> None:
+    """Raise unless ``st`` (of ``path``) is a ``kind`` ("dir"/"file") owned by us, 0?00."""
+    is_kind = stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)
+    if not is_kind:
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a regular " + kind
+        raise _refuse(path, f"it is {what}")
+    if st.st_uid != os.geteuid():
+        raise _refuse(path, f"it belongs to {_owner_name(st.st_uid)}")
+    if st.st_mode & 0o077:
+        raise _refuse(path, f"its mode {stat.S_IMODE(st.st_mode):04o} gives group/others access")
+
+
+def runtime_dir() -> str:
+    """This user's private directory of shared objects, created and verified (see module doc)."""
+    base = base_dir()
+    try:
+        bst = os.stat(base)
+    except FileNotFoundError:
+        os.makedirs(base, 0o700, exist_ok=True)
+        bst = os.stat(base)
+    if bst.st_uid not in (0, os.geteuid()) or (
+        bst.st_mode & 0o022 and not bst.st_mode & stat.S_ISVTX
+    ):
+        raise _refuse(base, "others could replace what is in it (owned by "
+                            f"{_owner_name(bst.st_uid)}, mode {stat.S_IMODE(bst.st_mode):04o}, "
+                            "not sticky)")
+    d = os.path.join(base, f"shareit-{os.geteuid()}")
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    check_private(d, os.lstat(d), "dir")
+    return d
+
+
 def check_name(name: Any) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(
-            f"invalid mapping name {name!r}: use 1-120 characters of letters, digits, "
+            f"invalid mapping name {name!r:.80}: use 1-120 characters of letters, digits, "
             f"'_', '.' and '-', not starting with '.' or '-'"
         )
     return name
 
 
+def anon_stem() -> str:
+    """A fresh stem for an anonymous object's files (no name can equal it)."""
+    return f"+anon-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def check_stem(stem: Any) -> str:
+    """A stem from a handle: a valid name or an anonymous stem, never a path."""
+    if isinstance(stem, str) and (_NAME_RE.fullmatch(stem) or _ANON_RE.fullmatch(stem)):
+        return stem
+    raise ConfigError(f"invalid shared object stem {stem!r:.80} in a handle")
+
+
+def path(stem: str, kind: str) -> str:
+    """The file of kind ``kind`` (``meta``, ``ctl``, ``g3``, ...) of ``stem``."""
+    return os.path.join(runtime_dir(), f"{stem}{SEP}{kind}")
+
+
 def meta_path(name: str) -> str:
-    return os.path.join(runtime_dir(), f"{PREFIX}{name}.meta")
+    return path(name, "meta")
+
+
+# --- files ------------------------------------------------------------------------
+
+
+def open_private(p: str, flags: int, *, create: bool = False) -> int:
+    """``os.open`` a file of ours: never through a symlink, exclusive when creating, and
+    verified to be a regular file owned by us with no group/other access."""
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    if create:
+        flags |= os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(p, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the last component is a symlink
+            raise _refuse(p, "it is a symlink") from None
+        raise
+    try:
+        check_private(p, os.fstat(fd), "file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def proc_start_time(pid: int) -> int | None:
@@ -76,38 +188,77 @@ def pid_alive(pid: int, start: int | None = None) -> bool:
     return True
 
 
+def is_own_process(pid: int, start: int | None, cmd_marker: bytes) -> bool:
+    """Whether ``pid`` is proven to be this user's process started at ``start`` whose
+    command line holds ``cmd_marker``: the only kind of pid from a record we signal."""
+    if start is None or proc_start_time(pid) != start:
+        return False
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            status = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    uids = next((ln.split()[1:] for ln in status.splitlines() if ln.startswith(b"Uid:")), [])
+    me = str(os.geteuid()).encode()
+    return bool(uids) and all(u == me for u in uids) and cmd_marker in cmdline.split(b"\0")
+
+
 def owner_fields() -> dict[str, Any]:
     pid = os.getpid()
     return {"owner_pid": pid, "owner_start": proc_start_time(pid), "created": time.time()}
 
 
-def read_meta(name: str) -> dict | None:
-    """The record of ``name``, or None when there is none (or it is still being written)."""
+def _read_raw(name: str) -> bytes | None:
     try:
-        with open(meta_path(name), "rb") as f:
-            data = f.read()
+        fd = open_private(meta_path(name), os.O_RDONLY)
     except FileNotFoundError:
         return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(1 << 20)
+
+
+def read_meta(name: str) -> dict | None:
+    """The validated record of ``name``, or None when there is none (or it is still being
+    written). A record that is not valid JSON of the schema raises RecordError."""
+    data = _read_raw(name)
     if not data:
         return None
     try:
-        return json.loads(data)
+        obj = json.loads(data)
     except ValueError:
+        raise RecordError(f"the record {meta_path(name)} is not JSON") from None
+    try:
+        return _records.validate(obj)
+    except RecordError as exc:
+        raise RecordError(f"the record {meta_path(name)} is malformed: {exc}") from None
+
+
+def read_meta_quiet(name: str) -> dict | None:
+    """:func:`read_meta`, with a malformed record treated as no record (for comparisons)."""
+    try:
+        return read_meta(name)
+    except RecordError:
         return None
 
 
-def _write_atomic(path: str, record: dict) -> None:
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_atomic(p: str, record: dict) -> None:
+    tmp = f"{p}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        os.unlink(tmp)  # left by a process of ours that was killed mid-write (our own dir)
+    except FileNotFoundError:
+        pass
+    fd = open_private(tmp, os.O_WRONLY, create=True)
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
-    os.replace(tmp, path)
+    os.replace(tmp, p)
 
 
 def claim(name: str) -> bool:
     """Create ``name``'s record exclusively (empty, meaning 'being created'); False if it exists."""
     try:
-        fd = os.open(meta_path(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = open_private(meta_path(name), os.O_WRONLY, create=True)
     except FileExistsError:
         return False
     os.close(fd)
@@ -116,13 +267,13 @@ def claim(name: str) -> bool:
 
 def publish(name: str, record: dict) -> None:
     """Fill in the record of a name this process has claimed."""
-    _write_atomic(meta_path(name), {"layout": LAYOUT_VERSION, **record})
+    _write_atomic(meta_path(name), {"version": LAYOUT_VERSION, **record})
 
 
 def remove_meta(name: str, expect: dict | None = None) -> None:
     """Remove ``name``'s record; with ``expect``, only if it is still that record."""
     if expect is not None:
-        current = read_meta(name)
+        current = read_meta_quiet(name)
         if current is None or current.get("created") != expect.get("created") or current.get(
             "owner_pid"
         ) != expect.get("owner_pid"):
@@ -133,11 +284,11 @@ def remove_meta(name: str, expect: dict | None = None) -> None:
         pass
 
 
-def record_is_stale(record: dict | None, path: str) -> bool:
+def record_is_stale(record: dict | None, p: str) -> bool:
     """A record whose owner is dead and that is not persistent, or an empty one left by a crash."""
     if record is None:
         try:  # empty: a creator died before publishing, or is publishing right now
-            age = time.time() - os.stat(path).st_mtime
+            age = time.time() - os.lstat(p).st_mtime
         except FileNotFoundError:
             return False
         return age > 5.0
@@ -146,18 +297,46 @@ def record_is_stale(record: dict | None, path: str) -> bool:
     return not pid_alive(record["owner_pid"], record.get("owner_start"))
 
 
-def list_records() -> list[tuple[str, dict | None]]:
+def list_names() -> list[str]:
+    """Names of every record in this user's runtime dir (sorted)."""
+    suffix = SEP + "meta"
     out = []
-    d = runtime_dir()
-    try:
-        entries = sorted(os.listdir(d))
-    except FileNotFoundError:
-        return out
-    for entry in entries:
-        if entry.startswith(PREFIX) and entry.endswith(".meta"):
-            name = entry[len(PREFIX) : -len(".meta")]
-            out.append((name, read_meta(name)))
+    for entry in sorted(os.listdir(runtime_dir())):
+        if entry.endswith(suffix):
+            name = entry[: -len(suffix)]
+            if _NAME_RE.fullmatch(name):
+                out.append(name)
     return out
+
+
+def list_records() -> list[tuple[str, dict | None | RecordError]]:
+    """(name, record) for every record: None while being created, the RecordError if malformed."""
+    out: list[tuple[str, dict | None | RecordError]] = []
+    for name in list_names():
+        try:
+            out.append((name, read_meta(name)))
+        except RecordError as exc:
+            out.append((name, exc))
+        except PermissionDeniedError as exc:
+            out.append((name, RecordError(str(exc))))
+    return out
+
+
+def files_of(stem: str) -> list[str]:
+    """Every file of ``stem`` in the runtime dir (its record, segments, sockets, locks)."""
+    d = runtime_dir()
+    head = stem + SEP
+    return [os.path.join(d, f) for f in os.listdir(d) if f.startswith(head)]
+
+
+def foreign_dirs() -> int:
+    """How many other users have a shareit runtime dir beside ours (counted, never read)."""
+    base, mine = base_dir(), f"shareit-{os.geteuid()}"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return 0
+    return sum(1 for e in entries if e.startswith("shareit-") and e[8:].isdigit() and e != mine)
 
 
 # --- fork -------------------------------------------------------------------------------

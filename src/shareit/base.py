@@ -10,11 +10,9 @@ it atomic natively or faster (one server round trip instead of several).
 
 from __future__ import annotations
 
-import base64
 import copy as _copy
 import operator
 import os
-import pickle
 import threading
 import time
 from collections.abc import ItemsView, KeysView, Mapping, MutableMapping, ValuesView
@@ -22,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
-from . import _codec, _runtime
+from . import _codec, _records, _runtime
 from ._locks import FileLock
 from .config import Config
 from .errors import (
@@ -31,9 +29,10 @@ from .errors import (
     ConfigError,
     LockTimeoutError,
     NotFoundError,
+    RecordError,
 )
 
-__all__ = ["SharedMapping", "Capabilities", "MISSING", "STRUCTURAL_OPTIONS", "record_options"]
+__all__ = ["SharedMapping", "Capabilities", "MISSING", "STRUCTURAL_OPTIONS"]
 
 _first = operator.itemgetter(0)
 
@@ -154,12 +153,15 @@ class SharedMapping(MutableMapping):
     options: ClassVar[dict] = {}
     #: Reads cost a round trip: ``dict(d)`` then reads one snapshot (see ``_KeysView``).
     _prefetch_reads: ClassVar[bool] = False
+    #: The backend's own fields in its record: name -> accepted JSON types. Checked
+    #: before use; a record's other fields are dropped (records are data, never paths).
+    record_fields: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, name: str | None, config: Config):
         self._name = name
         self._config = config
         self._closed = False
-        self._owner = False
+        self._owner = 0  # the pid of the process that created it, in that process only
         vt = config.value_type
         self._vt = _codec.VALUE_TYPES[vt] if vt else None
         self._declared = frozenset(config.keys) if config.keys else None
@@ -209,10 +211,13 @@ class SharedMapping(MutableMapping):
         deadline = time.monotonic() + config.timeout
         path = _runtime.meta_path(name)
         while True:
-            record = _runtime.read_meta(name)
+            try:
+                record = _runtime.read_meta(name)
+            except RecordError as exc:
+                raise RecordError(f"{exc}; remove it with `shareit gc`") from None
             if _runtime.record_is_stale(record, path):
                 if record is not None:
-                    cls._cleanup_record(name, record)
+                    _backend_class(record["backend"], cls)._cleanup_record(name, record)
                 _runtime.remove_meta(name, expect=record)
                 continue
             if record is not None:
@@ -244,7 +249,8 @@ class SharedMapping(MutableMapping):
                 f"mapping {name!r} exists with backend {record.get('backend')!r}, not "
                 f"{cls.backend!r}; open it with backend={record.get('backend')!r} or pick another name"
             )
-        stored = record_options(record)
+        fields = _records.backend_fields(record, cls.record_fields)
+        stored = record["options"]
         changes = {}
         for key, value in stored.items():
             if config.sources.get(key, "default") != "default" and config[key] != value:
@@ -254,7 +260,7 @@ class SharedMapping(MutableMapping):
                 )
             changes[key] = value
         merged = Config({**config.as_dict(), **changes}, config.sources)
-        return cls._attach_record(name, merged, record)
+        return cls._attach_record(name, merged, {**record, **fields})
 
     def _publish(self, **backend_fields: Any) -> None:
         """Write this (owned, named) mapping's record so others can attach by name."""
@@ -265,13 +271,13 @@ class SharedMapping(MutableMapping):
                 "backend": self.backend,
                 "persist": self._config.persist,
                 **_runtime.owner_fields(),
-                "options": base64.b64encode(pickle.dumps(structural)).decode(),
+                "options": _records.options_to_json(structural),
                 **backend_fields,
             },
         )
 
     def _become_owner(self) -> None:
-        self._owner = True
+        self._owner = os.getpid()
         if not self._config.persist:
             _runtime.at_exit(id(self), self._destroy_at_exit)
 
@@ -444,7 +450,7 @@ class SharedMapping(MutableMapping):
     def _lock_path(self) -> str:
         if self._name is None:
             raise NotImplementedError(f"backend {self.backend!r} must implement locking")
-        return _runtime.meta_path(self._name) + ".lock"
+        return _runtime.path(self._name, "lock")
 
     def _lock_acquire(self, timeout: float) -> bool:
         if self._filelock is None:
@@ -626,10 +632,14 @@ class SharedMapping(MutableMapping):
     # ----------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """This process lets go. If it owns the mapping (and not ``persist``), it is destroyed."""
+        """This process lets go. If it created the mapping (and not ``persist``), it is destroyed.
+
+        A forked child's ``close()`` only detaches the child: it copied its parent's
+        handle, not the ownership.
+        """
         if self._closed:
             return
-        if self._owner and not self._config.persist:
+        if self._owner == os.getpid() and not self._config.persist:
             self.destroy()
             return
         _runtime.cancel_at_exit(id(self))
@@ -669,9 +679,14 @@ class SharedMapping(MutableMapping):
 STRUCTURAL_OPTIONS = ("value_type", "keys", "capacity", "persist")
 
 
-def record_options(record: dict) -> dict:
-    raw = record.get("options")
-    return pickle.loads(base64.b64decode(raw)) if raw else {}
+def _backend_class(backend: str, fallback: type) -> Any:
+    """The class that made a record (its cleanup knows what it left), else ``fallback``."""
+    from . import registry
+
+    try:
+        return registry.load(backend)
+    except Exception:
+        return fallback
 
 
 def _as_dict(m: Mapping) -> dict:

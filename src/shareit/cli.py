@@ -12,7 +12,7 @@ from typing import Any
 
 from . import _runtime, registry
 from .base import SharedMapping
-from .config import did_you_mean
+from .config import did_you_mean, redact_url
 from .errors import ShareitError
 
 
@@ -203,9 +203,25 @@ def _attach(name: str, record: dict) -> SharedMapping | None:
         return None
 
 
+def _records_warned() -> list[tuple[str, dict | None]]:
+    """This user's records; a malformed one is skipped with a one-line warning."""
+    out = []
+    for name, record in _runtime.list_records():
+        if isinstance(record, Exception):
+            print(f"shareit: skipping {name}: {record}", file=sys.stderr)
+            continue
+        out.append((name, record))
+    return out
+
+
+def _others_note() -> str:
+    n = _runtime.foreign_dirs()
+    return f"({n} other user(s) also use shareit here; their mappings are not shown)" if n else ""
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     rows = []
-    for name, record in _runtime.list_records():
+    for name, record in _records_warned():
         row = _describe(name, record)
         if record is not None and not row["stale"]:
             m = _attach(name, record)
@@ -224,17 +240,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
               f"{keys:>8}  {r['created'] or '-'}")
     if not rows:
         print(f"(no shared mappings in {_runtime.runtime_dir()})")
+    note = _others_note()
+    if note:
+        print(note)
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     removed = 0
+    verb = "would remove" if args.dry_run else "removed"
     for name, record in _runtime.list_records():
+        if isinstance(record, Exception):  # ours (private dir, checked owner), but unusable
+            removed += 1
+            if not args.dry_run:
+                _runtime.remove_meta(name)
+            print(f"{verb} {name}: its record is malformed ({record})")
+            continue
         row = _describe(name, record)
         if not row["stale"]:
             continue
         removed += 1
-        verb = "would remove" if args.dry_run else "removed"
         if not args.dry_run:
             if record is not None:
                 try:
@@ -245,22 +270,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{verb} {name} (backend {row['backend']}, owner {row['owner_pid']} is dead)")
     if not removed:
         print("nothing to remove: every mapping's owner is alive, or the mapping is persistent")
+    note = _others_note()
+    if note:
+        print(note)
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    record = _runtime.read_meta(args.name)
+    try:
+        _runtime.check_name(args.name)
+        record = _runtime.read_meta(args.name)
+    except ShareitError as exc:
+        print(f"shareit inspect: {exc}", file=sys.stderr)
+        return 1
     if record is None:
-        names = [n for n, _ in _runtime.list_records()]
+        names = _runtime.list_names()
         print(f"shareit inspect: no mapping named {args.name!r}.{did_you_mean(args.name, names)}",
               file=sys.stderr)
         return 1
     row = _describe(args.name, record)
-    row["record"] = {k: v for k, v in record.items() if k not in ("authkey", "options")}
+    fields = {k: v for k, v in record["fields"].items() if k != "authkey"}
+    row["record"] = {**{k: v for k, v in record.items() if k != "fields"}, **fields}
     m = None if row["stale"] else _attach(args.name, record)
     if m is not None:
         row["keys"] = len(m)
-        row["config"] = {k: m.config[k] for k in m.config}
+        row["config"] = {k: redact_url(m.config[k]) if k == "url" and m.config[k] else m.config[k]
+                         for k in m.config}
         if hasattr(m, "info"):
             row["backend_info"] = m.info()
         m.close()
@@ -291,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("name")
     ins.set_defaults(fn=cmd_inspect)
     args = parser.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except ShareitError as exc:  # e.g. a runtime dir that is not safely ours: say so, no traceback
+        print(f"shareit {args.cmd}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

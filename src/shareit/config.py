@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 from collections.abc import Hashable, Mapping
 from typing import Any, Callable, Iterator
+from urllib.parse import unquote_plus
 
 from . import _codec
 from .errors import ConfigError
 
-__all__ = ["Config", "OPTIONS", "DEFAULT_BACKEND", "resolve", "did_you_mean"]
+__all__ = ["Config", "OPTIONS", "DEFAULT_BACKEND", "resolve", "did_you_mean", "redact_url"]
 
 #: The backend used when nothing chooses one.
 DEFAULT_BACKEND = "shm"
@@ -57,6 +59,15 @@ def _boolean(name: str, v: Any) -> bool:
 def _opt_str(name: str, v: Any) -> str | None:
     if v is not None and not isinstance(v, str):
         raise ConfigError(f"option {name!r} must be a string, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _url(name: str, v: Any) -> str | None:
+    # Never echo the value: a URL may carry a password (bytes included).
+    if v is not None and not isinstance(v, str):
+        raise ConfigError(
+            f"option 'url' must be a string such as 'redis://host:6379/0', got {type(v).__name__}"
+        )
     return v
 
 
@@ -106,7 +117,7 @@ OPTIONS: dict[str, tuple[Callable[[str, Any], Any], Any, str]] = {
     "timeout": (_positive_number, 10.0, "seconds any blocking wait may take"),
     "serializer": (_serializer, "pickle", "value encoding where a backend encodes ('pickle'/'json')"),
     "persist": (_boolean, False, "keep the shared object after its owner exits"),
-    "url": (_opt_str, None, "server URL (redis)"),
+    "url": (_url, None, "server URL (redis)"),
     "prefix": (_opt_str, None, "server-side key prefix (redis)"),
 }
 
@@ -161,8 +172,66 @@ class Config:
         return dict(self._sources)
 
     def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self._values.items())
+        # The url may hold a password: a repr ends up in logs and tracebacks.
+        inner = ", ".join(
+            f"{k}={redact_url(v)!r}" if k == "url" and v is not None else f"{k}={v!r}"
+            for k, v in self._values.items()
+        )
         return f"Config({inner})"
+
+
+# --- secrets in URLs ---------------------------------------------------------------
+
+#: A query parameter ``NAME=VALUE``, still percent-encoded. The value runs to the next
+#: ``&`` only: redis-py splits on ``&`` alone, so a ``;`` may be part of a password.
+_QUERY_PARAM = re.compile(r"[?&;]([^=&;#]*)=([^&]*)")
+
+
+def redact_url(url: Any) -> str:
+    """``url`` with every secret replaced by ``***``, for messages, reprs and logs.
+
+    Hides the value of any query parameter whose name contains ``pass``
+    (``?password=``, ``&ssl_password=``; up to the next ``&``) and the
+    userinfo (``user:password@``: everything up to the *last* ``@`` outside
+    those values, since a password may itself contain ``@``, ``/`` or ``?``).
+    Errs on the side of hiding too much.
+
+    Parameters
+    ----------
+    url : str or bytes
+        A server URL such as ``redis://:pw@host:6379/0`` or
+        ``unix://:pw@/run/redis.sock?db=1``. Bytes are decoded (invalid UTF-8
+        replaced) first; any other type shows as ``<TYPE>`` only.
+
+    Returns
+    -------
+    str
+        The URL, safe to show.
+    """
+    if isinstance(url, (bytes, bytearray)):
+        url = bytes(url).decode("utf-8", "replace")
+    elif not isinstance(url, str):
+        return f"<{type(url).__name__}>"
+    hide = [False] * len(url)
+    for m in _QUERY_PARAM.finditer(url):
+        if "pass" in unquote_plus(m.group(1)).lower():
+            hide[m.start(2):m.end(2)] = [True] * (m.end(2) - m.start(2))
+    scheme_end = url.find("://")
+    start = 0 if scheme_end < 0 else scheme_end + 3
+    # The userinfo ends at the last "@" that is not part of a password already hidden.
+    at = next((i for i in range(len(url) - 1, start - 1, -1) if url[i] == "@" and not hide[i]), -1)
+    if at > start:
+        hide[start:at] = [True] * (at - start)
+    out, i = [], 0
+    while i < len(url):  # each run of hidden characters becomes one "***"
+        if hide[i]:
+            while i < len(url) and hide[i]:
+                i += 1
+            out.append("***")
+        else:
+            out.append(url[i])
+            i += 1
+    return "".join(out)
 
 
 def validate_option(key: str, value: Any, where: str, extra: Mapping | None = None) -> Any:

@@ -18,6 +18,8 @@ __all__ = [
     "CapacityError",
     "ClosedError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "RecordError",
 ]
 
 
@@ -59,3 +61,16 @@ class ClosedError(ShareitError, ValueError):
 
 class NotFoundError(ShareitError, FileNotFoundError):
     """``open(name, create=False)`` found no live mapping of that name."""
+
+
+class PermissionDeniedError(ShareitError, PermissionError):
+    """A file or directory shareit would use is not safely this user's own.
+
+    Raised instead of using it when it belongs to another user, is reachable by
+    group or others, or is a symlink: data there could have been planted by
+    someone else, and another user's mapping is never attached to.
+    """
+
+
+class RecordError(ShareitError, ValueError):
+    """A mapping's record (runtime-dir file or redis ``:meta`` hash) is not valid shareit data."""

@@ -327,8 +327,8 @@ class Server:
         name = self.params.get("name")
         if name is None:
             return
-        record = _runtime.read_meta(name)
-        if record is not None and record.get("address") == self.params["address"]:
+        record = _runtime.read_meta_quiet(name)
+        if record is not None and record["fields"].get("address") == self.params["address"]:
             _runtime.remove_meta(name)
 
     def watch_owner(self) -> None:

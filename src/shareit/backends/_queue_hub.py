@@ -27,6 +27,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from .. import _runtime
 from ._manager_server import UPDATED, Server, Store, _dumps, _loads, _PROTO, conn_setup
 
 SUB_SEND_TIMEOUT = 1.0
@@ -60,7 +61,7 @@ class HubStore(Store):
         self.active: dict[int, threading.Thread] = {}  # slot -> the thread serving it
         self.next_prefix = 0
         self.timeout = params["timeout"]
-        fd = os.open(params["seq_path"], os.O_RDWR)
+        fd = _runtime.open_private(_runtime.path(params["stem"], "seq"), os.O_RDWR)
         try:
             self.seqmm = mmap.mmap(fd, WORDS_SIZE)
         finally:
@@ -269,7 +270,7 @@ class HubServer(Server):
         store.word[W_SHUT] = 1  # readers learn it on their next read, before any reply
         store.word[W_CHANGE] = store.hub_change + 1
         try:
-            os.unlink(self.params["seq_path"])
+            os.unlink(_runtime.path(self.params["stem"], "seq"))
         except FileNotFoundError:
             pass
         super().shutdown(conn)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _runtime
 from .._locks import RobustMutex
 from ..base import MISSING
 from . import _shm_layout as L
@@ -266,7 +267,7 @@ def _numeric(meta: np.ndarray, raw: np.ndarray, value_type: str) -> np.ndarray:
 
 def _flock_held(path: str) -> bool:
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = _runtime.open_private(path, os.O_RDWR)
     except OSError:
         return False
     try:

@@ -1,10 +1,10 @@
 """The ``shm`` backend's memory layout: segments, the table format, key and value encoding.
 
-Two kinds of segment live in the runtime dir (``/dev/shm``), created with
+Two kinds of segment live in the user's private runtime dir (``/dev/shm/shareit-UID``), created with
 ``os.open`` + ``mmap`` (not ``SharedMemory``, whose resource tracker unlinks
 segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
 
-``shareit-NAME`` -- the control segment, fixed size. Words (uint64):
+``NAME@ctl`` -- the control segment, fixed size. Words (uint64):
 
     0 magic   1 layout   2 gen (DESTROYED once destroyed)
     3 epoch: gen * 2, plus 1 while a multi-key write is in progress (1 once destroyed).
@@ -18,7 +18,7 @@ segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
   then the undo journal: records of (offset, nbytes, old bytes) of the current
   generation's data segment, saved before a write changes them.
 
-``shareit-NAME.gN`` -- generation N's data segment: a 64-byte header
+``NAME@gN`` -- generation N's data segment: a 64-byte header
 (cap, isize, heap words, used, live, heap top, garbage words), the index
 (int32 x isize: -1 empty, -2 deleted, else an entry number), ``cap`` entries
 of 32 bytes in insertion order, then the heap (8-byte words, append-only
@@ -195,17 +195,17 @@ def decode_value(kind: int, inline: int, raw: bytes | None) -> Any:
 # --------------------------------------------------------------------------- segments
 
 
-def ctrl_path(name: str) -> str:
-    return os.path.join(_runtime.runtime_dir(), f"{_runtime.PREFIX}{name}")
+def ctrl_path(stem: str) -> str:
+    return _runtime.path(stem, "ctl")
 
 
-def data_path(name: str, gen: int) -> str:
-    return f"{ctrl_path(name)}.g{gen}"
+def data_path(stem: str, gen: int) -> str:
+    return _runtime.path(stem, f"g{gen}")
 
 
 def create_file(path: str, size: int) -> tuple[int, mmap.mmap]:
-    """Create a segment exclusively (mode 0600) and map it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    """Create a segment exclusively (mode 0600, never through a symlink) and map it."""
+    fd = _runtime.open_private(path, os.O_RDWR, create=True)
     try:
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size)
@@ -217,7 +217,8 @@ def create_file(path: str, size: int) -> tuple[int, mmap.mmap]:
 
 
 def open_file(path: str) -> tuple[int, mmap.mmap]:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    """Map an existing segment, verified to be ours (see ``_runtime.open_private``)."""
+    fd = _runtime.open_private(path, os.O_RDWR)
     try:
         mm = mmap.mmap(fd, os.fstat(fd).st_size)
     except BaseException:
@@ -233,10 +234,10 @@ def unlink_quiet(path: str) -> None:
         pass
 
 
-def data_segments(name: str) -> list[str]:
-    d = _runtime.runtime_dir()
-    stem = f"{_runtime.PREFIX}{name}.g"
-    return [os.path.join(d, f) for f in os.listdir(d) if f.startswith(stem) and f[len(stem):].isdigit()]
+def data_segments(stem: str) -> list[str]:
+    head = f"{stem}{_runtime.SEP}g"
+    return [p for p in _runtime.files_of(stem)
+            if os.path.basename(p).startswith(head) and os.path.basename(p)[len(head):].isdigit()]
 
 
 def sizes_for(cap: int, heap_bytes: int) -> tuple[int, int, int]:

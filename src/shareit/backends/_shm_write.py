@@ -25,7 +25,7 @@ class ShmWriter:
         if target:
             if c[L.C_GEN] == target:  # switched; the old generation may still be linked
                 for path in L.data_segments(self._seg):
-                    if not path.endswith(f".g{target}"):
+                    if path != L.data_path(self._seg, target):
                         L.unlink_quiet(path)
             else:  # died while building: the half-built generation is garbage
                 L.unlink_quiet(L.data_path(self._seg, target))

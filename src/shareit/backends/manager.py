@@ -16,8 +16,8 @@ Features
   call; a stopped one :class:`~shareit.BackendTimeoutError` after ``timeout``.
 - The server exits when its owner exits or dies (unless ``persist=True``).
 - A named mapping can be attached by name from any process of the same user:
-  the address (an abstract Unix socket) and the auth key are in
-  ``/dev/shm/shareit-NAME.meta``, mode 0600.
+  the address (an abstract Unix socket) and the auth key are in its record,
+  ``NAME@meta`` in the user's private runtime dir (mode 0600 in a 0700 dir).
 
 Configuration
 -------------
@@ -51,10 +51,16 @@ import time
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, Callable, Iterator
 
-from .. import _codec, _runtime
+from .. import _codec, _records, _runtime
 from ..base import MISSING, Capabilities, SharedMapping, _check_number
 from ..config import Config
-from ..errors import BackendDiedError, BackendTimeoutError, BackendUnavailableError, LockTimeoutError
+from ..errors import (
+    BackendDiedError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    LockTimeoutError,
+    RecordError,
+)
 from ._manager_server import conn_setup
 
 _dumps, _loads = pickle.dumps, pickle.loads
@@ -68,7 +74,8 @@ class ManagerMapping(SharedMapping):
 
     backend = "manager"
     _prefetch_reads = True
-    _server_extra_fields: tuple = ()
+    record_fields = {"address": (str,), "authkey": (str,), "server_pid": (int,),
+                     "server_start": (int, type(None))}
     capabilities = Capabilities(
         attach_by_name=True,
         cross_machine=False,
@@ -91,9 +98,11 @@ class ManagerMapping(SharedMapping):
 
     @classmethod
     def _create(cls, name: str | None, config: Config) -> "ManagerMapping":
-        address = f"\0shareit-{name or 'anon'}-{os.getpid()}-{secrets.token_hex(6)}"
+        address = f"\0shareit-{os.geteuid()}-{name or 'anon'}-{os.getpid()}-{secrets.token_hex(6)}"
         authkey = secrets.token_bytes(32)
-        extra = cls._server_extra(name)
+        stem = name if name is not None else _runtime.anon_stem()
+        extra = cls._server_extra(stem)
+        cls._prepare_server(stem)
         proc = _start_server(name, config, address, authkey, extra)
         self = cls(name, config, address, authkey, **extra)
         self._proc = proc
@@ -108,21 +117,38 @@ class ManagerMapping(SharedMapping):
         return self
 
     @classmethod
-    def _server_extra(cls, name: str | None) -> dict:
-        """Extra server parameters, also kept in the record and the handle (JSON-able)."""
+    def _server_extra(cls, stem: str) -> dict:
+        """Extra server parameters, also kept in the handle (JSON-able; never paths:
+        the record of a named mapping does not carry them, they follow from the name)."""
         return {}
 
     @classmethod
+    def _prepare_server(cls, stem: str) -> None:
+        """Create what the server needs beside its socket before it starts. Default: nothing."""
+
+    @classmethod
     def _attach_record(cls, name: str, config: Config, record: dict) -> "ManagerMapping":
-        extra = {k: record[k] for k in cls._server_extra_fields}
-        self = cls(name, config, record["address"], bytes.fromhex(record["authkey"]), **extra)
+        address, authkey = record["address"], record["authkey"]
+        if not address.startswith(f"\0shareit-{os.geteuid()}-") or len(authkey) != 64:
+            raise RecordError(f"the record of mapping {name!r} names no server of yours")
+        try:
+            key = bytes.fromhex(authkey)
+        except ValueError:
+            raise RecordError(f"the record of mapping {name!r} has a malformed auth key") from None
+        self = cls(name, config, address, key, **cls._server_extra(name))
         self._call("len")  # fail now, with BackendDiedError, if the server is gone
         return self
 
     @classmethod
     def _cleanup_record(cls, name: str, record: dict) -> None:
-        pid = record.get("server_pid")
-        if pid and _runtime.pid_alive(pid, record.get("server_start")):
+        """A dead owner's server normally exits by itself; one still running is stopped only
+        once proven to be this user's shareit server (uid, start time, command line)."""
+        try:
+            fields = _records.backend_fields(record, cls.record_fields)
+        except RecordError:
+            return
+        pid, start = fields["server_pid"], fields["server_start"]
+        if _runtime.is_own_process(pid, start, b"shareit.backends._manager_server"):
             try:
                 os.kill(pid, 9)
             except OSError:
@@ -157,8 +183,8 @@ class ManagerMapping(SharedMapping):
                 self._proc.wait()
             self._proc = None
         if self._name is not None:
-            record = _runtime.read_meta(self._name)
-            if record is not None and record.get("address") == self._address:
+            record = _runtime.read_meta_quiet(self._name)
+            if record is not None and record["fields"].get("address") == self._address:
                 _runtime.remove_meta(self._name)
         self._close()
 

@@ -96,7 +96,6 @@ class QueueMapping(ManagerMapping):
     """A mapping replicated into every process that uses it; reads are local."""
 
     backend = "queue"
-    _server_extra_fields = ("seq_path",)
     _prefetch_reads = False  # dict(d) reads the local replica: no snapshot hand-off needed
     capabilities = Capabilities(
         attach_by_name=True,
@@ -107,7 +106,7 @@ class QueueMapping(ManagerMapping):
     def __init__(self, name: str | None, config: Any, address: str, authkey: bytes,
                  **extra: Any):
         super().__init__(name, config, address, authkey, **extra)
-        self._seq_path: str = extra["seq_path"]
+        self._seq_path = _runtime.path(_runtime.check_stem(extra["stem"]), "seq")
         self._local: dict = {}  # key -> stored value (plain, or (pickle,)), in the hub's order
         self._fast: dict = {}  # key -> value for plain values: all that __getitem__ looks at
         self._pending: dict = {}  # key -> (prefix, n, stored): own sets not yet confirmed
@@ -126,20 +125,24 @@ class QueueMapping(ManagerMapping):
         _live[id(self)] = self
 
     @classmethod
-    def _server_extra(cls, name: str | None) -> dict:
-        stem = name if name is not None else f"anon-{os.getpid()}-{secrets.token_hex(5)}"
-        path = os.path.join(_runtime.runtime_dir(), f"{_runtime.PREFIX}{stem}.seq")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    def _server_extra(cls, stem: str) -> dict:
+        return {"hub": True, "stem": stem}
+
+    @classmethod
+    def _prepare_server(cls, stem: str) -> None:
+        """The words file, ``STEM@seq``: created exclusively, never through a symlink."""
+        path = _runtime.path(stem, "seq")
+        _unlink_quiet(path)  # a dead owner's, in our own private dir
+        fd = _runtime.open_private(path, os.O_RDWR, create=True)
         try:
             os.ftruncate(fd, WORDS_SIZE)
         finally:
             os.close(fd)
-        return {"hub": True, "seq_path": path}
 
     @classmethod
     def _cleanup_record(cls, name: str, record: dict) -> None:
         super()._cleanup_record(name, record)
-        _unlink_quiet(record.get("seq_path"))
+        _unlink_quiet(_runtime.path(name, "seq"))
 
     def _forked(self) -> None:
         """In a forked child: the parent's connections and replica state are not ours."""
@@ -234,7 +237,7 @@ class QueueMapping(ManagerMapping):
         self._sub = None
         if self._wmm is None:
             try:
-                fd = os.open(self._seq_path, os.O_RDWR | os.O_CLOEXEC)
+                fd = _runtime.open_private(self._seq_path, os.O_RDWR)
             except FileNotFoundError:
                 raise self._died(FileNotFoundError(self._seq_path)) from None
             try:

@@ -3,13 +3,17 @@
 Features
 --------
 - One Redis hash per mapping, at ``PREFIX + NAME`` (``prefix`` option,
-  default ``"shareit:"``), plus ``...:meta`` (its creator's options) and
-  ``...:lock``. Keys: str (stored as plain UTF-8, readable from any
+  default ``"shareit:"``), plus ``...:meta`` (its creator's options, as JSON:
+  never pickle) and ``...:lock``. Keys: str (stored as plain UTF-8, readable from any
   language), bytes and int (tagged). Values: ints and floats are stored as
   Redis numbers, so ``incr`` is ``HINCRBY``/``HINCRBYFLOAT``; other values
   by ``serializer``: ``pickle`` (default, any value) or ``json`` (for
   mappings shared with other languages or less trusted writers: unpickling
-  runs code chosen by whoever wrote the value).
+  runs code chosen by whoever wrote the value). With ``json`` nothing is ever
+  unpickled: a stored value that is neither JSON nor a number is a
+  ``ValueError`` naming its key; NaN and infinity nested in a value are
+  refused when written (JSON has none), top-level ones are Redis numbers.
+- The password in ``url`` appears in no message, repr or ``info()``.
 - Every write is one round trip (a Lua script that first checks the lock);
   ``update`` and ``snapshot`` (``HGETALL``) are one each, not one per key, and
   so is ``dict(d)``.
@@ -40,9 +44,10 @@ Needs ``pip install 'shareit[redis]'``.
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
+import math
+import operator
 import os
 import pickle
 import secrets
@@ -50,9 +55,9 @@ import threading
 import time
 from typing import Any, Iterator
 
-from .. import _runtime
+from .. import _records, _runtime
 from ..base import MISSING, STRUCTURAL_OPTIONS, Capabilities, SharedMapping, _check_number
-from ..config import Config
+from ..config import Config, redact_url
 from ..errors import (
     BackendDiedError,
     BackendTimeoutError,
@@ -60,6 +65,7 @@ from ..errors import (
     ConfigError,
     LockTimeoutError,
     NotFoundError,
+    RecordError,
 )
 
 try:
@@ -95,6 +101,15 @@ return 0"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0"""
+# The whole record in one step: a reader never sees a record without its options.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1"""
+
+#: Top-level floats are Redis numbers, spelled as ``repr`` spells them; with
+#: ``serializer="json"`` these three are the only non-JSON spellings read back.
+_NON_FINITE = {b"nan": math.nan, b"inf": math.inf, b"-inf": -math.inf}
 
 
 class RedisMapping(SharedMapping):
@@ -129,13 +144,19 @@ class RedisMapping(SharedMapping):
         if self._client_pid != os.getpid():  # first use, or a forked child: a connection of our own
             self._check_open()
             t = self._config.timeout
-            self._client = _redis.Redis.from_url(
-                self._url, socket_timeout=t, socket_connect_timeout=t,
-                retry=Retry(NoBackoff(), 0), health_check_interval=0,
-            )
+            try:
+                self._client = _redis.Redis.from_url(
+                    self._url, socket_timeout=t, socket_connect_timeout=t,
+                    retry=Retry(NoBackoff(), 0), health_check_interval=0,
+                )
+            except ValueError:  # not echoed: redis-py's text may quote parts of the URL
+                raise ConfigError(
+                    f"option 'url' {redact_url(self._url)!r} is not a redis URL; expected "
+                    f"redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path"
+                ) from None
             self._scripts = {n: self._client.register_script(s) for n, s in (
                 ("set", _SET), ("del", _DEL), ("update", _UPDATE), ("clear", _CLEAR),
-                ("incr", _INCR), ("unlock", _UNLOCK), ("renew", _RENEW))}
+                ("incr", _INCR), ("unlock", _UNLOCK), ("renew", _RENEW), ("claim", _CLAIM))}
             self._client_pid = os.getpid()
             self._held = {}
         return self._client
@@ -147,10 +168,10 @@ class RedisMapping(SharedMapping):
             return fn(*args, **kwargs)
         except _redis.exceptions.TimeoutError as exc:
             raise BackendTimeoutError(
-                f"Redis at {_safe(self._url)} did not answer within {self._config.timeout:g} s ({exc})"
+                f"Redis at {redact_url(self._url)} did not answer within {self._config.timeout:g} s ({exc})"
             ) from None
         except _redis.exceptions.ConnectionError as exc:
-            raise BackendDiedError(f"Redis at {_safe(self._url)} is unreachable ({exc})") from None
+            raise BackendDiedError(f"Redis at {redact_url(self._url)} is unreachable ({exc})") from None
 
     def _script(self, name: str, field_args: list, keys: list | None = None) -> Any:
         """A write: retried while another process holds lock(), up to ``timeout``."""
@@ -187,37 +208,53 @@ class RedisMapping(SharedMapping):
             self._become_owner()
             return self
         self = cls(name, config)
-        record = self._read_meta()
-        if record is None:
+        deadline = time.monotonic() + config.timeout
+        while True:
+            record = self._read_meta()
+            if record is not None:
+                return cls._attach_checked(name, config, record)
             if not create:
-                raise NotFoundError(f"no shared mapping named {name!r} at {_safe(self._url)}")
+                raise NotFoundError(f"no shared mapping named {name!r} at {redact_url(self._url)}")
             if self._claim_meta():
                 self._become_owner()
                 return self
-            record = self._read_meta()
-        other = cls._attach_checked(name, config, record)
-        return other
+            if time.monotonic() > deadline:  # claimed and destroyed again, over and over
+                raise BackendDiedError(
+                    f"mapping {name!r} at {redact_url(self._url)} kept being created and "
+                    f"destroyed by other processes for {config.timeout:g} s"
+                )
 
     @classmethod
     def _attach_record(cls, name: str, config: Config, record: dict) -> "RedisMapping":
         return cls(name, config)
 
     def _read_meta(self) -> dict | None:
+        """The mapping's record, checked: ``backend``, ``options`` (decoded), ``fields``.
+
+        Anything else in the hash is dropped. A record that is not what
+        :meth:`_claim_meta` writes is a :class:`~shareit.errors.RecordError`.
+        """
         raw = self._do(self._r().hgetall, self._meta_key)
         if not raw:
             return None
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        try:
+            return _parse_meta(raw)
+        except RecordError as exc:
+            raise RecordError(
+                f"the record of mapping {self._label()} (redis key {self._meta_key!r} at "
+                f"{redact_url(self._url)}) is not valid shareit data: {exc}. If it is stale, "
+                f"delete that key; else pick another name or prefix"
+            ) from None
 
     def _claim_meta(self) -> bool:
-        r = self._r()
-        if not self._do(r.hsetnx, self._meta_key, "backend", self.backend):
-            return False
+        """Write this mapping's record unless one exists; True if this call wrote it."""
         structural = {k: self._config[k] for k in STRUCTURAL_OPTIONS}
-        self._do(r.hset, self._meta_key, mapping={
-            "options": base64.b64encode(pickle.dumps(structural)).decode(),
-            **{k: str(v) for k, v in _runtime.owner_fields().items()},
-        })
-        return True
+        options = json.dumps(_records.options_to_json(structural))  # ConfigError before any write
+        fields = {"version": str(_records.VERSION), "backend": self.backend, "options": options,
+                  **{k: str(v) for k, v in _runtime.owner_fields().items()}}
+        self._r()
+        args = [x for kv in fields.items() for x in kv]
+        return bool(self._do(self._scripts["claim"], [self._meta_key], args))
 
     def _handle(self) -> tuple:
         return (self._seg, self._config, self._name is None)
@@ -261,29 +298,60 @@ class RedisMapping(SharedMapping):
         t = type(value)
         if t is int:
             return str(value).encode()
-        if t is float:
-            return repr(value).encode()
+        if t is float or self._json and isinstance(value, float):  # np.float64 reads back as float
+            return repr(float(value)).encode()
         if self._json:
             try:
-                return json.dumps(value).encode()
-            except (TypeError, ValueError) as exc:
+                return json.dumps(value, allow_nan=False).encode()
+            except TypeError as exc:
                 raise TypeError(
                     f"serializer='json' stores JSON values only (dict, list, str, numbers, bool, "
                     f"None); {exc}. Use serializer='pickle' for other objects"
+                ) from None
+            except ValueError as exc:  # NaN/infinity inside, or a circular reference
+                raise ValueError(
+                    f"serializer='json' cannot store this value: {exc} (JSON has no NaN or "
+                    f"infinity; only a float stored on its own may be one)"
                 ) from None
         from .._codec import dumps
 
         return dumps(value)
 
-    def _dec(self, b: bytes) -> Any:
+    def _dec(self, b: bytes, field: bytes) -> Any:
+        """The value stored as ``b`` at encoded key ``field`` (named in errors)."""
+        if self._json:
+            return self._dec_json(b, field)
         if b[:1] == b"\x80":
             return pickle.loads(b)
-        if self._json:
-            return json.loads(b)
         try:
             return int(b)
         except ValueError:
+            pass
+        try:
             return float(b)
+        except ValueError:
+            raise self._bad_value(field, "neither a pickle nor a number") from None
+
+    def _dec_json(self, b: bytes, field: bytes) -> Any:
+        # Never pickle.loads here: json is the serializer for writers that are not trusted.
+        if b in _NON_FINITE:
+            return _NON_FINITE[b]
+        try:
+            return json.loads(b, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError too
+            raise self._bad_value(
+                field, "not JSON (written by a serializer='pickle' writer, or not by shareit?)"
+            ) from None
+
+    def _bad_value(self, field: bytes, what: str) -> ValueError:
+        try:
+            key = self._dec_key(field)
+        except ValueError:  # a field no shareit wrote: name it as stored
+            key = field
+        return ValueError(
+            f"the value at key {key!r:.60} of mapping {self._label()} is {what}; "
+            f"it was left as it is"
+        )
 
     # ------------------------------------------------------------------ the five
 
@@ -296,7 +364,7 @@ class RedisMapping(SharedMapping):
         if raw is None:
             self._check_alive()
             raise KeyError(key)
-        value = self._dec(raw)
+        value = self._dec(raw, self._enc_key(key))
         return self._vt.coerce(value) if self._vt is not None else value
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -341,14 +409,14 @@ class RedisMapping(SharedMapping):
     def _gone(self) -> BackendDiedError:
         return BackendDiedError(
             f"mapping {self._label()} was destroyed (its key {self._key!r} is gone from "
-            f"{_safe(self._url)}); open it again"
+            f"{redact_url(self._url)}); open it again"
         )
 
     # ------------------------------------------------------------------ one round trip each
 
     def snapshot(self) -> dict:
         raw = self._with_alive("hgetall")
-        out = {self._dec_key(k): self._dec(v) for k, v in raw.items()}
+        out = {self._dec_key(k): self._dec(v, k) for k, v in raw.items()}
         if self._vt is not None:
             out = {k: self._vt.coerce(v) for k, v in out.items()}
         return out
@@ -370,12 +438,13 @@ class RedisMapping(SharedMapping):
             return super().incr(key, delta, default)  # narrower types: checked under the lock
         if self._vt is not None and self._vt.kind == "int":
             self._vt.coerce(delta)  # a float delta into an int mapping: TypeError, nothing written
-        default = self._coerce(default)
+        _check_number("default", default)  # the script writes it before adding: check it first
+        delta, default = _plain_number("delta", delta), _plain_number("default", self._coerce(default))
         kind = "f" if isinstance(delta, float) or self._vt is not None and self._vt.kind == "float" else "i"
         field = self._enc_key(key)
         for attempt in (kind, "f"):
             try:
-                got = self._script("incr", [field, repr(delta) if attempt == "f" else str(delta),
+                got = self._script("incr", [field, repr(float(delta)) if attempt == "f" else str(delta),
                                             self._enc(default), attempt])
             except TypeError:
                 if attempt == "f":
@@ -406,7 +475,7 @@ class RedisMapping(SharedMapping):
                     if pipe.get(self._lock_key) is None:
                         raw = pipe.hget(self._key, field)
                         if raw is not None:
-                            current = self._dec(raw)
+                            current = self._dec(raw, field)
                             current = self._vt.coerce(current) if self._vt is not None else current
                         elif default is MISSING:
                             raise KeyError(key)
@@ -421,9 +490,11 @@ class RedisMapping(SharedMapping):
             except _redis.exceptions.WatchError:
                 pass  # someone wrote meanwhile: read again
             except _redis.exceptions.TimeoutError as exc:
-                raise BackendTimeoutError(f"Redis at {_safe(self._url)} did not answer ({exc})") from None
+                raise BackendTimeoutError(
+                    f"Redis at {redact_url(self._url)} did not answer ({exc})"
+                ) from None
             except _redis.exceptions.ConnectionError as exc:
-                raise BackendDiedError(f"Redis at {_safe(self._url)} is unreachable ({exc})") from None
+                raise BackendDiedError(f"Redis at {redact_url(self._url)} is unreachable ({exc})") from None
             if time.monotonic() >= deadline:
                 raise LockTimeoutError(
                     f"transform() on mapping {self._label()} kept losing to other writers or to "
@@ -487,7 +558,7 @@ class RedisMapping(SharedMapping):
         """Where the mapping lives and who holds its lock (a token naming pid and thread)."""
         r = self._r()
         holder = self._do(r.get, self._lock_key)
-        return {"url": _safe(self._url), "key": self._key, "keys": len(self),
+        return {"url": redact_url(self._url), "key": self._key, "keys": len(self),
                 "lock_held": holder is not None,
                 "lock_holder": int(holder.split(b":")[0]) if holder else None}
 
@@ -498,12 +569,52 @@ def _response_error(exc: Exception) -> Exception:
         return TypeError(f"incr() needs a number at this key ({msg}); use transform() for other values")
     if "overflow" in msg:
         return ValueError(f"incr() would overflow a 64-bit integer ({msg})")
+    if "NaN or Infinity" in msg:
+        return ValueError(f"incr() would make the value NaN or infinite ({msg}); nothing changed")
     return BackendDiedError(f"Redis refused the command: {msg}")
 
 
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+def _plain_number(what: str, x: Any) -> int | float:
+    """``x`` as a built-in int or finite float, whose ``str`` Redis parses.
+
+    numpy scalars (``np.int64(3)``, ``np.float64(0.5)``) included: on numpy 2
+    their ``repr`` is ``np.int64(3)``, which no Redis command takes.
+    """
+    try:
+        return operator.index(x)
+    except TypeError:
+        pass
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"incr() {what} must be a real number, got {type(x).__name__} {x!r:.40}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"incr() {what} must be finite on the redis backend, got {f!r}")
+    return f
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_meta(raw: dict) -> dict:
+    """A ``:meta`` hash as ``_claim_meta`` writes it, checked field by field (RecordError)."""
+    try:
+        meta = {k.decode(): v.decode() for k, v in raw.items()}
+    except UnicodeDecodeError:
+        raise RecordError("a field is not UTF-8") from None
+    for field in ("version", "backend", "options"):
+        if field not in meta:
+            raise RecordError(f"it has no {field!r} field")
+    if meta["version"] != str(_records.VERSION):
+        raise RecordError(
+            f"it has format version {meta['version']!r:.20}, expected {_records.VERSION} "
+            f"(written by another shareit version?)"
+        )
+    if not _records._BACKEND_RE.fullmatch(meta["backend"]):
+        raise RecordError(f"its backend {meta['backend']!r:.40} is not a backend name")
+    try:
+        options = json.loads(meta["options"], parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise RecordError("its 'options' field is not JSON") from None
+    return {"backend": meta["backend"], "options": _records.options_from_json(options), "fields": {}}

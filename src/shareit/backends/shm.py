@@ -2,8 +2,9 @@
 
 Features
 --------
-- No server: every process maps the table (``/dev/shm/shareit-NAME*``, mode
-  0600) and reads it directly. Keys: str, bytes, int and tuples of these,
+- No server: every process maps the table (``NAME@ctl`` and ``NAME@gN`` in the
+  user's private runtime dir, ``/dev/shm/shareit-UID``, mode 0600) and reads it
+  directly. Keys: str, bytes, int and tuples of these,
   hashed with CRC-32 of a canonical encoding (the same in every interpreter;
   never ``hash()``), full key stored. Values: any picklable object; ints,
   floats, str, bytes, None and bools are stored unboxed.
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import os
 import platform
-import secrets
 import weakref
 from typing import Any, Iterator
 
@@ -120,7 +120,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
 
     @classmethod
     def _create(cls, name: str | None, config: Config) -> "ShmMapping":
-        seg = name if name is not None else f"anon-{os.getpid()}-{secrets.token_hex(5)}"
+        seg = name if name is not None else _runtime.anon_stem()
         for path in [L.ctrl_path(seg)] + L.data_segments(seg):  # left by a dead owner
             L.unlink_quiet(path)
         cfd, cmm = L.create_file(L.ctrl_path(seg), L.CTRL_SIZE)
@@ -141,7 +141,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
                 L.unlink_quiet(path)
             raise
         if name is not None:
-            self._publish(segment=seg, layout=L.LAYOUT)
+            self._publish()
         return self
 
     @classmethod
@@ -160,12 +160,11 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
 
     @classmethod
     def _attach_record(cls, name: str, config: Config, record: dict) -> "ShmMapping":
-        return cls._attach_seg(name, config, record.get("segment", name))
+        return cls._attach_seg(name, config, name)  # paths follow from the name, never a record
 
     @classmethod
     def _cleanup_record(cls, name: str, record: dict) -> None:
-        seg = record.get("segment", name)
-        for path in [L.ctrl_path(seg)] + L.data_segments(seg):
+        for path in [L.ctrl_path(name)] + L.data_segments(name):
             L.unlink_quiet(path)
 
     def _handle(self) -> tuple:
@@ -174,6 +173,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
     @classmethod
     def _from_handle(cls, handle: tuple) -> "ShmMapping":
         name, config, seg = handle
+        _runtime.check_stem(seg)
         try:
             return cls._attach_seg(name, config, seg)
         except NotFoundError as exc:

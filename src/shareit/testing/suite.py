@@ -32,9 +32,7 @@ KEYS = ["a", "b", "c", "d", "e", "f", "g", "h", "n", "cfg", "k"]
 
 def shareit_files(name: str) -> list[str]:
     """Files in the runtime dir that belong to mapping ``name``."""
-    d = _runtime.runtime_dir()
-    stem = f"{_runtime.PREFIX}{name}"
-    return sorted(f for f in os.listdir(d) if f == stem or f.startswith(stem + "."))
+    return sorted(os.path.basename(p) for p in _runtime.files_of(name))
 
 
 def run_children(
