@@ -15,6 +15,7 @@ __all__ = [
     "BackendDiedError",
     "BackendTimeoutError",
     "LockTimeoutError",
+    "LockLostError",
     "CapacityError",
     "ClosedError",
     "NotFoundError",
@@ -49,6 +50,16 @@ class BackendTimeoutError(BackendDiedError, TimeoutError):
 
 class LockTimeoutError(ShareitError, TimeoutError):
     """The mapping's lock could not be acquired within the timeout."""
+
+
+class LockLostError(ShareitError, RuntimeError):
+    """The ``lock()`` this process held expired and passed to another process; nothing was written.
+
+    Raised by every write inside the ``with`` block once the lock's lease has
+    lapsed (its holder was stopped, frozen or cut off for longer than the
+    lease); such a write changes nothing. A block that lost it and ends with
+    no write having raised it raises it on leaving: what it read may have changed.
+    """
 
 
 class CapacityError(ShareitError):

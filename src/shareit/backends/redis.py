@@ -19,9 +19,15 @@ Features
   so is ``dict(d)``.
 - ``transform`` is optimistic (``WATCH``/``MULTI``, retried on conflict);
   ``edit`` holds the lock, since a ``with`` block cannot be run twice.
-- ``lock()`` is ``SET NX PX`` with a random token and a 2 s expiry that the
-  holder renews while it holds it: a holder that dies blocks the others for
-  at most 2 s. While it is held, every other writer waits.
+- ``lock()`` is a lease: ``SET NX PX`` with a random token and a
+  ``LOCK_TTL`` (2 s) expiry, renewed every ``LOCK_TTL / 4`` by a daemon
+  thread while it is held, so a holder that dies blocks the others for at
+  most 2 s. While it is held, every other writer waits. A holder that cannot
+  renew in time (stopped, frozen, cut off from Redis) loses it: the lock is
+  fenced, each write inside ``lock()`` carries the token and its script
+  refuses unless the lock key still holds it, so from then on the old
+  holder's writes raise :class:`~shareit.LockLostError` and change nothing;
+  a block that wrote nothing after the loss raises it when it ends.
 - A server that goes away raises :class:`~shareit.BackendDiedError` (never
   redis-py's exceptions) within ``timeout``; when it returns, calls work again.
 - A handle pickles as URL + key + options; a process reconnects on first use,
@@ -56,13 +62,14 @@ import time
 from typing import Any, Iterator
 
 from .. import _records, _runtime
-from ..base import MISSING, STRUCTURAL_OPTIONS, Capabilities, SharedMapping, _check_number
+from ..base import MISSING, STRUCTURAL_OPTIONS, Capabilities, SharedMapping, _check_number, _LockContext
 from ..config import Config, redact_url
 from ..errors import (
     BackendDiedError,
     BackendTimeoutError,
     BackendUnavailableError,
     ConfigError,
+    LockLostError,
     LockTimeoutError,
     NotFoundError,
     RecordError,
@@ -77,13 +84,20 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
         f"the redis backend needs redis-py ({exc}): pip install 'shareit[redis]'"
     ) from exc
 
-LOCK_TTL = 2.0  # seconds a dead holder can block the others
+LOCK_TTL = 2.0  # seconds a dead holder can block the others; read at each use
 _LOCKED = "LOCKED"
+_LOST = "LOST"
 
+# ARGV[1] is the writer's lock() token, "" outside lock(). Without one a write
+# waits for any holder; with one it is fenced: it goes through only while the
+# lock key still holds that token, not after the lease lapsed (key expired,
+# maybe taken and released by someone else since).
 _CHECK = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return redis.error_reply('GONE') end
 local o = redis.call('GET', KEYS[2])
-if o and o ~= ARGV[1] then return redis.error_reply('LOCKED') end
+if ARGV[1] ~= '' then
+  if o ~= ARGV[1] then return redis.error_reply('LOST') end
+elseif o then return redis.error_reply('LOCKED') end
 """
 _SET = _CHECK + "redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"
 _DEL = _CHECK + "return redis.call('HDEL', KEYS[1], ARGV[2])"
@@ -122,7 +136,7 @@ class RedisMapping(SharedMapping):
         cross_machine=True,
         key_types=(str, bytes, int),
         ordered=False,
-        notes="one Redis hash; HINCRBY for incr; a token lock with expiry",
+        notes="one Redis hash; HINCRBY for incr; lock() is a fenced, renewed lease",
     )
 
     def __init__(self, name: str, config: Config, anonymous: bool = False):
@@ -134,8 +148,9 @@ class RedisMapping(SharedMapping):
         self._client_pid = -1
         self._client: Any = None
         self._scripts: dict = {}
-        self._held: dict = {}  # thread id -> (token, depth), for this process
+        self._held: dict = {}  # thread id -> _Hold, for this process
         self._renewer: threading.Thread | None = None
+        self._renew_lock = threading.Lock()
         self._seg = name
 
     # ------------------------------------------------------------------ connection
@@ -158,7 +173,8 @@ class RedisMapping(SharedMapping):
                 ("set", _SET), ("del", _DEL), ("update", _UPDATE), ("clear", _CLEAR),
                 ("incr", _INCR), ("unlock", _UNLOCK), ("renew", _RENEW), ("claim", _CLAIM))}
             self._client_pid = os.getpid()
-            self._held = {}
+            self._held = {}  # a forked child holds none of its parent's locks, nor its renewer
+            self._renewer, self._renew_lock = None, threading.Lock()
         return self._client
 
     def _do(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -176,7 +192,10 @@ class RedisMapping(SharedMapping):
     def _script(self, name: str, field_args: list, keys: list | None = None) -> Any:
         """A write: retried while another process holds lock(), up to ``timeout``."""
         self._r()
-        token = self._my_token()
+        hold = self._held.get(threading.get_ident())
+        if hold is not None and hold.lost:  # the renewer saw it go: no round trip
+            raise self._lost_error(hold)
+        token = hold.token if hold is not None else ""
         deadline = time.monotonic() + self._config.timeout
         delay = 0.001
         while True:
@@ -186,6 +205,9 @@ class RedisMapping(SharedMapping):
             except _redis.exceptions.ResponseError as exc:
                 if "GONE" in str(exc):
                     raise self._gone() from None
+                if str(exc) == _LOST and hold is not None:
+                    hold.lost = True
+                    raise self._lost_error(hold) from None
                 if _LOCKED not in str(exc):
                     raise _response_error(exc) from None
             if time.monotonic() >= deadline:
@@ -505,16 +527,40 @@ class RedisMapping(SharedMapping):
 
     # ------------------------------------------------------------------ the lock
 
+    def lock(self, timeout: float | None = None) -> _LockContext:
+        """One critical section across all processes: ``with d.lock(): ...``.
+
+        Reentrant within a thread; while it is held, other processes' writes
+        wait. It is a lease of ``LOCK_TTL`` seconds that a daemon thread renews
+        every ``LOCK_TTL / 4``: if this process cannot renew it in time
+        (stopped, frozen, cut off from Redis), another process may take it,
+        and then every write in the block raises :class:`~shareit.LockLostError`
+        and changes nothing. A block that lost the lock and was not told so by
+        a write raises it when it ends, unless another exception is already on
+        its way out (that one is kept, with a note). Raises
+        :class:`LockTimeoutError` after ``timeout`` seconds.
+        """
+        return _RedisLockContext(self, timeout)
+
     def _my_token(self) -> str:
-        held = self._held.get(threading.get_ident())
-        return held[0] if held else ""
+        hold = self._held.get(threading.get_ident())
+        return hold.token if hold is not None else ""
+
+    def _lost_error(self, hold: "_Hold", what: str = "") -> LockLostError:
+        hold.told = True  # told once: leaving the block does not say it again
+        what = what or "nothing was written. Leave the with block and take the lock again"
+        return LockLostError(
+            f"the lock() this thread held on mapping {self._label()} expired (its lease of "
+            f"{LOCK_TTL:g} s was not renewed in time: process stopped, frozen or cut off from "
+            f"Redis) and may have passed to another process; {what}"
+        )
 
     def _lock_acquire(self, timeout: float) -> bool:
         r = self._r()
         me = threading.get_ident()
-        held = self._held.get(me)
-        if held:
-            self._held[me] = (held[0], held[1] + 1)
+        hold = self._held.get(me)
+        if hold is not None:  # reentrant, even once lost: only leaving the outer block ends a loss
+            hold.depth += 1
             return True
         token = f"{os.getpid()}:{me}:{secrets.token_hex(8)}"
         deadline = time.monotonic() + timeout
@@ -525,34 +571,61 @@ class RedisMapping(SharedMapping):
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
-        self._held[me] = (token, 1)
+        self._held[me] = _Hold(token)
         self._start_renewer()
         return True
 
-    def _lock_release(self) -> None:
+    def _lock_release(self, exc: BaseException | None = None) -> None:
+        """Leave one level of ``lock()``; ``exc`` is the exception leaving the block, if any.
+
+        A lost lock raises :class:`LockLostError` here, like redis-py's
+        ``Lock.release`` raising ``LockNotOwnedError``, unless the block was
+        already told (a write in it raised one) or another exception is leaving it.
+        """
         me = threading.get_ident()
-        token, depth = self._held[me]
-        if depth > 1:
-            self._held[me] = (token, depth - 1)
+        hold = self._held[me]
+        if hold.depth > 1:
+            hold.depth -= 1
             return
         del self._held[me]
-        self._do(self._scripts["unlock"], [self._lock_key], [token])
+        lost = hold.lost  # read first: once the unlock below ran, the renewer may mark it lost too
+        lost = not self._do(self._scripts["unlock"], [self._lock_key], [hold.token]) or lost
+        if not lost or hold.told or isinstance(exc, LockLostError):
+            return
+        if exc is None:
+            raise self._lost_error(hold, "the block's writes made before that were kept, but "
+                                         "another process may have changed what it read since")
+        if hasattr(exc, "add_note"):  # Python 3.11+; the exception already on its way out is kept
+            exc.add_note(f"meanwhile the lock() on mapping {self._label()} had expired: "
+                         f"other processes may have written inside this block")
 
     def _start_renewer(self) -> None:
-        if self._renewer is not None and self._renewer.is_alive():
+        with self._renew_lock:
+            if self._renewer is not None and self._renewer.is_alive():
+                return
+            self._renewer = threading.Thread(target=self._renew, daemon=True, name="shareit-redis-lock")
+            self._renewer.start()
+
+    def _renew(self) -> None:
+        """The renewer: keeps this process's held locks alive; ends when none is held."""
+        pid = os.getpid()
+        while True:
+            with self._renew_lock:  # an acquire racing with the exit starts a new renewer
+                if not self._held or self._client_pid != pid:
+                    self._renewer = None
+                    return
+            for hold in list(self._held.values()):
+                if not hold.lost:
+                    self._renew_one(hold)
+            time.sleep(LOCK_TTL / 4)
+
+    def _renew_one(self, hold: "_Hold") -> None:
+        try:
+            renewed = self._scripts["renew"]([self._lock_key], [hold.token, int(LOCK_TTL * 1000)])
+        except Exception:  # Redis unreachable for now: the lease may still be ours; writes check it
             return
-
-        def renew() -> None:  # keeps a held lock alive; ends when nothing is held
-            while self._held and self._client_pid == os.getpid():
-                for token, _ in list(self._held.values()):
-                    try:
-                        self._scripts["renew"]([self._lock_key], [token, int(LOCK_TTL * 1000)])
-                    except Exception:
-                        pass
-                time.sleep(LOCK_TTL / 4)
-
-        self._renewer = threading.Thread(target=renew, daemon=True, name="shareit-redis-lock")
-        self._renewer.start()
+        if not renewed:  # expired, maybe taken since: the holder's next write fails without a round trip
+            hold.lost = True
 
     def info(self) -> dict:
         """Where the mapping lives and who holds its lock (a token naming pid and thread)."""
@@ -561,6 +634,23 @@ class RedisMapping(SharedMapping):
         return {"url": redact_url(self._url), "key": self._key, "keys": len(self),
                 "lock_held": holder is not None,
                 "lock_holder": int(holder.split(b":")[0]) if holder else None}
+
+
+class _Hold:
+    """One thread's hold of ``lock()``: its token, its reentrancy depth, whether it
+    lapsed and whether a :class:`LockLostError` already said so."""
+
+    __slots__ = ("token", "depth", "lost", "told")
+
+    def __init__(self, token: str):
+        self.token, self.depth, self.lost, self.told = token, 1, False, False
+
+
+class _RedisLockContext(_LockContext):
+    __slots__ = ()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mapping._lock_release(exc[1])  # type: ignore[call-arg]  # the RedisMapping one
 
 
 def _response_error(exc: Exception) -> Exception:
