@@ -33,17 +33,8 @@ class ShmBulk:
     def values_array(self) -> np.ndarray:
         """A numpy copy of every value, in iteration order (needs a numeric ``value_type``)."""
         self._need_numeric("values_array")
-        self._check_open()
-        self._wlock()
-        try:
-            ents = self._g.entries()[: self._g.q[L.H_USED]]
-            meta, val = ents["meta"].copy(), ents["val"].copy()  # two columns, each one pass
-        finally:
-            self._lock_release()
-        live = (meta & L.LIVE) != 0
-        if not live.all():
-            meta, val = meta[live], val[live]
-        return _numeric(meta, val, self._config.value_type)
+        ents = self._consistent_copy(with_heap=False)[0]  # lock-free, like snapshot()
+        return _numeric(ents["meta"], ents["val"].copy(), self._config.value_type)
 
     def keys_list(self) -> list:
         """Every key in iteration order (the order of :meth:`values_array`)."""

@@ -7,16 +7,22 @@ segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
 ``NAME@ctl`` -- the control segment, fixed size. Words (uint64):
 
     0 magic   1 layout   2 gen (DESTROYED once destroyed)
-    3 epoch: gen * 2, plus 1 while a multi-key write is in progress (1 once destroyed).
+    3 epoch: gen * 2 (1 once destroyed); changes only when a new generation is published.
       A reader's cached value is valid while the epoch equals its own and the
       entry's version is unchanged: two word reads.
-    4 stamp (entry versions; only grows)   5 jstate (1: an undo journal is valid;
-    w << 2 | 2: the inline value word of the entry at data word w is being replaced)
-    6 jcount  7 jwords   8 grow target gen   9 writer pid (for ``inspect``)
+    4 stamp (entry versions; only grows, also for inline writes)   5 jstate (1: an undo
+    journal is valid; w << 2 | 2: the inline value word of the entry at data word w is
+    being replaced)   6 jcount  7 jwords   8 grow target gen   9 writer pid (``inspect``)
     10 writer lock kind: 1 robust pthread mutex at byte 128, 2 flock on this file
+    11 tseq: odd from the moment a journaled transaction may change data until its
+      commit (or the rollback that repairs it) is complete. Lock-free readers that see it
+      odd read the last committed state: the data with the journal's pre-images laid
+      over it (``_shm_read``).
 
   then the undo journal: records of (offset, nbytes, old bytes) of the current
-  generation's data segment, saved before a write changes them.
+  generation's data segment, saved before a write changes them. Every record is
+  8-byte aligned and a whole number of words, and is complete before ``jcount``
+  counts it; the first record of a word holds its committed value.
 
 ``NAME@gN`` -- generation N's data segment: a 64-byte header
 (cap, isize, heap words, used, live, heap top, garbage words), the index
@@ -48,7 +54,7 @@ from .. import _runtime
 from .._codec import dumps
 
 MAGIC = 0x5348415245495431  # "SHAREIT1"
-LAYOUT = 2
+LAYOUT = 3  # 3: tseq (word 11); the epoch no longer marks multi-key writes
 DESTROYED = 1 << 62
 CTRL_SIZE = 1 << 16
 MUTEX_OFFSET = 128  # the writer lock (a robust pthread mutex) lives in control bytes 128..191
@@ -57,7 +63,7 @@ JOURNAL_WORDS = CTRL_SIZE // 8 - JOURNAL_WORD
 
 # control words
 (C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER,
- C_LOCKKIND) = range(11)
+ C_LOCKKIND, C_TSEQ) = range(12)
 LOCK_ROBUST, LOCK_FLOCK = 1, 2
 J_NONE, J_JOURNAL, J_INLINE = 0, 1, 2
 # data header words

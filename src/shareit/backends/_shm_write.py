@@ -6,6 +6,19 @@ lock held. A write journals the bytes it is about to change
 (``_save``) between ``_begin`` and ``_commit``; a writer killed in between is
 rolled back by the next one (``_recover``). Rebuilds build a whole new
 generation out of sight and publish it with one store.
+
+Lock-free readers must never see a write that has not committed, and cannot
+wait for a writer (it may be stopped or dead), so a transaction announces
+itself: ``_begin`` empties the journal and only then makes ``tseq`` odd;
+``_commit`` clears ``jstate`` (from then on recovery keeps the write) and then
+makes ``tseq`` even (from then on readers see it). A reader that finds
+``tseq`` odd lays the journal's pre-images over the data (``_shm_read``), so
+until the commit it sees exactly the state before the transaction, and a
+rollback restores those very bytes: nothing a reader returned or cached is
+undone by it. Every byte a transaction changes below the heap top is
+journaled first; bytes above the committed heap top (appended keys and
+values, the entry of an insert) are invisible to readers of the committed
+header and index.
 """
 
 from __future__ import annotations
@@ -40,18 +53,19 @@ class ShmWriter:
                 c[L.C_STAMP] = stamp
                 self._g.q[w] = 2 * stamp + 2
         c[L.C_JSTATE] = 0
-        c[L.C_GSEQ] = c[L.C_GEN] * 2  # even again, and right after a switch cut short
+        if c[L.C_TSEQ] & 1:
+            c[L.C_TSEQ] += 1  # readers stop laying the (now empty) journal over the data
+        c[L.C_GSEQ] = c[L.C_GEN] * 2  # right after a switch cut short
         self._epoch = c[L.C_GEN] * 2
         self._cache.clear()
         self._slots.clear()
 
-    def _begin(self, multi: bool = False) -> None:
-        """Open a journaled write; ``multi``: it changes several keys, so readers must wait."""
+    def _begin(self) -> None:
+        """Open a journaled write (of one key or many: readers treat them alike)."""
         c = self._c
         c[L.C_JWORDS] = 0
-        c[L.C_JCOUNT] = 0
-        if multi:
-            c[L.C_GSEQ] += 1  # odd: readers retry until the whole write is done
+        c[L.C_JCOUNT] = 0  # before tseq turns odd: no reader lays old records over new data
+        c[L.C_TSEQ] += 1  # odd: readers read through the journal until the commit
         c[L.C_JSTATE] = 1
         self._saved_header = False
         L.fault("after_begin")
@@ -91,14 +105,16 @@ class ShmWriter:
 
     def _commit(self) -> None:
         L.fault("before_commit")
+        self._finish()
+
+    def _finish(self) -> None:
         c = self._c
-        c[L.C_JSTATE] = 0
-        if c[L.C_GSEQ] & 1:
-            c[L.C_GSEQ] += 1
+        c[L.C_JSTATE] = 0  # the commit point for recovery: the next writer keeps this write
+        c[L.C_TSEQ] += 1  # even: readers see it from now on (never before recovery would keep it)
 
     def _abort(self) -> None:
         self._rollback()
-        self._commit()
+        self._finish()
         self._cache.clear()
         self._slots.clear()
 
@@ -246,7 +262,7 @@ class ShmWriter:
     def _put_many(self, encoded: list) -> None:
         """Apply many puts as one transaction; too big for the journal: in a new generation."""
         if len(encoded) <= 256:
-            self._begin(multi=len(encoded) > 1)
+            self._begin()
             try:
                 for item in encoded:
                     self._put(*item)

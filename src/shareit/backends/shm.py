@@ -11,10 +11,13 @@ Features
 - ``value_type="float64"`` (or ``int64``, ...): numeric values inline, and
   bulk numeric access through numpy with one lock: :meth:`ShmMapping.get_many`,
   :meth:`ShmMapping.set_many`, :meth:`ShmMapping.values_array`.
-- Reads take no lock: a global seqlock and a version per entry; a reader that
-  keeps losing to writers falls back to the lock after a bounded number of
-  tries. A process caches what it read and re-validates with one word per
-  read, so a repeated read costs a few hundred nanoseconds.
+- Reads never take or wait for the writer lock, and never see a write that
+  has not committed: a version per entry, a transaction word, and, while a
+  writer (running, stopped or dead) is inside a transaction, its undo
+  journal's pre-images laid over the data (``_shm_read``). Snapshots,
+  iteration and ``len`` validate one numpy copy the same way. A process
+  caches what it read and re-validates with one word per read, so a repeated
+  read costs a few hundred nanoseconds.
 - Writers take a robust, process-shared pthread mutex in the control segment
   (futex-based; ``flock`` where robust mutexes are missing): when its holder
   dies the next writer gets it, rolls back the dead writer's undo journal and
@@ -33,8 +36,8 @@ in ``shareit.toml``::
     backend = "shm"
     value_type = "float64"
 
-or ``SHAREIT_BACKEND=shm``. The seqlock relies on x86-64 store and load
-ordering; on other machines reads take the lock.
+or ``SHAREIT_BACKEND=shm``. Lock-free reads rely on x86-64 store and load
+ordering; on other machines single-key reads take the lock.
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ from ..config import Config
 from ..errors import BackendDiedError, ClosedError, ConfigError, NotFoundError
 from . import _shm_layout as L
 from ._shm_bulk import SMALL_BATCH, ShmBulk
+from ._shm_read import ShmReader
 from ._shm_write import ShmWriter
 from ._shm_layout import (
-    C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, LIVE, V_FLOAT, V_INT, _f2i, _i2f,
+    C_GROW, C_GSEQ, C_JSTATE, C_STAMP, C_TSEQ, J_INLINE, LIVE, V_FLOAT, V_INT, _f2i, _i2f,
 )
 
 
@@ -74,7 +78,6 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 _crc32 = __import__("zlib").crc32
-_SPINS = 200  # optimistic read attempts before a reader takes the lock
 _LOCKFREE_READS = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
 
 
@@ -84,7 +87,7 @@ class _ClosedCache(dict):
         raise ClosedError("this shm mapping is closed in this process; open it again by name")
 
 
-class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
+class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
     """A hash table in shared memory; reads without locks, crash-safe writes."""
 
     backend = "shm"
@@ -114,6 +117,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         self._plain = self._declared is None and self._vt is None  # d[k] = number may go fast
         self._journaling = True
         self._saved_header = False
+        self._over: tuple | None = None  # the journal overlay last built (``_shm_read``)
         self._map_current()
 
     # ------------------------------------------------------------------ segments
@@ -179,17 +183,19 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         except NotFoundError as exc:
             raise BackendDiedError(str(exc)) from None
 
-    def _map_current(self) -> None:
-        """Map the generation the control segment names (following growth)."""
+    def _map_current(self, want: int | None = None) -> None:
+        """Map the generation the control segment names (following growth), or ``want``."""
         for _ in range(1000):
-            gen = self._c[L.C_GEN]
-            if gen == L.DESTROYED:
+            gen = self._c[L.C_GEN] if want is None else want
+            if gen == L.DESTROYED or self._c[L.C_GEN] == L.DESTROYED:
                 raise self._died()
             if self._g is not None and self._g.gen == gen:
                 return
             try:
                 g = L.Generation.open(self._seg, gen)
             except FileNotFoundError:
+                if want is not None:
+                    return  # replaced meanwhile: the caller reads the epoch again
                 continue  # replaced by a newer generation meanwhile
             if self._g is not None:
                 self._g.close()
@@ -275,7 +281,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         c = self._c
         if c[L.C_GEN] == L.DESTROYED:
             raise self._died()
-        if c[L.C_JSTATE] or c[L.C_GROW] or c[L.C_GSEQ] != c[L.C_GEN] * 2:
+        if c[L.C_JSTATE] or c[L.C_GROW] or c[L.C_GSEQ] != c[L.C_GEN] * 2 or c[C_TSEQ] & 1:
             self._recover()
         if c[L.C_GEN] != self._gen:
             self._map_current()
@@ -290,44 +296,35 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
     # ------------------------------------------------------------------ reads
 
     def _read(self, key: Any) -> tuple:
-        """(found, value) read without the lock; falls back to the lock if writers keep winning."""
+        """(found, value) of the last committed state, read without the lock (``_shm_read``)."""
         kkind, kb = L.encode_key(key)
         h = _crc32(kb, kkind)
         if _LOCKFREE_READS:
-            c = self._c
-            for _ in range(_SPINS):
-                e1 = c[C_GSEQ]
-                if e1 != self._epoch:
-                    if e1 & 1:
-                        os.sched_yield()  # a multi-key write or a destroy: wait, or lock
-                    else:
-                        self._map_current()
-                    continue
-                try:
-                    got = self._read_entry(key, kkind, kb, h)
-                except (IndexError, ValueError, OverflowError):
-                    got = None  # a torn read of the index or an entry: retry
-                if got is not None and c[C_GSEQ] == e1:
-                    return got
+            return self._read_lockfree(key, kkind, kb, h)
         self._wlock()
         try:
-            got = self._read_entry(key, kkind, kb, h)
-            assert got is not None
-            return got
+            return self._read_entry_locked(key, kkind, kb, h)
         finally:
             self._lock_release()
 
     def _read_entry(self, key: Any, kkind: int, kb: bytes, h: int) -> tuple | None:
+        """One direct read attempt: ``(found, value[, w, ver, kind, raw])``, the long form
+        for a value that may be cached once the caller has validated the read; None: retry."""
         g = self._g
         e, _ = self._find(g, kkind, kb, h)
         if e < 0:
             return (False, None)
         w = g.ew + e * 4
         ver = g.q[w]
-        if ver & 1:
-            return None
         meta = g.u32[w * 2 + 5]
         kind = meta & 0xFF
+        if ver & 1:
+            # only an inline numeric write in flight (or stopped) may be read as is: its
+            # one aligned word holds the old or the new value, and the kind stays
+            if self._c[C_JSTATE] != (w << 2) | J_INLINE or not meta & L.LIVE \
+                    or kind not in (V_INT, V_FLOAT):
+                return None
+            return (True, L.decode_value(kind, g.qs[w + 3], None))
         inline = g.qs[w + 3]
         raw = None
         if kind in L.HEAP_KINDS:
@@ -335,11 +332,17 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
             raw = bytes(g.mv[start : start + (inline >> 32)])
         if g.q[w] != ver or not meta & L.LIVE:
             return None
-        value = L.decode_value(kind, inline, raw)
+        return (True, L.decode_value(kind, inline, raw), w, ver, kind, raw)
+
+    def _remember(self, key: Any, got: tuple) -> None:
+        """Cache a validated read (and the key's entry, for the fast write path)."""
+        _, value, w, ver, kind, raw = got
         kt = type(key)
         if kt is tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
-            return (True, value)
+            return
         if self._lock_forkgen == _runtime.fork_generation:  # (the fast write path's key)
+            if len(self._slots) >= L.CACHE_MAX:
+                self._slots.clear()
             self._slots[key] = w
         cache = self._cache
         if len(cache) >= L.CACHE_MAX:
@@ -349,7 +352,6 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
             cache[key] = (w, ver, value, True, kt)
         else:
             cache[key] = (w, ver, raw, False, kt)
-        return (True, value)
 
     # ------------------------------------------------------------------ the five
 
@@ -482,7 +484,8 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
 
     def _fast_contended(self, m: Any, rc: int) -> bool:
         """``trylock()`` did not simply get the lock: wait for it; False sends the caller to
-        the general path (which raises on a timeout, or repairs after a dead holder)."""
+        the general path (which repairs after a dead holder). A timeout raises here: the
+        general path must not wait a second ``timeout``."""
         if rc == 130:  # the last holder died
             m.make_consistent()
             m.unlock()
@@ -492,7 +495,13 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
             return True
         if got:  # held now, after a dead holder: unlock, and the general path repairs
             m.unlock()
-        return False
+            return False
+        from ..errors import LockTimeoutError
+
+        raise LockTimeoutError(
+            f"could not lock shm mapping {self._label()} within {self._config.timeout:g} s; "
+            f"another process holds lock(). Pass a larger timeout"
+        )
 
     def _write_one(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
                    vraw: bytes | None) -> None:
@@ -536,23 +545,7 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
 
     def __len__(self) -> int:
         self._check_open()
-        c = self._c
-        for _ in range(_SPINS):
-            e1 = c[C_GSEQ]
-            if e1 != self._epoch:
-                if e1 & 1:
-                    os.sched_yield()
-                else:
-                    self._map_current()
-                continue
-            n = self._q[L.H_LIVE]
-            if c[C_GSEQ] == e1:
-                return n
-        self._wlock()
-        try:
-            return self._q[L.H_LIVE]
-        finally:
-            self._lock_release()
+        return self._len_lockfree()
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self._live_keys_values(values=False)[0])
@@ -582,33 +575,6 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
         keys = int_keys.tolist() if int_keys is not None else decode_keys(ents, heap)
         vals = decode_values(ents, heap, self._vt) if values else []
         return keys, vals
-
-    def _consistent_copy(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Live entries, plus the heap or the int keys gathered from it, copied under the lock.
-
-        Single-key writes do not announce themselves to readers (their entry's
-        version is enough for a one-key read), so a whole-table copy takes the
-        lock. Only memcpy-like numpy work happens while it is held; decoding to
-        Python objects happens after.
-        """
-        self._wlock()
-        try:
-            g = self._g
-            used, live_n = g.q[L.H_USED], g.q[L.H_LIVE]
-            ents = g.entries()[:used]
-            ents = ents.copy() if live_n == used else ents[(ents["meta"] & L.LIVE) != 0]
-            meta = ents["meta"]
-            heap = int_keys = None
-            # all keys int64 and all values inline: gather the keys, skip copying the heap
-            if len(ents) and meta.min() == meta.max() and (meta[0] >> 8) & 0xFF == L.K_INT \
-                    and meta[0] & 0xFF not in L.HEAP_KINDS and (ents["klen"] == 8).all():
-                heapq = np.frombuffer(g.mm, dtype="<i8", count=g.heapw, offset=g.hoff)
-                int_keys = heapq[ents["koff"]]  # fancy indexing copies
-            else:
-                heap = g.heap()[: g.q[L.H_TOP] * 8].copy()
-            return ents, heap, int_keys
-        finally:
-            self._lock_release()
 
     def snapshot(self) -> dict:
         keys, vals = self._live_keys_values()
@@ -659,6 +625,8 @@ class ShmMapping(ShmWriter, ShmBulk, SharedMapping):
     def _read_entry_locked(self, key: Any, kkind: int, kb: bytes, h: int) -> tuple:
         got = self._read_entry(key, kkind, kb, h)
         assert got is not None, "an entry is never mid-write while the writer lock is held"
-        return got
+        if len(got) > 2:
+            self._remember(key, got)  # committed: the lock is held and no transaction is open
+        return got[0], got[1]
 
     # ------------------------------------------------------------------ numeric bulk access
