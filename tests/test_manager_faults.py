@@ -50,7 +50,7 @@ def test_stopped_server_times_out_instead_of_hanging(d) -> None:
         with pytest.raises(shareit.BackendTimeoutError, match="did not answer"):
             d["a"]
         elapsed = time.monotonic() - started
-        assert 0.9 < elapsed < 6.0
+        assert 0.9 < elapsed < 1.15, f"a stopped server made a call wait {elapsed:.2f} s (timeout 1 s)"
         assert isinstance(shareit.BackendTimeoutError("x"), TimeoutError)
     finally:
         os.kill(pid, signal.SIGCONT)

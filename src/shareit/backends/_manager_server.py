@@ -6,6 +6,16 @@ listens on a Linux abstract Unix socket (nothing to leak on disk) and checks
 the same HMAC challenge as ``multiprocessing`` managers, per connection, in
 that connection's thread (so a stalled client cannot block ``accept``).
 
+An abstract socket has no file permissions and its address is listed in
+world-readable ``/proc/net/unix``, so anyone on the machine can connect. Hence
+the gate in front of the handshake (``Gate``, ``Server.admit``): a peer of
+another uid (``SO_PEERCRED``) is closed at once; at most ``MAX_PENDING``
+connections may be handshaking at a time, each for at most
+``HANDSHAKE_LIMIT`` seconds; running out of descriptors or threads makes the
+accept loop back off instead of dying; and nothing a hostile peer does prints
+to the owner's stderr (it is logged at DEBUG on ``shareit.server``). The
+counts are in ``info()``.
+
 One thread serves each client connection, and a client uses one connection per
 thread, so "the server thread serving this call" identifies the calling
 client thread. That is what ``lock()`` records as its holder: when the client
@@ -21,6 +31,9 @@ dies (``pidfd``) unless the mapping is persistent, and on ``shutdown``.
 
 from __future__ import annotations
 
+import errno
+import logging
+import math
 import os
 import pickle
 import select
@@ -31,7 +44,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
 from .. import _codec, _runtime
 from ..errors import LockTimeoutError
@@ -40,7 +53,14 @@ _dumps, _loads = pickle.dumps, pickle.loads
 _PROTO = pickle.HIGHEST_PROTOCOL
 REMOVED = ("<removed>",)  # a 1-tuple of str: never a packed value, which is (bytes,)
 CLEARED = ("<cleared>",)
-UPDATED = ("<updated>",)  # (only in the queue hub's pushes: one update()'s items)
+
+log = logging.getLogger("shareit.server")
+MAX_PENDING = 32  # connections in the handshake phase at once; more are closed unheard
+HANDSHAKE_LIMIT = 5.0  # seconds a connection may take to authenticate (or timeout, if less)
+ACCEPT_BACKOFF = 0.05  # seconds to pause accepting when out of descriptors, memory or threads
+_PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO})  # accept() failures not worth a pause
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+COUNTERS = ("rejected_foreign", "rejected_busy", "failed_handshakes", "accept_errors")
 
 
 class Store:
@@ -54,6 +74,7 @@ class Store:
         self.vt = _codec.VALUE_TYPES[value_type] if value_type else None
         self.tls = threading.local()
         self.requests = 0  # served so far; lets tests count round trips
+        self.conn_stats = dict.fromkeys(COUNTERS, 0)  # the gate's counts (see Server.admit)
         self.wrapped = 0  # values stored as (pickle,) rather than as themselves
 
     # -- the user lock ------------------------------------------------------------
@@ -143,8 +164,8 @@ class Store:
         """Every change goes through here, an update()'s through ``changed_many``, which
         calls this per item unless overridden (``value`` is :data:`REMOVED` for a delete
         and :data:`CLEARED`, with key None, for clear; ``new`` says the key was inserted);
-        the queue backend's hub broadcasts them. Markers (these two, and the hub's
-        :data:`UPDATED`) are tuples of str, which no stored value is."""
+        a subclass may record them (the queue backend's hub pushes them). Markers are
+        tuples of str, which no stored value is."""
 
     def changed_many(self, items: dict) -> None:
         """``changed`` for each of ``items`` (sets of one update), before they are stored."""
@@ -239,6 +260,7 @@ class Store:
             "pickled_values": self.wrapped,
             "lock_held": holder is not None,
             "lock_holder": getattr(holder, "client_pid", None) if holder else None,
+            **self.conn_stats,
         }
 
 
@@ -250,23 +272,49 @@ class Server:
             name[3:]: getattr(self.store, name) for name in dir(self.store) if name.startswith("op_")
         }
         self.authkey: bytes = params["authkey"]
+        self.gate = Gate(min(params["timeout"], HANDSHAKE_LIMIT))
+        self.uid = os.geteuid()
 
     def serve(self, conn: Connection) -> None:
+        """A connection's thread. Catches everything: the default excepthook would print
+        a traceback to the owner's stderr, and a client must not be able to cause one."""
+        try:
+            if self.admitted(conn):
+                self.serve_client(conn)
+        except BaseException:
+            log.debug("connection thread failed", exc_info=True)
+        finally:
+            conn.close()
+
+    def admitted(self, conn: Connection) -> bool:
+        """The HMAC challenge both ways, within the gate's time limit; False if it failed."""
+        fd = conn.fileno()
+        limit = self.gate.limit
+        try:
+            conn_setup(conn, limit, limit)
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+        except Exception as exc:  # wrong key, garbage, EOF, reaped by the gate: all the same
+            self.count("failed_handshakes")
+            log.debug("handshake failed: %s: %s", type(exc).__name__, exc)
+            return False
+        finally:
+            self.gate.leave(fd)  # before any close: the gate knows connections by descriptor
+        return True
+
+    def serve_client(self, conn: Connection) -> None:
+        """Serve an authenticated client until it goes away; then release what it held."""
         me = threading.current_thread()
         store = self.store
         store.tls.timeout = self.params["timeout"]
         try:
-            conn_setup(conn, self.params["timeout"], self.params["timeout"])
-            deliver_challenge(conn, self.authkey)
-            answer_challenge(conn, self.authkey)
             conn_setup(conn, 0, self.params["timeout"])  # an idle client may wait forever
             self.loop(conn, me)
         except (EOFError, OSError):
-            pass  # the client went away (or failed authentication)
+            pass  # the client went away
         finally:
             store.release_all_of(me)
             self.disconnected(me)
-            conn.close()
 
     def loop(self, conn: Connection, me: threading.Thread) -> None:
         """Serve one connection's requests until it ends (EOFError/OSError)."""
@@ -291,11 +339,7 @@ class Server:
             self.shutdown(conn)
         if op == "hello":
             me.client_pid = args[1]  # type: ignore[attr-defined]
-            me.replica = args[2] if len(args) > 2 else None  # type: ignore[attr-defined]
             args = args[:1]
-        if op == "subscribe":
-            self.subscribe(conn, *args)
-            return
         conn.send_bytes(_dumps(self.run_op(op, args), _PROTO))
 
     def disconnected(self, me: threading.Thread) -> None:
@@ -310,9 +354,6 @@ class Server:
             return (True, self.ops[op](*args))
         except BaseException as exc:  # sent back to the caller, raised there
             return (False, exc)
-
-    def subscribe(self, conn: Connection, replica: bytes | None = None) -> None:
-        raise RuntimeError("this server pushes no changes")
 
     def shutdown(self, conn: Connection | None) -> None:
         self.remove_record()
@@ -347,14 +388,113 @@ class Server:
                 self.shutdown(None)
 
     def run(self) -> None:
-        listener = Listener(self.params["address"], family="AF_UNIX", backlog=128)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.params["address"])
+        listener.listen(128)
         if not self.params["persist"]:
             threading.Thread(target=self.watch_owner, daemon=True).start()
+        threading.Thread(target=self.gate.reap, daemon=True).start()
         sys.stdout.write("ready\n")
         sys.stdout.flush()
         while True:
-            conn = listener.accept()
+            self.admit(listener)
+
+    def admit(self, listener: socket.socket) -> None:
+        """Accept one connection and hand it to a thread of its own -- unless it is
+        another user's, or too many are already handshaking. Never raises: the accept
+        loop dying would make the mapping look lost to every process using it."""
+        try:
+            sock, _ = listener.accept()
+        except OSError as exc:
+            self.back_off("accept", exc, exc.errno not in _PEER_GONE)  # EMFILE, ENFILE, ENOMEM...
+            return
+        try:
+            uid = peer_uid(sock)
+        except OSError:
+            uid = -1
+        if uid != self.uid:
+            sock.close()
+            self.count("rejected_foreign")
+            log.debug("closed a connection from uid %s", uid)
+            return
+        if not self.gate.enter(sock.fileno()):
+            sock.close()
+            self.count("rejected_busy")
+            return
+        conn = Connection(sock.detach())
+        try:
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+        except RuntimeError as exc:  # can't start new thread
+            self.gate.leave(conn.fileno())
+            conn.close()
+            self.back_off("start a thread", exc, True)
+
+    def back_off(self, what: str, exc: BaseException, pause: bool) -> None:
+        """Count a failure of the accept loop; pause briefly if it was resource exhaustion
+        (or unknown), so that the loop neither dies nor spins until it passes."""
+        self.count("accept_errors")
+        log.debug("could not %s: %s", what, exc)
+        if pause:
+            time.sleep(ACCEPT_BACKOFF)  # a server shedding load, not waiting on another process
+
+    def count(self, key: str) -> None:
+        with self.gate.cond:  # from the accept thread and handshaking threads alike
+            self.store.conn_stats[key] += 1
+
+
+class Gate:
+    """The handshake phase: at most ``MAX_PENDING`` connections at once, each for at
+    most ``limit`` seconds in all (a per-read timeout alone would let a peer that
+    sends a byte now and then take forever). Connections are known by descriptor,
+    which stays open while it is here: a thread leaves the gate before closing it."""
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self.cond = threading.Condition(threading.Lock())
+        self.pending: dict[int, float] = {}  # fd -> deadline (inf once shut down)
+
+    def enter(self, fd: int) -> bool:
+        with self.cond:
+            if len(self.pending) >= MAX_PENDING:
+                return False
+            self.pending[fd] = time.monotonic() + self.limit
+            self.cond.notify()
+            return True
+
+    def leave(self, fd: int) -> None:
+        with self.cond:
+            self.pending.pop(fd, None)
+
+    def reap(self) -> None:
+        """Shut down connections past their deadline; their thread then sees EOF."""
+        with self.cond:
+            while True:
+                now = time.monotonic()
+                for fd, deadline in self.pending.items():
+                    if deadline <= now:
+                        _shut(fd)
+                        self.pending[fd] = math.inf
+                soonest = min(self.pending.values(), default=math.inf)
+                self.cond.wait(None if soonest == math.inf else soonest - now)
+
+
+def _shut(fd: int) -> None:
+    """shutdown() the socket ``fd`` without closing it (its thread does that)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket (when it connected or listened)."""
+    return _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[1]
 
 
 def conn_setup(conn: Connection, recv_timeout: float, send_timeout: float) -> None:
@@ -363,12 +503,12 @@ def conn_setup(conn: Connection, recv_timeout: float, send_timeout: float) -> No
     With SO_RCVTIMEO/SO_SNDTIMEO a stalled read fails with EAGAIN, which costs
     nothing per call, unlike a ``poll()`` before every ``recv()``.
     """
-    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    sock = socket.socket(fileno=conn.fileno())  # no dup(): it must work with no descriptor to spare
     try:
         for opt, t in ((socket.SO_RCVTIMEO, recv_timeout), (socket.SO_SNDTIMEO, send_timeout)):
             sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", int(t), int((t % 1) * 1e6)))
     finally:
-        sock.close()
+        sock.detach()
 
 
 def _unloadable(exc: Exception) -> TypeError:

@@ -67,7 +67,11 @@ _dumps, _loads = pickle.dumps, pickle.loads
 _pack, _unpack = _codec.pack, _codec.unpack
 _second = operator.itemgetter(1)
 _PROTO = pickle.HIGHEST_PROTOCOL
-_GRACE = 2.0  # seconds beyond a server-side wait before the client calls the server hung
+def _bound(timeout: float) -> float:
+    """How long the client waits for a reply that the server may delay by ``timeout`` (a
+    write waiting for another's lock()): a little longer, so that the server's own answer
+    (LockTimeoutError) wins, yet within ~10% of ``timeout`` when it is stopped or hung."""
+    return timeout * 1.08 + 0.05
 
 class ManagerMapping(SharedMapping):
     """A mapping held by a server process; one round trip per operation."""
@@ -202,18 +206,17 @@ class ManagerMapping(SharedMapping):
 
     def _connect(self) -> Connection:
         timeout = self._config.timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(self._address)
-            sock.settimeout(None)
-        except OSError as exc:
-            sock.close()
-            raise self._died(exc) from None
+        deadline = time.monotonic() + _bound(timeout)  # beyond the server's handshake limit
+        pause = 0.002
+        while (sock := self._dial(timeout)) is None:
+            if time.monotonic() + pause > deadline:
+                raise self._died(TimeoutError()) from None  # "overloaded"
+            time.sleep(pause)  # the server is shedding load: try again shortly, until timeout
+            pause = min(pause * 2, 0.1)
         conn = Connection(sock.detach())
         conn._shareit_pid = os.getpid()  # type: ignore[attr-defined]
         try:
-            conn_setup(conn, timeout + _GRACE, timeout + _GRACE)
+            conn_setup(conn, _bound(timeout), _bound(timeout))
             answer_challenge(conn, self._authkey)
             deliver_challenge(conn, self._authkey)
             conn.send_bytes(_dumps(self._hello(), _PROTO))
@@ -224,6 +227,52 @@ class ManagerMapping(SharedMapping):
         with self._conns_lock:
             self._conns.append(conn)
         return conn
+
+    def _dial(self, timeout: float) -> socket.socket | None:
+        """Connect, check the server is ours, and wait for its first byte. None if it
+        closed the connection before sending any: a server turns connections away while
+        too many are handshaking at once (a burst of clients, or a flood)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self._address)
+        except OSError as exc:
+            sock.close()
+            raise self._died(exc) from None
+        self._check_server_uid(sock)
+        try:
+            sock.settimeout(_bound(timeout))
+            first = sock.recv(1, socket.MSG_PEEK)
+            sock.settimeout(None)
+        except ConnectionResetError:
+            first = b""
+        except OSError as exc:
+            sock.close()
+            raise self._died(exc) from None
+        if not first:
+            sock.close()
+            return None
+        return sock
+
+    def _check_server_uid(self, sock: socket.socket) -> None:
+        """Refuse a server of another user before sending it anything: any user can
+        listen on an abstract address (no file permissions), e.g. one taken from
+        /proc/net/unix after our server died, and would then see our HMAC answers."""
+        from ..errors import PermissionDeniedError
+        from ._manager_server import peer_uid
+
+        try:
+            uid = peer_uid(sock)
+        except OSError as exc:
+            sock.close()
+            raise self._died(exc) from None
+        if uid != os.geteuid():
+            sock.close()
+            raise PermissionDeniedError(
+                f"the server at the address of mapping {self._label()} "
+                f"({self._address.lstrip(chr(0))!r}) belongs to uid {uid}, not you "
+                f"(uid {os.geteuid()}); refusing to use it"
+            )
 
     def _hello(self) -> tuple:
         """The first request on every connection: who this client is."""
@@ -239,7 +288,7 @@ class ManagerMapping(SharedMapping):
         if isinstance(exc, (BlockingIOError, socket.timeout)):
             return BackendTimeoutError(
                 f"the manager server of mapping {self._label()} did not answer within "
-                f"{self._config.timeout + _GRACE:g} s: it is stopped, hung or overloaded"
+                f"{_bound(self._config.timeout):g} s: it is stopped, hung or overloaded"
             )
         return BackendDiedError(
             f"the manager server of mapping {self._label()} is gone "
@@ -268,14 +317,9 @@ class ManagerMapping(SharedMapping):
         except (OSError, EOFError) as exc:
             self._drop_conn()
             raise self._died(exc) from None
-        if len(reply) > 2:  # a hub also says which change this was (queue backend)
-            self._pushed(reply[2])
         if reply[0]:
             return reply[1]
         raise reply[1]
-
-    def _pushed(self, seq: int) -> None:
-        """After a call to a hub: this process must see changes up to ``seq``."""
 
     # ------------------------------------------------------------------ the five
 
@@ -358,12 +402,12 @@ class ManagerMapping(SharedMapping):
         if timeout <= self._config.timeout:
             return self._call(*req)
         conn = self._conn()
-        conn_setup(conn, timeout + _GRACE, timeout + _GRACE)
+        conn_setup(conn, _bound(timeout), _bound(timeout))
         try:
             return self._call(*req)
         finally:
             if getattr(self._tls, "conn", None) is conn:
-                t = self._config.timeout + _GRACE
+                t = _bound(self._config.timeout)
                 conn_setup(conn, t, t)
 
     def _locked_read(self, key: Any, default: Any) -> Any:
