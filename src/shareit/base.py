@@ -383,13 +383,17 @@ class SharedMapping(MutableMapping):
         else:
             pairs = []
             for i, item in enumerate(other):
-                try:
-                    k, v = item
-                except (TypeError, ValueError):
+                try:  # dict's errors: TypeError if not a sequence, ValueError if not a pair
+                    seq = tuple(item)
+                except TypeError:
                     raise TypeError(
-                        f"update() element #{i} is not a (key, value) pair: {item!r:.60}"
+                        f"cannot convert update() element #{i} to a sequence: {item!r:.60}"
                     ) from None
-                pairs.append((k, v))
+                if len(seq) != 2:
+                    raise ValueError(
+                        f"update() element #{i} has length {len(seq)}; 2 is required"
+                    )
+                pairs.append(seq)
         pairs.extend(kwargs.items())
         keys_ok = False  # whether every key is known valid without a per-key check
         if self._declared is None:

@@ -436,11 +436,12 @@ def run_random_history(d: Any, workers: int = 3, ops_per_worker: int = 60, keys:
                        keep: str | None = None) -> Result:
     """Run random operations on ``d`` from ``workers`` processes, then check the history.
 
-    ``d`` must start empty. With ``kill``, one worker is SIGKILLed after it has
+    ``d``'s contents when called are the initial state. With ``kill``, one worker is SIGKILLed after it has
     done some operations. ``keep`` names a directory to keep the logs in.
     """
     keys = keys or ["a", "b", "c"]
     seed = random.randrange(1 << 30) if seed is None else seed
+    initial = {str(k): v for k, v in d.snapshot().items()}
     directory = keep or tempfile.mkdtemp(prefix="shareit-history-")
     os.makedirs(directory, exist_ok=True)
     ctx = mp.get_context(method)
@@ -467,7 +468,7 @@ def run_random_history(d: Any, workers: int = 3, ops_per_worker: int = 60, keys:
                 except ProcessLookupError:
                     pass
         _join(procs, timeout)
-        result = check_dir(directory)
+        result = check_dir(directory, initial)
         if not result.ok:
             result.failure += f"\n(seed {seed}, {workers} workers, method {method}, logs in {directory})"
         return result
@@ -493,7 +494,8 @@ def _join(procs: list, timeout: float) -> None:
         raise AssertionError(f"{len(hung)} worker(s) did not finish within {timeout} s")
 
 
-def _ring_worker(d: Any, directory: str, i: int, n: int, rounds: int, recv: Any, send: Any) -> None:
+def _ring_worker(d: Any, directory: str, i: int, n: int, rounds: int, recv: Any, send: Any,
+                 key: Any) -> None:
     """Token ring: wait for the token, read what the previous process wrote, write, pass on."""
     rec = Recorder(directory, f"r{i}")
     for r in range(rounds):
@@ -501,29 +503,30 @@ def _ring_worker(d: Any, directory: str, i: int, n: int, rounds: int, recv: Any,
             if not recv.poll(60):
                 raise AssertionError("the token did not come back within 60 s")
             recv.recv()
-            rec.run(d, "get", "tok")
-        rec.run(d, "set", "tok", r * n + i)
+            rec.run(d, "get", key)
+        rec.run(d, "set", key, r * n + i)
         send.send(None)
     rec.close()
 
 
 def run_token_ring(d: Any, workers: int = 3, rounds: int = 30, method: str = "fork",
-                   timeout: float = 60.0) -> Result:
+                   timeout: float = 60.0, key: Any = "tok") -> Result:
     """Each process reads right after another's write returned, then writes: a stale read
     (a replica or cache that lags behind a completed write) is a violation."""
     directory = tempfile.mkdtemp(prefix="shareit-ring-")
+    initial = {str(k): v for k, v in d.snapshot().items()}
     ctx = mp.get_context(method)
     pipes = [ctx.Pipe(duplex=False) for _ in range(workers)]  # pipe i: worker i-1 -> worker i
     procs = [ctx.Process(target=_ring_worker,
                          args=(d, directory, i, workers, rounds, pipes[i][0],
-                               pipes[(i + 1) % workers][1]))
+                               pipes[(i + 1) % workers][1], key))
              for i in range(workers)]
     result = None
     try:
         for p in procs:
             p.start()
         _join(procs, timeout)
-        result = check_dir(directory)
+        result = check_dir(directory, initial)
         if not result.ok:
             result.failure += f"\n(token ring, {workers} workers, method {method}, logs in {directory})"
         return result

@@ -21,7 +21,7 @@ import shareit
 from shareit import _runtime, registry
 from shareit.base import SharedMapping
 
-from . import _workers
+from . import _workers, linearizability
 from .stateful import mapping_state_machine
 
 START_METHODS = ("fork", "spawn", "forkserver")
@@ -45,6 +45,15 @@ def run_children(
         p.start()
     codes = join_all(procs, timeout)
     assert codes == [0] * len(procs), f"child exit codes {codes} (see the child's traceback above)"
+
+
+def _raised(fn: Callable[[Any], Any], m: Any) -> type | None:
+    """The type of the exception ``fn(m)`` raises, or None."""
+    try:
+        fn(m)
+    except Exception as exc:
+        return type(exc)
+    return None
 
 
 def join_all(procs: list, timeout: float = CHILD_TIMEOUT) -> list:
@@ -328,6 +337,42 @@ class SharedMappingSuite:
 
     # ------------------------------------------------------------------ bad input
 
+    def test_misuse_raises_what_dict_raises(self, d: SharedMapping) -> None:
+        """Every misuse raises the exception type a plain dict raises, and changes nothing."""
+        d["a"] = self.val(1)
+        misuses: list[tuple[str, Callable[[Any], Any]]] = [
+            ("update(non-iterable)", lambda m: m.update(5)),
+            ("update(element not a sequence)", lambda m: m.update([1])),
+            ("update(element of length 3)", lambda m: m.update([("a", 2, 3)])),
+            ("update(element of length 1)", lambda m: m.update(["x"])),
+            ("update(two positional)", lambda m: m.update({}, {})),
+            ("d[unhashable]", lambda m: m[["x"]]),
+            ("d[unhashable] = v", lambda m: m.__setitem__(["x"], 1)),
+            ("del d[unhashable]", lambda m: m.__delitem__(["x"])),
+            ("unhashable in d", lambda m: ["x"] in m),
+            ("get(unhashable)", lambda m: m.get(["x"])),
+            ("del d[missing]", lambda m: m.__delitem__("zz")),
+            ("d[missing]", lambda m: m["zz"]),
+            ("pop(missing)", lambda m: m.pop("zz")),
+            ("pop()", lambda m: m.pop()),
+            ("d | 5", lambda m: m | 5),
+            ("5 | d", lambda m: 5 | m),
+            ("d |= 5", lambda m: m.__ior__(5)),
+        ]
+        before = d.snapshot()
+        for what, misuse in misuses:
+            expected = _raised(misuse, {"a": self.val(1)})
+            got = _raised(misuse, d)
+            assert expected is not None, what
+            assert got is not None and issubclass(got, expected), (
+                f"{what}: a dict raises {expected.__name__}, backend {self.backend!r} raised "
+                f"{got.__name__ if got else 'nothing'}")
+            assert d.snapshot() == before, f"{what} changed the mapping"
+        empty = {}
+        assert _raised(lambda m: m.popitem(), empty) is KeyError
+        d.clear()
+        assert _raised(lambda m: m.popitem(), d) is KeyError
+
     def test_unhashable_key_raises_typeerror(self, d: SharedMapping) -> None:
         d["a"] = self.val(1)
         for op in (lambda: d.__setitem__([1], 1), lambda: d[[1]], lambda: [1] in d,
@@ -598,6 +643,28 @@ class SharedMappingSuite:
         assert dict(d) == {"a": self.val(1), "b": self.val(2)}
         d["c"] = self.val(3)
         assert d.incr("n") == 1
+
+    # ------------------------------------------------------------------ linearizability
+
+    @pytest.mark.parametrize("kill", [False, True], ids=["all-finish", "one-killed"])
+    @pytest.mark.parametrize("method", ["fork", "spawn"])
+    def test_history_is_linearizable(self, d: SharedMapping, method: str, kill: bool) -> None:
+        """Random gets, sets, deletes, incr, transform, update and snapshot from three
+        processes, one of them SIGKILLed at a random point, recorded and checked."""
+        self.need_method(method)
+        result = linearizability.run_random_history(d, workers=3, ops_per_worker=50,
+                                                    keys=["a", "b", "c"], method=method,
+                                                    kill=kill, timeout=CHILD_TIMEOUT)
+        assert result.ok, result.explain()
+
+    @pytest.mark.parametrize("method", ["fork", "spawn"])
+    def test_a_read_right_after_another_process_wrote_sees_it(self, d: SharedMapping,
+                                                              method: str) -> None:
+        """A token ring: each process reads right after the previous one's write returned."""
+        self.need_method(method)
+        result = linearizability.run_token_ring(d, workers=3, rounds=20, method=method,
+                                                timeout=CHILD_TIMEOUT, key="a")
+        assert result.ok, result.explain()
 
     # ------------------------------------------------------------------ the state machine
 
