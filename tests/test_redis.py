@@ -400,3 +400,108 @@ def test_planted_meta_is_a_record_error_and_never_unpickled(tmp_path, planted, s
         assert not _raw().exists(f"shareit:{name}"), "no hash was created"
     finally:
         _raw().delete(key)
+
+
+# ---------------------------------------------------------------------- json is sticky, per mapping
+
+
+def _set_meta_serializer(name: str, serializer: str | None) -> None:
+    """As another writer on the server would: rewrite (or drop) the record's serializer."""
+    if serializer is None:
+        _raw().hdel(_meta_key(name), "serializer")
+    else:
+        _raw().hset(_meta_key(name), "serializer", serializer)
+
+
+@pytest.mark.parametrize("record, asked, uses", [
+    ("json", None, "json"),        # the creator asked json: an attacher that did not repeat it
+    ("json", "pickle", "json"),    # ... or asked pickle explicitly: json, no error
+    ("json", "json", "json"),
+    ("pickle", "json", "json"),    # the record never downgrades the caller's json
+    ("pickle", None, "pickle"),
+    ("pickle", "pickle", "pickle"),
+    (None, "json", "json"),        # a record without the field (older shareit): the caller's choice
+    (None, None, "pickle"),
+    (None, "pickle", "pickle"),
+])
+def test_serializer_json_is_sticky_and_never_downgraded(tmp_path, record, asked, uses) -> None:
+    import pickle
+
+    marker = tmp_path / "ran"
+    name = f"r-{uuid.uuid4().hex[:8]}"
+    creator = shareit.open(name, backend="redis", url=SERVER["url"], serializer=record or "pickle")
+    try:
+        assert _raw().hget(_meta_key(name), "serializer") == (record or "pickle").encode()
+        _set_meta_serializer(name, record)
+        creator["ok"] = 7  # a Redis number: readable under either serializer
+        _raw().hset(creator._key, "evil", _planted_payload(str(marker)))
+        kwargs = {} if asked is None else {"serializer": asked}
+        other = shareit.open(name, backend="redis", url=SERVER["url"], create=False, **kwargs)
+        try:
+            assert other.config.serializer == uses
+            assert other["ok"] == 7
+            # a handle sent to another process carries the serializer it uses
+            assert pickle.loads(pickle.dumps(other)).config.serializer == uses
+            assert other._handle()[1].serializer == uses, "what a new process rebuilds it from"
+            _set_meta_serializer(name, "pickle")  # rewritten after attaching: no effect on a handle
+            if uses == "json":
+                with pytest.raises(ValueError, match="is not JSON"):
+                    other["evil"]
+                with pytest.raises(TypeError, match="JSON values only"):
+                    other["x"] = {1, 2}
+                assert not marker.exists(), "a json handle unpickled a planted value"
+            else:
+                other["evil"].close()  # pickle: trusted writers only, as documented
+                assert marker.exists()
+        finally:
+            other.close()
+    finally:
+        creator.destroy()
+
+
+def test_a_json_record_says_why_a_pickle_caller_cannot_store_objects() -> None:
+    name = f"r-{uuid.uuid4().hex[:8]}"
+    creator = shareit.open(name, backend="redis", url=SERVER["url"], serializer="json")
+    try:
+        other = shareit.open(name, backend="redis", url=SERVER["url"], serializer="pickle")
+        try:
+            with pytest.raises(TypeError, match="was created with serializer='json'"):
+                other["x"] = {1, 2}
+            assert "x" not in other
+        finally:
+            other.close()
+    finally:
+        creator.destroy()
+
+
+@pytest.mark.parametrize("bad", ["yaml", "", "JSON", "\u00e9"])
+def test_a_record_with_an_unknown_serializer_is_a_record_error(bad) -> None:
+    name = f"r-{uuid.uuid4().hex[:8]}"
+    creator = shareit.open(name, backend="redis", url=SERVER["url"], serializer="json")
+    try:
+        _set_meta_serializer(name, bad)
+        for kwargs in ({}, {"serializer": "json"}, {"serializer": "pickle"}):
+            with pytest.raises(shareit.RecordError, match="serializer"):
+                shareit.open(name, backend="redis", url=SERVER["url"], **kwargs)
+    finally:
+        creator.destroy()
+
+
+# ---------------------------------------------------------------------- info() and the lock key
+
+
+@pytest.mark.parametrize("planted", [b"nope", b"", b":1:2", b"-5:1:ab", b"12x:1", b"\xff\xfe",
+                                     b"99999999999999999999:1:ab", b"0:1:ab", b"\xd9\xa3:1:ab"])
+def test_info_survives_a_lock_key_no_shareit_wrote(planted) -> None:
+    d = shareit.open(backend="redis", url=SERVER["url"])
+    try:
+        _raw().set(d._lock_key, planted)
+        info = d.info()
+        assert info["lock_held"] is True and info["lock_holder"] is None
+        assert planted == b"" or planted not in repr(info).encode(), "the raw token is not echoed"
+        _raw().delete(d._lock_key)
+        with d.lock():
+            assert d.info()["lock_holder"] == os.getpid()
+        assert d.info()["lock_held"] is False and d.info()["lock_holder"] is None
+    finally:
+        d.close()

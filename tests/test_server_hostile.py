@@ -121,7 +121,11 @@ def _connect_as_nobody(address: str, ctl) -> None:
     _drop_to_nobody()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(TIMEOUT / 2)
-    sock.connect(address)
+    try:
+        sock.connect(address)
+    except PermissionError:
+        ctl.send("denied")
+        return
     try:
         got = sock.recv(4096)
     except ConnectionResetError:
@@ -236,7 +240,11 @@ def _misbehave(address: str, how: str, rng: random.Random, authkey: bytes) -> No
     """One connection that fails the handshake in the way ``how`` names."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(TIMEOUT / 2)
-    sock.connect(address)
+    try:
+        sock.connect(address)
+    except PermissionError:
+        ctl.send("denied")
+        return
     try:
         if how == "garbage":
             sock.sendall(rng.randbytes(rng.randrange(1, 600)))
@@ -350,9 +358,27 @@ def test_another_users_connection_is_closed_before_any_handshake(backend: str, c
         p.start()
         try:
             assert parent_end.poll(TIMEOUT), "the nobody child never reported"
+            assert parent_end.recv() == "denied", "another user could connect to the socket"
+        finally:
+            _join(p)
+        # Defence in depth: were the socket reachable, the server still closes the
+        # connection before any handshake.
+        dirs = [os.path.dirname(m._address), os.path.dirname(os.path.dirname(m._address))]
+        modes = [os.stat(x).st_mode & 0o7777 for x in dirs]
+        for x in dirs:
+            os.chmod(x, 0o711)
+        os.chmod(m._address, 0o666)
+        parent_end, child_end = FORK.Pipe()
+        p = FORK.Process(target=_connect_as_nobody, args=(m._address, child_end))
+        p.start()
+        try:
+            assert parent_end.poll(TIMEOUT), "the nobody child never reported"
             got = parent_end.recv()
         finally:
             _join(p)
+            for x, mode in zip(dirs, modes):
+                os.chmod(x, mode)
+            os.chmod(m._address, 0o600)
         assert got in (b"", "reset"), f"another user's connection got {got!r}, not a close"
         wait_until(lambda: m.info()["rejected_foreign"] == 1, what="rejected_foreign counted")
         info = m.info()

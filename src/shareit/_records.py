@@ -172,6 +172,8 @@ def validate(record: Any) -> dict:
         raise RecordError(f"the record's owner_pid {out['owner_pid']} is not a pid")
     if out["owner_start"] is not None and not 0 <= out["owner_start"] <= _INT64[1]:
         raise RecordError("the record's owner_start is out of range")
+    if not 0 <= out["created"] < 1e11:  # (NaN fails too) a time.time() of this era
+        raise RecordError(f"the record's creation time {out['created']!r:.30} is not a time")
     out["options"] = options_from_json(out["options"])
     out["fields"] = {k: v for k, v in record.items() if k not in _BASE_FIELDS}
     return out

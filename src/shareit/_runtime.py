@@ -12,7 +12,7 @@ that fails raises :class:`~shareit.errors.PermissionDeniedError`, naming the
 path and its owner: another user's object is never used.
 
 Names and files: a mapping's files are ``NAME@KIND`` (``@meta`` its record,
-``@ctl``, ``@gN``, ``@seq``, ``@lock``); ``@`` never occurs in a name, so no
+``@ctl``, ``@gN``, ``@seq``, ``@lock``, ``@sock`` a server's socket); ``@`` never occurs in a name, so no
 name's files can equal or prefix another's. Anonymous objects use stems that
 start with ``+``, which no name does.
 
@@ -26,6 +26,8 @@ an auth key) -- never a path. Creating it with ``O_EXCL`` is what makes
 from __future__ import annotations
 
 import atexit
+import errno
+import hashlib
 import json
 import os
 import re
@@ -81,20 +83,42 @@ def check_private(path: str, st: os.stat_result, kind: str) -> None:
         raise _refuse(path, f"its mode {stat.S_IMODE(st.st_mode):04o} gives group/others access")
 
 
+def _check_base(base: str) -> None:
+    """Raise unless nobody but us (or root) can replace ``base`` or any directory above it.
+
+    Every later use looks paths up by name again, so each component must be one that
+    another user cannot rename, swap or re-point: owned by us or root, and writable by
+    group or others only when sticky (like /dev/shm and /tmp). A symlink is followed
+    only if it, too, is ours or root's; then the same holds for its target's path.
+    """
+    me = os.geteuid()
+    real = os.path.realpath(base)
+    parts = [base] if base != real else []
+    head = real
+    while True:
+        parts.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    for p in parts:
+        st = os.lstat(p)
+        if st.st_uid not in (0, me):
+            raise _refuse(base, f"{p} belongs to {_owner_name(st.st_uid)}, who could replace "
+                                f"what is in it")
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise _refuse(base, f"others could replace what is in {p} (mode "
+                                f"{stat.S_IMODE(st.st_mode):04o}, not sticky)")
+
+
 def runtime_dir() -> str:
     """This user's private directory of shared objects, created and verified (see module doc)."""
     base = base_dir()
-    try:
-        bst = os.stat(base)
-    except FileNotFoundError:
+    if not os.path.lexists(base):
         os.makedirs(base, 0o700, exist_ok=True)
-        bst = os.stat(base)
-    if bst.st_uid not in (0, os.geteuid()) or (
-        bst.st_mode & 0o022 and not bst.st_mode & stat.S_ISVTX
-    ):
-        raise _refuse(base, "others could replace what is in it (owned by "
-                            f"{_owner_name(bst.st_uid)}, mode {stat.S_IMODE(bst.st_mode):04o}, "
-                            "not sticky)")
+    _check_base(base)
     d = os.path.join(base, f"shareit-{os.geteuid()}")
     try:
         os.mkdir(d, 0o700)
@@ -134,23 +158,36 @@ def meta_path(name: str) -> str:
     return path(name, "meta")
 
 
+def socket_path(stem: str) -> str:
+    """Where the server of ``stem`` listens: ``STEM@sock`` in the private runtime dir (so no
+    other user can connect, flood or take its address), or, for a name too long for a
+    Unix socket address, ``#HASH@sock`` ('#' is in no name: it cannot be another's)."""
+    p = path(stem, "sock")
+    if len(os.fsencode(p)) <= 100:
+        return p
+    return path("#" + hashlib.sha256(stem.encode()).hexdigest()[:24], "sock")
+
+
 # --- files ------------------------------------------------------------------------
 
 
 def open_private(p: str, flags: int, *, create: bool = False) -> int:
     """``os.open`` a file of ours: never through a symlink, exclusive when creating, and
     verified to be a regular file owned by us with no group/other access."""
-    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    # O_NONBLOCK: opening a FIFO planted in place of a file must not wait for a writer;
+    # it is refused by the check below, and the flag is cleared for a regular file.
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     if create:
         flags |= os.O_CREAT | os.O_EXCL
     try:
         fd = os.open(p, flags, 0o600)
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the last component is a symlink
+        if exc.errno == errno.ELOOP:  # the last component is a symlink
             raise _refuse(p, "it is a symlink") from None
         raise
     try:
         check_private(p, os.fstat(fd), "file")
+        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
@@ -226,13 +263,17 @@ def read_meta(name: str) -> dict | None:
     if not data:
         return None
     try:
-        obj = json.loads(data)
-    except ValueError:
+        obj = json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
         raise RecordError(f"the record {meta_path(name)} is not JSON") from None
     try:
         return _records.validate(obj)
     except RecordError as exc:
         raise RecordError(f"the record {meta_path(name)} is malformed: {exc}") from None
+
+
+def _no_constant(word: str) -> Any:
+    raise ValueError(f"{word} is not JSON")
 
 
 def read_meta_quiet(name: str) -> dict | None:

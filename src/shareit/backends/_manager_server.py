@@ -1,16 +1,15 @@
 """The manager backend's server process: holds the data, runs atomic operations.
 
-Started by :mod:`shareit.backends.manager` as ``python -m
-shareit.backends._manager_server`` with its parameters pickled on stdin. It
-listens on a Linux abstract Unix socket (nothing to leak on disk) and checks
-the same HMAC challenge as ``multiprocessing`` managers, per connection, in
+Started by :mod:`shareit.backends.manager` (isolated, ``python -I``, from ``/``)
+with its parameters pickled on stdin. It checks the same HMAC challenge as ``multiprocessing`` managers, per connection, in
 that connection's thread (so a stalled client cannot block ``accept``).
 
-An abstract socket has no file permissions and its address is listed in
-world-readable ``/proc/net/unix``, so anyone on the machine can connect. Hence
-the gate in front of the handshake (``Gate``, ``Server.admit``): a peer of
-another uid (``SO_PEERCRED``) is closed at once; at most ``MAX_PENDING``
-connections may be handshaking at a time, each for at most
+It listens on ``STEM@sock`` in the user's private runtime dir (mode 0700), so
+no other user can even connect. Still, nothing a client does may take the
+server down or make it print: the gate in front of the handshake (``Gate``,
+``Server.admit``) closes a peer of another uid (``SO_PEERCRED``) at once --
+defence in depth, should the socket ever be reachable -- lets at most
+``MAX_PENDING`` connections handshake at a time, each for at most
 ``HANDSHAKE_LIMIT`` seconds; running out of descriptors or threads makes the
 accept loop back off instead of dying; and nothing a hostile peer does prints
 to the owner's stderr (it is logged at DEBUG on ``shareit.server``). The
@@ -357,6 +356,10 @@ class Server:
 
     def shutdown(self, conn: Connection | None) -> None:
         self.remove_record()
+        try:
+            os.unlink(self.params["address"])  # no one else binds it while we live
+        except OSError:
+            pass
         if conn is not None:
             try:
                 conn.send_bytes(_dumps((True, None), _PROTO))
@@ -369,7 +372,7 @@ class Server:
         if name is None:
             return
         record = _runtime.read_meta_quiet(name)
-        if record is not None and record["fields"].get("address") == self.params["address"]:
+        if record is not None and record["fields"].get("authkey") == self.params["authkey"].hex():
             _runtime.remove_meta(name)
 
     def watch_owner(self) -> None:
@@ -389,7 +392,16 @@ class Server:
 
     def run(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(self.params["address"])
+        path = self.params["address"]
+        try:
+            os.unlink(path)  # a dead server's, in our private dir (its record is gone)
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)  # the socket file: 0600 (its directory is 0700 too)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old)
         listener.listen(128)
         if not self.params["persist"]:
             threading.Thread(target=self.watch_owner, daemon=True).start()

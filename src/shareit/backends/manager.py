@@ -16,8 +16,9 @@ Features
   call; a stopped one :class:`~shareit.BackendTimeoutError` after ``timeout``.
 - The server exits when its owner exits or dies (unless ``persist=True``).
 - A named mapping can be attached by name from any process of the same user:
-  the address (an abstract Unix socket) and the auth key are in its record,
-  ``NAME@meta`` in the user's private runtime dir (mode 0600 in a 0700 dir).
+  the server listens on ``NAME@sock`` in the user's private runtime dir (mode
+  0700: no other user can connect to it), and the auth key is in its record,
+  ``NAME@meta`` (mode 0600).
 
 Configuration
 -------------
@@ -71,15 +72,14 @@ def _bound(timeout: float) -> float:
     """How long the client waits for a reply that the server may delay by ``timeout`` (a
     write waiting for another's lock()): a little longer, so that the server's own answer
     (LockTimeoutError) wins, yet within ~10% of ``timeout`` when it is stopped or hung."""
-    return timeout * 1.08 + 0.05
+    return timeout * 1.05 + 0.02
 
 class ManagerMapping(SharedMapping):
     """A mapping held by a server process; one round trip per operation."""
 
     backend = "manager"
     _prefetch_reads = True
-    record_fields = {"address": (str,), "authkey": (str,), "server_pid": (int,),
-                     "server_start": (int, type(None))}
+    record_fields = {"authkey": (str,), "server_pid": (int,), "server_start": (int, type(None))}
     capabilities = Capabilities(
         attach_by_name=True,
         cross_machine=False,
@@ -102,17 +102,20 @@ class ManagerMapping(SharedMapping):
 
     @classmethod
     def _create(cls, name: str | None, config: Config) -> "ManagerMapping":
-        address = f"\0shareit-{os.geteuid()}-{name or 'anon'}-{os.getpid()}-{secrets.token_hex(6)}"
         authkey = secrets.token_bytes(32)
         stem = name if name is not None else _runtime.anon_stem()
+        address = _runtime.socket_path(stem)
         extra = cls._server_extra(stem)
         cls._prepare_server(stem)
-        proc = _start_server(name, config, address, authkey, extra)
+        try:
+            proc = _start_server(name, config, address, authkey, extra)
+        except BaseException:
+            cls._unprepare_server(stem)
+            raise
         self = cls(name, config, address, authkey, **extra)
         self._proc = proc
         if name is not None:
             self._publish(
-                address=address,
                 authkey=authkey.hex(),
                 server_pid=proc.pid,
                 server_start=_runtime.proc_start_time(proc.pid),
@@ -131,10 +134,14 @@ class ManagerMapping(SharedMapping):
         """Create what the server needs beside its socket before it starts. Default: nothing."""
 
     @classmethod
+    def _unprepare_server(cls, stem: str) -> None:
+        """Undo :meth:`_prepare_server` when the server did not start."""
+
+    @classmethod
     def _attach_record(cls, name: str, config: Config, record: dict) -> "ManagerMapping":
-        address, authkey = record["address"], record["authkey"]
-        if not address.startswith(f"\0shareit-{os.geteuid()}-") or len(authkey) != 64:
-            raise RecordError(f"the record of mapping {name!r} names no server of yours")
+        address, authkey = _runtime.socket_path(name), record["authkey"]  # (never from a record)
+        if len(authkey) != 64:
+            raise RecordError(f"the record of mapping {name!r} has a malformed auth key")
         try:
             key = bytes.fromhex(authkey)
         except ValueError:
@@ -152,11 +159,12 @@ class ManagerMapping(SharedMapping):
         except RecordError:
             return
         pid, start = fields["server_pid"], fields["server_start"]
-        if _runtime.is_own_process(pid, start, b"shareit.backends._manager_server"):
+        if _runtime.is_own_process(pid, start, SERVER_MARK.encode()):
             try:
                 os.kill(pid, 9)
             except OSError:
                 pass
+        _unlink_quiet(_runtime.socket_path(name))
 
     def _handle(self) -> tuple:
         return (self._name, self._config, self._address, self._authkey, self._extra)
@@ -188,8 +196,12 @@ class ManagerMapping(SharedMapping):
             self._proc = None
         if self._name is not None:
             record = _runtime.read_meta_quiet(self._name)
-            if record is not None and record["fields"].get("address") == self._address:
+            if record is not None and record["fields"].get("authkey") == self._authkey.hex():
                 _runtime.remove_meta(self._name)
+            if record is None or record["fields"].get("authkey") == self._authkey.hex():
+                _unlink_quiet(self._address)  # a killed server cannot remove its socket
+        else:
+            _unlink_quiet(self._address)
         self._close()
 
     # ------------------------------------------------------------------ transport
@@ -255,9 +267,8 @@ class ManagerMapping(SharedMapping):
         return sock
 
     def _check_server_uid(self, sock: socket.socket) -> None:
-        """Refuse a server of another user before sending it anything: any user can
-        listen on an abstract address (no file permissions), e.g. one taken from
-        /proc/net/unix after our server died, and would then see our HMAC answers."""
+        """Refuse a server of another user before sending it anything (defence in depth:
+        the socket is in our private directory, which no other user can enter)."""
         from ..errors import PermissionDeniedError
         from ._manager_server import peer_uid
 
@@ -471,8 +482,21 @@ class _Edit:
         self._m._call("set_release", self._key, stored)
 
 
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _copy_default(default: Any) -> Any:
     return copy.deepcopy(default)
+
+
+#: In the server's command line: how ``_cleanup_record`` recognises a server of ours.
+SERVER_MARK = "shareit.backends._manager_server"
+_BOOT = ("import sys; sys.path.insert(0, sys.argv[2]); "
+         "from shareit.backends._manager_server import main; main()")
 
 
 def _start_server(name: str | None, config: Config, address: str, authkey: bytes,
@@ -480,14 +504,15 @@ def _start_server(name: str | None, config: Config, address: str, authkey: bytes
     """Start the server process and wait until it listens (or fail with the reason)."""
     import shareit
 
-    env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(shareit.__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # Isolated (-I: no cwd, no PYTHON* variables, no user site) and run from /: with
+    # ``python -m`` the caller's working directory would come first on the server's
+    # import path, and whoever can write there (/tmp) would run code as the caller.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shareit.backends._manager_server"],
+        [sys.executable, "-I", "-c", _BOOT, SERVER_MARK, root],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=env,
+        cwd="/",
         close_fds=True,
         start_new_session=config.persist,  # a persistent server must outlive the owner's session
     )

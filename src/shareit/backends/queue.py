@@ -112,6 +112,10 @@ class QueueMapping(ManagerMapping):
             os.close(fd)
 
     @classmethod
+    def _unprepare_server(cls, stem: str) -> None:
+        _unlink_quiet(_runtime.path(stem, "seq"))
+
+    @classmethod
     def _cleanup_record(cls, name: str, record: dict) -> None:
         super()._cleanup_record(name, record)
         _unlink_quiet(_runtime.path(name, "seq"))

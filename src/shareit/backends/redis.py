@@ -3,8 +3,8 @@
 Features
 --------
 - One Redis hash per mapping, at ``PREFIX + NAME`` (``prefix`` option,
-  default ``"shareit:"``), plus ``...:meta`` (its creator's options, as JSON:
-  never pickle) and ``...:lock``. Keys: str (stored as plain UTF-8, readable from any
+  default ``"shareit:"``), plus ``...:meta`` (its creator's options and
+  serializer, as JSON: never pickle) and ``...:lock``. Keys: str (stored as plain UTF-8, readable from any
   language), bytes and int (tagged). Values: ints and floats are stored as
   Redis numbers, so ``incr`` is ``HINCRBY``/``HINCRBYFLOAT``; other values
   by ``serializer``: ``pickle`` (default, any value) or ``json`` (for
@@ -13,6 +13,13 @@ Features
   unpickled: a stored value that is neither JSON nor a number is a
   ``ValueError`` naming its key; NaN and infinity nested in a value are
   refused when written (JSON has none), top-level ones are Redis numbers.
+  ``json`` is sticky: a handle uses it when its caller asks for it *or* the
+  mapping's ``:meta`` says so (its creator asked), even if the caller asked
+  for ``pickle`` (no error: the handle's ``config.serializer`` says
+  ``"json"``). The record never turns a caller's ``json`` into pickle:
+  anyone who can write to the server can rewrite it, so set ``json`` on every
+  host that must not unpickle (as in the ``shareit.toml`` below). A record
+  without the field (an older shareit's) leaves the caller's choice.
 - The password in ``url`` appears in no message, repr or ``info()``.
 - Every write is one round trip (a Lua script that first checks the lock);
   ``update`` and ``snapshot`` (``HGETALL``) are one each, not one per key, and
@@ -248,6 +255,10 @@ class RedisMapping(SharedMapping):
 
     @classmethod
     def _attach_record(cls, name: str, config: Config, record: dict) -> "RedisMapping":
+        # json is sticky: the record can turn pickle into json, never json into pickle.
+        if record.get("serializer") == "json" and config.serializer != "json":
+            config = Config({**config.as_dict(), "serializer": "json"},
+                            {**config.sources, "serializer": "the mapping's record"})
         return cls(name, config)
 
     def _read_meta(self) -> dict | None:
@@ -273,6 +284,7 @@ class RedisMapping(SharedMapping):
         structural = {k: self._config[k] for k in STRUCTURAL_OPTIONS}
         options = json.dumps(_records.options_to_json(structural))  # ConfigError before any write
         fields = {"version": str(_records.VERSION), "backend": self.backend, "options": options,
+                  "serializer": self._config.serializer,
                   **{k: str(v) for k, v in _runtime.owner_fields().items()}}
         self._r()
         args = [x for kv in fields.items() for x in kv]
@@ -328,7 +340,7 @@ class RedisMapping(SharedMapping):
             except TypeError as exc:
                 raise TypeError(
                     f"serializer='json' stores JSON values only (dict, list, str, numbers, bool, "
-                    f"None); {exc}. Use serializer='pickle' for other objects"
+                    f"None); {exc}. {self._json_why()}"
                 ) from None
             except ValueError as exc:  # NaN/infinity inside, or a circular reference
                 raise ValueError(
@@ -338,6 +350,12 @@ class RedisMapping(SharedMapping):
         from .._codec import dumps
 
         return dumps(value)
+
+    def _json_why(self) -> str:
+        if self._config.sources.get("serializer") == "the mapping's record":
+            return (f"Mapping {self._label()} was created with serializer='json', which every "
+                    f"handle on it uses; pick another name for other objects")
+        return "Use serializer='pickle' for other objects"
 
     def _dec(self, b: bytes, field: bytes) -> Any:
         """The value stored as ``b`` at encoded key ``field`` (named in errors)."""
@@ -628,12 +646,13 @@ class RedisMapping(SharedMapping):
             hold.lost = True
 
     def info(self) -> dict:
-        """Where the mapping lives and who holds its lock (a token naming pid and thread)."""
+        """Where the mapping lives and who holds its lock: ``lock_holder`` is the pid in
+        the holder's token, or None when the lock key holds something else (anyone who
+        can write to the server can put anything there)."""
         r = self._r()
         holder = self._do(r.get, self._lock_key)
         return {"url": redact_url(self._url), "key": self._key, "keys": len(self),
-                "lock_held": holder is not None,
-                "lock_holder": int(holder.split(b":")[0]) if holder else None}
+                "lock_held": holder is not None, "lock_holder": _token_pid(holder)}
 
 
 class _Hold:
@@ -683,6 +702,17 @@ def _plain_number(what: str, x: Any) -> int | float:
     return f
 
 
+def _token_pid(token: Any) -> int | None:
+    """The pid in a ``lock()`` token (``PID:THREAD:HEX``), or None if it is not one."""
+    if not isinstance(token, bytes):
+        return None
+    head = token.split(b":", 1)[0]
+    if not 1 <= len(head) <= 10 or not head.isdigit():  # bytes.isdigit: ASCII digits only
+        return None
+    pid = int(head)
+    return pid if 0 < pid < (1 << 31) else None
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -707,4 +737,8 @@ def _parse_meta(raw: dict) -> dict:
         options = json.loads(meta["options"], parse_constant=_refuse_constant)
     except (ValueError, RecursionError):
         raise RecordError("its 'options' field is not JSON") from None
-    return {"backend": meta["backend"], "options": _records.options_from_json(options), "fields": {}}
+    serializer = meta.get("serializer")  # absent in records of older shareit versions
+    if serializer is not None and serializer not in ("pickle", "json"):
+        raise RecordError(f"its serializer {serializer!r:.40} is not 'pickle' or 'json'")
+    return {"backend": meta["backend"], "options": _records.options_from_json(options),
+            "serializer": serializer, "fields": {}}
