@@ -11,14 +11,15 @@ import fcntl
 import operator
 import os
 import zlib
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .. import _runtime
 from .._locks import RobustMutex
 from ..base import MISSING
 from . import _shm_layout as L
+
+if TYPE_CHECKING:
+    import numpy as np  # imported for real by L.numpy(), on first bulk use
 
 _crc32 = zlib.crc32
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
@@ -46,6 +47,7 @@ class ShmBulk:
         ``keys`` is a sequence, or a numpy integer array. A missing key raises
         ``KeyError`` unless ``default`` is given.
         """
+        np = L.numpy()
         from ._shm_many import locate
 
         self._need_numeric("get_many")
@@ -73,6 +75,7 @@ class ShmBulk:
         ``keys`` is a sequence, or a numpy integer array. Beyond a few hundred keys the
         table is rebuilt with the changes applied, in numpy, and switched to at once.
         """
+        np = L.numpy()
         from ._shm_many import has_duplicates
 
         self._need_numeric("set_many")
@@ -105,6 +108,7 @@ class ShmBulk:
     def _update_in_numpy(self, items: list) -> bool:
         """``update()`` of many (validated) items whose values are all ints or all floats,
         as one numpy rebuild; False (nothing done) for any other kind of batch."""
+        np = L.numpy()
         from ._shm_many import encode_keys, has_duplicates
 
         values = list(map(_second, items))  # (C loops here: this is the bulk path)
@@ -122,6 +126,7 @@ class ShmBulk:
         return True
 
     def _key_batch(self, keys: Any) -> Any:
+        np = L.numpy()
         from ._shm_many import encode_keys
 
         if self._declared is not None:
@@ -134,6 +139,7 @@ class ShmBulk:
     def _inline_values(self, arr: np.ndarray) -> np.ndarray | None:
         """``arr`` as the table's inline int64 words, checked like ``value_type`` checks one
         value (the first bad one raises its error); None if numpy cannot do it."""
+        np = L.numpy()
         vt = self._vt
         if arr.dtype.kind not in "iuf" or (vt.kind == "int" and arr.dtype.kind == "f"):
             for v in arr.tolist():
@@ -162,6 +168,7 @@ class ShmBulk:
         index must point only at live entries, counts must agree, no entry may
         be mid-write, and every heap reference must lie inside the used heap.
         """
+        np = L.numpy()
         problems: list[str] = []
         self._wlock()
         try:

@@ -2,7 +2,8 @@
 
 Two kinds of segment live in the user's private runtime dir (``/dev/shm/shareit-UID``), created with
 ``os.open`` + ``mmap`` (not ``SharedMemory``, whose resource tracker unlinks
-segments under their creator and prints warnings on 3.11/3.12; FACTS.md):
+segments under their creator and prints warnings on 3.11/3.12; FACTS.md),
+allocated in full and mapped without a descriptor (``_shm_segments``):
 
 ``NAME@ctl`` -- the control segment, fixed size. Words (uint64):
 
@@ -40,7 +41,6 @@ one aligned store, so they are atomic for readers and need no journal.
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import signal
@@ -48,10 +48,11 @@ import struct
 import zlib
 from typing import Any
 
-import numpy as np
-
 from .. import _runtime
 from .._codec import dumps
+from ._shm_segments import bytes_view, create_file, open_file, release_quietly, unmap
+
+__all__ = ["bytes_view", "create_file", "open_file", "release_quietly", "unmap"]  # (as L.*)
 
 MAGIC = 0x5348415245495431  # "SHAREIT1"
 LAYOUT = 3  # 3: tseq (word 11); the epoch no longer marks multi-key writes
@@ -80,16 +81,33 @@ LIVE = 1 << 16
 # key kinds
 K_STR, K_BYTES, K_INT, K_TUPLE = range(1, 5)
 
-ENTRY_DTYPE = np.dtype(
-    [("ver", "<u8"), ("hash", "<u4"), ("klen", "<u4"), ("koff", "<u4"), ("meta", "<u4"),
-     ("val", "<i8")]
-)
-assert ENTRY_DTYPE.itemsize == ENTRY_BYTES
+_ENTRY_FIELDS = [("ver", "<u8"), ("hash", "<u4"), ("klen", "<u4"), ("koff", "<u4"),
+                 ("meta", "<u4"), ("val", "<i8")]
+_np: Any = None  # numpy, imported by the first typed or bulk access (not at import: spawn cost)
+
+
+def numpy() -> Any:
+    """numpy, imported on first use: single-key reads and writes never need it."""
+    global _np, ENTRY_DTYPE
+    if _np is None:
+        import numpy as np
+
+        ENTRY_DTYPE = np.dtype(_ENTRY_FIELDS)
+        assert ENTRY_DTYPE.itemsize == ENTRY_BYTES
+        _np = np
+    return _np
+
+
+ENTRY_DTYPE: Any = None  # set by numpy()
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
-#: Per-process bound of the read cache and the slot cache (cleared when full).
+#: Per-process bounds of the read cache (entries, and bytes of cached heap values; the
+#: oldest entries go first) and of the slot cache (cleared when full). A value larger than
+#: CACHE_VALUE_MAX is never cached: re-reading it costs one copy, like caching it would.
 CACHE_MAX = 1 << 16
+CACHE_BYTES = 64 << 20
+CACHE_VALUE_MAX = CACHE_BYTES // 8
 
 #: Test-only fault injection: the step name at which a writer SIGKILLs itself.
 FAULT: str | None = None
@@ -209,30 +227,6 @@ def data_path(stem: str, gen: int) -> str:
     return _runtime.path(stem, f"g{gen}")
 
 
-def create_file(path: str, size: int) -> tuple[int, mmap.mmap]:
-    """Create a segment exclusively (mode 0600, never through a symlink) and map it."""
-    fd = _runtime.open_private(path, os.O_RDWR, create=True)
-    try:
-        os.ftruncate(fd, size)
-        mm = mmap.mmap(fd, size)
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    return fd, mm
-
-
-def open_file(path: str) -> tuple[int, mmap.mmap]:
-    """Map an existing segment, verified to be ours (see ``_runtime.open_private``)."""
-    fd = _runtime.open_private(path, os.O_RDWR)
-    try:
-        mm = mmap.mmap(fd, os.fstat(fd).st_size)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, mm
-
-
 def unlink_quiet(path: str) -> None:
     try:
         os.unlink(path)
@@ -263,12 +257,12 @@ def layout_offsets(cap: int, isize: int) -> tuple[int, int]:
 class Generation:
     """One mapped data segment and its typed views."""
 
-    __slots__ = ("gen", "fd", "mm", "mv", "q", "qs", "i32", "u32", "cap", "isize", "heapw",
+    __slots__ = ("gen", "mm", "mv", "q", "qs", "i32", "u32", "cap", "isize", "heapw",
                  "eoff", "hoff", "ew", "hw", "size", "path")
 
-    def __init__(self, gen: int, fd: int, mm: mmap.mmap, path: str):
-        self.gen, self.fd, self.mm, self.path = gen, fd, mm, path
-        self.mv = memoryview(mm)
+    def __init__(self, gen: int, mm: Any, path: str):
+        self.gen, self.mm, self.path = gen, mm, path
+        self.mv = bytes_view(mm)
         self.q = self.mv.cast("Q")
         self.qs = self.mv.cast("q")
         self.i32 = self.mv.cast("i")
@@ -284,33 +278,36 @@ class Generation:
         eoff, hoff = layout_offsets(cap, isize)
         path = data_path(name, gen)
         unlink_quiet(path)  # an incomplete generation left by a writer killed while growing
-        fd, mm = create_file(path, hoff + heapw * 8)
-        q = memoryview(mm).cast("Q")
-        q[H_CAP], q[H_ISIZE], q[H_HEAPW] = cap, isize, heapw
-        q.release()
-        np.frombuffer(mm, dtype=np.int32, count=isize, offset=HEADER_BYTES)[:] = EMPTY
-        return cls(gen, fd, mm, path)
+        self = cls(gen, create_file(path, hoff + heapw * 8), path)
+        self.q[H_CAP], self.q[H_ISIZE], self.q[H_HEAPW] = cap, isize, heapw
+        self.cap, self.isize, self.heapw = cap, isize, heapw
+        self.eoff, self.hoff = eoff, hoff
+        self.ew, self.hw = eoff // 8, hoff // 8
+        self.mv[HEADER_BYTES : HEADER_BYTES + isize * 4] = b"\xff" * (isize * 4)  # all EMPTY (-1)
+        return self
 
     @classmethod
     def open(cls, name: str, gen: int) -> "Generation":
         path = data_path(name, gen)
-        fd, mm = open_file(path)
-        return cls(gen, fd, mm, path)
+        return cls(gen, open_file(path), path)
 
-    def entries(self) -> np.ndarray:
+    # numpy views of the segment: internal only (what users get is always a copy)
+    def entries(self) -> Any:
+        np = numpy()
         return np.frombuffer(self.mm, dtype=ENTRY_DTYPE, count=self.cap, offset=self.eoff)
 
-    def index(self) -> np.ndarray:
+    def index(self) -> Any:
+        np = numpy()
         return np.frombuffer(self.mm, dtype=np.int32, count=self.isize, offset=HEADER_BYTES)
 
-    def heap(self) -> np.ndarray:
+    def heap(self) -> Any:
+        np = numpy()
         return np.frombuffer(self.mm, dtype=np.uint8, count=self.heapw * 8, offset=self.hoff)
 
     def close(self) -> None:
-        for view in (self.q, self.qs, self.i32, self.u32, self.mv):
-            view.release()
-        try:
-            self.mm.close()
-        except BufferError:  # a numpy view handed to the user still points into it
-            pass
-        os.close(self.fd)
+        """Unmap. A view still alive (a traceback's frame may hold one) keeps the mapping
+        until it dies; the mmap object then unmaps when the last reference goes."""
+        release_quietly(self.q, self.qs, self.i32, self.u32, self.mv)
+        unmap(self.mm)
+        self.mm = None
+

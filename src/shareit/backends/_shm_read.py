@@ -37,8 +37,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-
 from . import _shm_layout as L
 from ._shm_layout import C_GSEQ, C_JCOUNT, C_JSTATE, C_STAMP, C_TSEQ, J_INLINE
 
@@ -231,6 +229,7 @@ class ShmReader:
             deadline = self._backoff(attempt, deadline)
 
     def _try_copy(self, e1: int, with_heap: bool) -> tuple | None:
+        np = L.numpy()
         c, g = self._c, self._g
         t1, s1, j1 = c[C_TSEQ], c[C_STAMP], c[C_JSTATE]
         words: dict = {}

@@ -93,10 +93,13 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
     vwords = (vlen + 7) // 8
     used_words = int(kwords.sum() + vwords.sum())
     cap = old.cap if same_places else max(cap_hint if empty else 0, int(need * 1.5) + 8)
-    # Room for many more writes before the next rebuild: values are never overwritten
-    # in place, so a small table with one churning key would otherwise rebuild every
-    # few writes. Large tables get 1.5x their live bytes (the memory bound).
-    heap = max(int((used_words * 8 + extra_heap) * 1.5) + 512, MIN_HEAP, 32 * extra_heap)
+    # Values are never overwritten in place, so the heap needs room for more writes before
+    # the next rebuild: half as much again as it holds live (with the write that asked for
+    # it). A rebuild then copies the live bytes only after half as many were written since
+    # the last one (amortised O(1) per byte written), and memory stays within 1.5x the live
+    # bytes. Segments are allocated in full, so a heap sized from the largest write (it
+    # was 32x) would be real memory: 336 MB for one 10 MB value rewritten.
+    heap = max(int((used_words * 8 + extra_heap) * 1.5) + 512, MIN_HEAP)
     new = L.Generation.create(seg, target, cap, heap)
     if n:
         old_heap = np.frombuffer(old.mm, dtype=np.uint64, count=old.heapw, offset=old.hoff)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import CapacityError
 from . import _shm_layout as L
 
 
@@ -57,8 +58,7 @@ class ShmWriter:
             c[L.C_TSEQ] += 1  # readers stop laying the (now empty) journal over the data
         c[L.C_GSEQ] = c[L.C_GEN] * 2  # right after a switch cut short
         self._epoch = c[L.C_GEN] * 2
-        self._cache.clear()
-        self._slots.clear()
+        self._forget()
 
     def _begin(self) -> None:
         """Open a journaled write (of one key or many: readers treat them alike)."""
@@ -115,8 +115,7 @@ class ShmWriter:
     def _abort(self) -> None:
         self._rollback()
         self._finish()
-        self._cache.clear()
-        self._slots.clear()
+        self._forget()
 
     def _find(self, g: L.Generation, kkind: int, kb: bytes, h: int) -> tuple[int, int]:
         """(entry, index slot) of a key, or (-1, slot where it would go)."""
@@ -229,14 +228,11 @@ class ShmWriter:
     def _rebuild(self, extra_entries: int = 0, extra_heap: int = 0, empty: bool = False,
                  changes: Any = None) -> None:
         """Copy the live entries into a new generation with room to spare (and with
-        ``changes``: see ``build_generation``), then switch to it."""
-        from ._shm_rebuild import build_generation
-
+        ``changes``: see ``build_generation``), then switch to it. If the new generation
+        cannot be built (``CapacityError``: no room for it), the old one stays, unchanged."""
         c, old = self._c, self._g
         target = old.gen + 1
-        c[L.C_GROW] = target
-        new = build_generation(self._seg, old, target, extra_entries, extra_heap, empty,
-                               self._config.capacity or 0, c, changes)
+        new = self._build(target, extra_entries, extra_heap, empty, changes)
         L.fault("mid_grow")
         c[L.C_GEN] = target
         L.fault("mid_switch")
@@ -246,18 +242,37 @@ class ShmWriter:
         c[L.C_GROW] = 0
         old.close()
         self._g, self._gen, self._epoch, self._q = new, target, target * 2, new.q
-        self._cache.clear()
-        self._slots.clear()
+        self._maps.g = new
+        self._forget()
+
+    def _build(self, target: int, extra_entries: int, extra_heap: int, empty: bool,
+               changes: Any = None) -> L.Generation:
+        """``build_generation`` with ``grow`` set while it runs; on any failure (no room in
+        the runtime dir, above all) nothing of the new generation is left behind."""
+        from ._shm_rebuild import build_generation
+
+        c = self._c
+        c[L.C_GROW] = target
+        try:
+            return build_generation(self._seg, self._g, target, extra_entries, extra_heap,
+                                    empty, self._config.capacity or 0, c, changes)
+        except BaseException:
+            L.unlink_quiet(L.data_path(self._seg, target))  # (its mapping: with its frame)
+            c[L.C_GROW] = 0
+            raise
 
     def _maybe_compact(self) -> None:
-        """Rebuild when deleted entries or dead heap bytes dominate, so lookups stay short."""
+        """Rebuild when deleted entries or dead heap bytes dominate, so lookups stay short.
+        Optional: with no room for the compacted copy, the table stays as it is."""
         g = self._g
         q = g.q
         used, live = q[L.H_USED], q[L.H_LIVE]
-        if used > 64 and live < used // 4:
-            self._rebuild()
-        elif q[L.H_GARBAGE] > 4096 and q[L.H_GARBAGE] * 2 > q[L.H_TOP]:
-            self._rebuild()
+        if (used > 64 and live < used // 4) or (q[L.H_GARBAGE] > 4096
+                                                and q[L.H_GARBAGE] * 2 > q[L.H_TOP]):
+            try:
+                self._rebuild()
+            except CapacityError:
+                pass
 
     def _put_many(self, encoded: list) -> None:
         """Apply many puts as one transaction; too big for the journal: in a new generation."""
@@ -284,13 +299,9 @@ class ShmWriter:
         Nobody else can see the new generation until the switch, so the puts need
         no journal, and readers see all of them or none.
         """
-        from ._shm_rebuild import build_generation
-
         c, old = self._c, self._g
         target = old.gen + 1
-        c[L.C_GROW] = target
-        new = build_generation(self._seg, old, target, len(encoded), heap_bytes, False,
-                               self._config.capacity or 0, c)
+        new = self._build(target, len(encoded), heap_bytes, False)
         self._g, self._gen, self._q = new, target, new.q  # write into the unpublished generation
         self._epoch = old.gen * 2
         self._slots.clear()
@@ -316,5 +327,5 @@ class ShmWriter:
         L.unlink_quiet(old.path)
         c[L.C_GROW] = 0
         old.close()
-        self._cache.clear()
-        self._slots.clear()
+        self._maps.g = new
+        self._forget()

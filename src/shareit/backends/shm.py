@@ -26,6 +26,13 @@ Features
   dead heap bytes, is rebuilt into a new generation segment that attached
   processes follow; ``capacity`` is only the starting size.
 - The owner's ``close()`` or exit removes the segments unless ``persist=True``.
+- A handle holds no file descriptor (the ``flock`` fallback keeps one per
+  process and segment), and a handle dropped without ``close()`` unmaps its
+  segments when it is garbage collected: a worker may receive any number of
+  handles. Segments are allocated in full when created, so a full runtime dir
+  raises :class:`~shareit.errors.CapacityError` instead of SIGBUS; a
+  generation's heap is sized from the live bytes (1.5x), and a process caches at
+  most ``CACHE_BYTES`` of the values it read.
 
 Configuration
 -------------
@@ -47,15 +54,17 @@ import platform
 import weakref
 from typing import Any, Iterator
 
-import numpy as np
-
 from .. import _runtime
-from .._locks import FlockMutex, RobustMutex, robust_mutex_available
+from .._locks import RobustMutex, robust_mutex_available
 from ..base import Capabilities, SharedMapping, _add, _check_number
 from ..config import Config
 from ..errors import BackendDiedError, ClosedError, ConfigError, NotFoundError
 from . import _shm_layout as L
 from ._shm_bulk import SMALL_BATCH, ShmBulk
+from ._shm_segments import Maps as _Maps
+from ._shm_segments import flock_drop as _flock_drop
+from ._shm_segments import flock_get as _flock_get
+from ._shm_segments import release as _release
 from ._shm_read import ShmReader
 from ._shm_write import ShmWriter
 from ._shm_layout import (
@@ -98,17 +107,21 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
         notes="no server; lock-free reads; flock + undo journal for writes",
     )
 
-    def __init__(self, name: str | None, config: Config, seg: str, cfd: int, cmm: Any):
+    def __init__(self, name: str | None, config: Config, seg: str, cmm: Any):
         super().__init__(name, config)
         self._seg = seg
-        self._cfd, self._cmm = cfd, cmm
-        self._cmv = memoryview(cmm)
+        self._cmm = cmm
+        self._cmv = L.bytes_view(cmm)
         self._c = self._cmv.cast("Q")
+        self._maps = _Maps(cmm, self._cmv, self._c)
+        self._finalizer = weakref.finalize(self, _release, self._maps)
+        self._finalizer.atexit = False  # at exit an owner still destroys through its maps
         self._g: L.Generation | None = None
         self._gen = -1
         self._epoch = -1
         self._q: Any = None
         self._cache: dict = {}
+        self._cache_bytes = 0  # of the heap values in _cache (``_remember``)
         self._slots: dict = {}
         self._mutex: Any = None
         self._depth = 0
@@ -127,9 +140,9 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
         seg = name if name is not None else _runtime.anon_stem()
         for path in [L.ctrl_path(seg)] + L.data_segments(seg):  # left by a dead owner
             L.unlink_quiet(path)
-        cfd, cmm = L.create_file(L.ctrl_path(seg), L.CTRL_SIZE)
+        cmm = L.create_file(L.ctrl_path(seg), L.CTRL_SIZE)
+        c = L.bytes_view(cmm).cast("Q")
         try:
-            c = memoryview(cmm).cast("Q")
             L.Generation.create(seg, 1, config.capacity or 8, (config.capacity or 8) * 16).close()
             if robust_mutex_available():
                 RobustMutex.init(cmm, L.MUTEX_OFFSET)
@@ -138,9 +151,11 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
                 c[L.C_LOCKKIND] = L.LOCK_FLOCK
             c[L.C_LAYOUT], c[L.C_GEN], c[L.C_GSEQ], c[L.C_MAGIC] = L.LAYOUT, 1, 2, L.MAGIC
             c.release()
-            self = cls(name, config, seg, cfd, cmm)
+            self = cls(name, config, seg, cmm)
         except BaseException:
-            os.close(cfd)
+            L.release_quietly(c)
+            L.unmap(cmm)
+            del c, cmm  # (the traceback keeps this frame: it must not keep the mapping)
             for path in [L.ctrl_path(seg)] + L.data_segments(seg):
                 L.unlink_quiet(path)
             raise
@@ -151,16 +166,19 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
     @classmethod
     def _attach_seg(cls, name: str | None, config: Config, seg: str) -> "ShmMapping":
         try:
-            cfd, cmm = L.open_file(L.ctrl_path(seg))
+            cmm = L.open_file(L.ctrl_path(seg))
         except FileNotFoundError:
             raise NotFoundError(f"shm mapping {name or seg!r} no longer exists") from None
-        c = memoryview(cmm).cast("Q")
-        ok = c[L.C_MAGIC] == L.MAGIC and c[L.C_LAYOUT] == L.LAYOUT
+        c = L.bytes_view(cmm).cast("Q")
+        ok = len(cmm) == L.CTRL_SIZE and c[L.C_MAGIC] == L.MAGIC and c[L.C_LAYOUT] == L.LAYOUT
         c.release()
-        if not ok:
-            os.close(cfd)
-            raise ConfigError(f"segment of {name or seg!r} has an unknown layout")
-        return cls(name, config, seg, cfd, cmm)
+        try:
+            if not ok:
+                raise ConfigError(f"segment of {name or seg!r} has an unknown layout")
+            return cls(name, config, seg, cmm)
+        except BaseException:
+            L.unmap(cmm)  # (a handle made before the failure unmaps through its finalizer)
+            raise
 
     @classmethod
     def _attach_record(cls, name: str, config: Config, record: dict) -> "ShmMapping":
@@ -200,8 +218,8 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
             if self._g is not None:
                 self._g.close()
             self._g, self._gen, self._epoch, self._q = g, gen, gen * 2, g.q
-            self._cache.clear()
-            self._slots.clear()
+            self._maps.g = g
+            self._forget()
             return
         raise self._died()
 
@@ -210,19 +228,20 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
             f"shm mapping {self._label()} was destroyed by another process; open it again"
         )
 
+    def _forget(self) -> None:
+        """Drop what this process cached of the current generation."""
+        self._cache.clear()
+        self._cache_bytes = 0
+        self._slots.clear()
+
     def _close(self) -> None:
-        if self._g is not None:
-            self._g.close()
-            self._g = None
+        self._g = None
         self._cache = _ClosedCache()
+        self._cache_bytes = 0
         self._slots = {}
-        self._c.release()
-        self._cmv.release()
-        if isinstance(self._mutex, FlockMutex) and self._lock_forkgen == _runtime.fork_generation:
-            self._mutex.close()
-        self._mutex = None  # the robust mutex holds no buffer export: the mmap can close
-        self._cmm.close()
-        os.close(self._cfd)
+        self._mutex = None
+        self._finalizer()  # unmaps (once), as it would if the handle were dropped
+        self._cmm = self._cmv = self._c = self._q = None  # (a closed handle pins nothing)
 
     def _destroy(self) -> None:
         self._c[L.C_GEN] = L.DESTROYED
@@ -259,8 +278,11 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
         if self._c[L.C_LOCKKIND] == L.LOCK_ROBUST:
             self._mutex = RobustMutex(self._cmm, L.MUTEX_OFFSET)
         else:
+            if self._maps.flock is not None:  # the one of before a fork (the parent's: kept)
+                _flock_drop(self._maps.flock)
+                self._maps.flock = None
             try:
-                self._mutex = FlockMutex(L.ctrl_path(self._seg))
+                self._mutex, self._maps.flock = _flock_get(L.ctrl_path(self._seg))
             except FileNotFoundError:
                 raise self._died() from None
         self._trylock, self._unlock = self._mutex.trylock, self._mutex.unlock  # (hot path)
@@ -345,13 +367,42 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
                 self._slots.clear()
             self._slots[key] = w
         cache = self._cache
-        if len(cache) >= L.CACHE_MAX:
-            cache.clear()
+        size = len(raw) if raw is not None else 0
+        if size > L.CACHE_VALUE_MAX:
+            cache.pop(key, None)  # (an older, smaller value of it must not stay cached)
+            return
+        old = cache.get(key)
+        if old is not None:
+            self._cache_bytes -= old[5]
+        elif len(cache) >= L.CACHE_MAX:
+            self._evict(cache, L.CACHE_MAX // 8)
+        self._cache_bytes += size
+        if self._cache_bytes > L.CACHE_BYTES:
+            self._evict(cache, 0)
         # A hit must be of the same type: 1 == 1.0 == True, but only 1 is a valid key.
         if kind in L.IMMUTABLE_KINDS:
-            cache[key] = (w, ver, value, True, kt)
+            cache[key] = (w, ver, value, True, kt, size)
         else:
-            cache[key] = (w, ver, raw, False, kt)
+            cache[key] = (w, ver, raw, False, kt, size)
+
+    def _evict(self, cache: dict, want: int) -> None:
+        """Drop the oldest cached reads: ``want`` of them, and more until the cached bytes
+        are within three quarters of ``CACHE_BYTES`` (FIFO: a hit costs no bookkeeping)."""
+        target = L.CACHE_BYTES * 3 // 4
+        freed, victims = 0, []
+        try:
+            for k, hit in cache.items():  # insertion order: the oldest first
+                if len(victims) >= want and self._cache_bytes - freed <= target:
+                    break
+                victims.append(k)
+                freed += hit[5]
+        except RuntimeError:  # another thread of ours changed it meanwhile: start afresh
+            cache.clear()
+            self._cache_bytes = 0
+            return
+        for k in victims:
+            cache.pop(k, None)
+        self._cache_bytes = max(0, self._cache_bytes - freed)
 
     # ------------------------------------------------------------------ the five
 
