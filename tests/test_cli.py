@@ -86,9 +86,9 @@ def test_ls_inspect_and_gc_spare_the_living(tmp_path, monkeypatch) -> None:
         proc = run_cli("ls", "--json")
         assert proc.returncode == 0, proc.stderr
         rows = {r["name"]: r for r in json.loads(proc.stdout)}
-        assert rows[live_name]["alive"] and rows[live_name]["keys"] == 2
-        assert rows[live_name]["owner_pid"] == os.getpid()
-        assert rows[dead_name]["alive"] is False and rows[dead_name]["stale"] is True
+        assert rows[live_name]["users"] == 1 and rows[live_name]["keys"] == 2
+        assert rows[live_name]["creator_pid"] == os.getpid()
+        assert rows[dead_name]["users"] == 0 and rows[dead_name]["stale"] is True
         assert live_name in run_cli("ls").stdout
 
         proc = run_cli("inspect", live_name)
@@ -134,3 +134,24 @@ def test_inspect_shows_the_shm_lock_holder() -> None:
         assert info["backend_info"]["lock_held"] is False and info["backend_info"]["lock_holder"] is None
     finally:
         d.close()
+
+
+def test_persistent_mappings_are_listed_kept_by_gc_and_removed_by_rm(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SHAREIT_RUNTIME_DIR", str(tmp_path))
+    names = [f"keep-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    for n, backend in zip(names, ["shm", "manager", "queue"]):
+        m = shareit.open(n, backend=backend, persist=True)
+        m["x"] = 1
+        m.close()  # its last user leaves: a persistent mapping stays
+    rows = {r["name"]: r for r in json.loads(run_cli("ls", "--json").stdout)}
+    assert all(rows[n]["persist"] and rows[n]["users"] == 0 and rows[n]["keys"] == 1 for n in names)
+    assert "nothing to remove" in run_cli("gc").stdout
+    assert all(shareit_files(n) for n in names)
+    proc = run_cli("rm", names[0], "no-such-mapping")
+    assert proc.returncode == 1 and f"removed {names[0]}" in proc.stdout
+    assert "no mapping named 'no-such-mapping'" in proc.stderr
+    assert shareit_files(names[0]) == []
+    proc = run_cli("gc", "--persistent")
+    assert proc.returncode == 0 and all(f"removed {n}" in proc.stdout for n in names[1:])
+    assert all(shareit_files(n) == [] for n in names)
+    assert os.listdir(tmp_path / f"shareit-{os.geteuid()}") == []

@@ -12,6 +12,7 @@ import time
 import pytest
 
 import shareit
+from shareit.backends import _manager_server
 from shareit import _runtime
 from shareit.testing import shareit_files
 
@@ -65,7 +66,9 @@ def _own_then_report(name: str, conn) -> None:
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_server_exits_when_owner_is_killed(name: str, method: str) -> None:
+def test_server_outlives_its_killed_creator_while_used(name: str, method: str) -> None:
+    """The lifetime rule: the creator's death takes nothing while another process uses
+    the mapping; the last user's close removes it, server and files."""
     ctx = mp.get_context(method)
     parent_end, child_end = ctx.Pipe()
     owner = ctx.Process(target=_own_then_report, args=(name, child_end))
@@ -77,11 +80,42 @@ def test_server_exits_when_owner_is_killed(name: str, method: str) -> None:
         assert attached["x"] == 1
         os.kill(owner.pid, signal.SIGKILL)
         owner.join(60)
-        wait_until(lambda: gone(server_pid), what="server exit after owner death")
+        until = time.monotonic() + 3 * _manager_server.USERS_CHECK  # several of its checks
+        while time.monotonic() < until:
+            assert attached.incr("n") > 0 and not gone(server_pid)
+        other = ctx.Process(target=_attach_and_incr, args=(name,))
+        other.start()
+        other.join(60)
+        assert other.exitcode == 0, "a new process could not reach the surviving data"
+        assert attached["x"] == 1 and attached["from_other"] == 1
+        attached.close()  # the last live user leaves
+        wait_until(lambda: gone(server_pid), what="server exit after the last user")
         wait_until(lambda: shareit_files(name) == [], what="record removal")
-        with pytest.raises(shareit.BackendDiedError):
-            attached["x"]
-        attached.close()
+    finally:
+        if owner.is_alive():
+            owner.kill()
+            owner.join()
+
+
+def _attach_and_incr(name: str) -> None:
+    m = shareit.open(name, backend="manager", create=False)
+    m.incr("from_other")
+    m.close()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_server_exits_when_its_only_user_is_killed(name: str, method: str) -> None:
+    ctx = mp.get_context(method)
+    parent_end, child_end = ctx.Pipe()
+    owner = ctx.Process(target=_own_then_report, args=(name, child_end))
+    owner.start()
+    try:
+        assert parent_end.poll(60), "owner never reported"
+        server_pid = parent_end.recv()
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.join(60)
+        wait_until(lambda: gone(server_pid), what="server exit after its only user died")
+        wait_until(lambda: shareit_files(name) == [], what="record removal")
     finally:
         if owner.is_alive():
             owner.kill()

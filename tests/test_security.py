@@ -139,8 +139,9 @@ def as_user(user: tuple, fn, *args):
 
 
 def _record(**fields) -> dict:
-    rec = {"version": 2, "backend": "manager", "persist": False, "owner_pid": os.getpid(),
-           "owner_start": _runtime.proc_start_time(os.getpid()), "created": time.time(),
+    me = [os.getpid(), _runtime.proc_start_time(os.getpid())]
+    rec = {"version": 3, "backend": "manager", "persist": False, "owner_pid": me[0],
+           "owner_start": me[1], "created": time.time(), "users": [me],
            "options": {"value_type": None, "keys": None, "capacity": None, "persist": False}}
     rec.update(fields)
     return rec
@@ -283,7 +284,8 @@ def test_a_stale_record_never_gets_a_pid_signalled_nor_a_path_unlinked(tmp_path)
     name = f"stale-{uuid.uuid4().hex[:6]}"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    rec = _record(owner_pid=int(dead.stdout), owner_start=1, address="\0x", authkey="00" * 32,
+    rec = _record(owner_pid=int(dead.stdout), owner_start=1, users=[[int(dead.stdout), 1]],
+                  address="\0x", authkey="00" * 32,
                   server_pid=victim.pid, server_start=_runtime.proc_start_time(victim.pid),
                   segment=outside, seq_path=str(victim_file), hub=True)
     try:
@@ -303,7 +305,7 @@ def test_a_stale_record_never_gets_a_pid_signalled_nor_a_path_unlinked(tmp_path)
 
 
 @pytest.mark.parametrize("content", [
-    b"{}", b"[1]", b"null", b"not json", b'{"version": 2}',
+    b"{}", b"[1]", b"null", b"not json", b'{"version": 3}',
     json.dumps(_record(options="gASVIAAAAAAAAACMBXBvc2l4lIwGc3lzdGVtlJOUjAR0cnVllIWUUpQu")).encode(),
     json.dumps(_record(owner_pid="1")).encode(),
     json.dumps(_record(options={"value_type": "evil", "keys": None})).encode(),
@@ -353,8 +355,8 @@ def test_a_symlink_in_place_of_a_file_is_never_followed(tmp_path, kind, backend)
                 d.close()
         assert victim.read_bytes() == b"keep me"
     finally:
-        if os.path.lexists(link):
-            os.unlink(link)
+        for p in _runtime.files_of(name):  # the link, and the lock of the refused open
+            os.unlink(p)
 
 
 def test_a_file_others_can_access_is_refused() -> None:
@@ -366,7 +368,8 @@ def test_a_file_others_can_access_is_refused() -> None:
         with pytest.raises(PermissionDeniedError, match="0666"):
             shareit.open(name, create=False)
         os.chmod(_runtime.path(name, "ctl"), 0o600)
-        assert shareit.open(name, create=False)["a"] == 1
+        with shareit.open(name, create=False) as again:
+            assert again["a"] == 1
     finally:
         d.close()
 

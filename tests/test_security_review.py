@@ -220,7 +220,8 @@ def test_a_fifo_in_place_of_a_record_is_refused_not_waited_on(tmp_path) -> None:
             pytest.fail("open() blocked on a FIFO planted as the record")
         assert proc.stdout.strip() == "refused", proc.stderr
     finally:
-        os.unlink(path)
+        for p in _runtime.files_of(name):  # the FIFO, and the lock of the refused open
+            os.unlink(p)
 
 
 # ------------------------------------------------------------------ 6. another user floods the server's socket

@@ -155,7 +155,8 @@ def test_writer_killed_at_a_fault_point_leaves_old_or_new(d, step: str, op: str)
     d["after"] = "works"
     assert d["n"] == 10 and d.incr("n") == 11 and d["after"] == "works"
     assert shareit_files(d.name) == [f"{d.name}@ctl", f"{d.name}@g{d.info()['generation']}",
-                                     f"{d.name}@meta"], "a dead writer's segment leaked"
+                                     f"{d.name}@lock", f"{d.name}@meta"], \
+        "a dead writer's segment leaked"
 
 
 def random_writer(d, started) -> None:
@@ -309,7 +310,7 @@ def test_segments_are_private_and_versioned(d, name) -> None:
         path = os.path.join(shareit.api._runtime.runtime_dir(), f)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, f
     record = shareit.api._runtime.read_meta(name)
-    assert record["owner_pid"] == os.getpid() and record["version"] == 2
+    assert record["owner_pid"] == os.getpid() and record["version"] == 3
 
 
 ATTACH_AND_EXIT = """
@@ -325,7 +326,7 @@ def test_attacher_exit_neither_unlinks_nor_warns(d, name) -> None:
         proc = subprocess.run([sys.executable, "-c", ATTACH_AND_EXIT, name], capture_output=True,
                               text=True, timeout=TIMEOUT, env={**os.environ, "SHAREIT_BACKEND": "shm"})
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert d["from_child"] == 2 and len(shareit_files(name)) == 3
+    assert d["from_child"] == 2 and len(shareit_files(name)) == 4  # ctl, g1, lock, meta
 
 
 OWN_AND_EXIT = """

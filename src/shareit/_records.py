@@ -19,8 +19,9 @@ from .errors import ConfigError, RecordError
 
 __all__ = ["options_to_json", "options_from_json", "validate", "backend_fields", "VERSION"]
 
-#: Version of the record format (2: JSON options, per-user runtime dir, NAME@kind files).
-VERSION = 2
+#: Version of the record format (2: JSON options, per-user runtime dir, NAME@kind files;
+#: 3: the list of users).
+VERSION = 3
 
 _BACKEND_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -136,6 +137,7 @@ _BASE_FIELDS: dict[str, tuple] = {
     "owner_start": (int, type(None)),
     "created": (int, float),
     "options": (dict,),
+    "users": (list,),
 }
 
 
@@ -174,6 +176,12 @@ def validate(record: Any) -> dict:
         raise RecordError("the record's owner_start is out of range")
     if not 0 <= out["created"] < 1e11:  # (NaN fails too) a time.time() of this era
         raise RecordError(f"the record's creation time {out['created']!r:.30} is not a time")
+    users = out["users"]
+    if len(users) > 100_000 or not all(
+        type(u) is list and len(u) == 2 and type(u[0]) is int and 0 < u[0] < (1 << 31)
+        and (u[1] is None or type(u[1]) is int and 0 <= u[1] <= _INT64[1]) for u in users
+    ):
+        raise RecordError("the record's users are not a list of [pid, start time] pairs")
     out["options"] = options_from_json(out["options"])
     out["fields"] = {k: v for k, v in record.items() if k not in _BASE_FIELDS}
     return out

@@ -296,6 +296,15 @@ def _write_atomic(p: str, record: dict) -> None:
     os.replace(tmp, p)
 
 
+def set_users(name: str, users: list) -> None:
+    """Rewrite the users list of ``name``'s record (the caller holds the name's lock)."""
+    data = _read_raw(name)
+    obj = json.loads(data or b"null", parse_constant=_no_constant)
+    _records.validate(obj)  # (raises RecordError: never rewrite what we cannot read)
+    obj["users"] = users
+    _write_atomic(meta_path(name), obj)
+
+
 def claim(name: str) -> bool:
     """Create ``name``'s record exclusively (empty, meaning 'being created'); False if it exists."""
     try:
@@ -335,7 +344,7 @@ def record_is_stale(record: dict | None, p: str) -> bool:
         return age > 5.0
     if record.get("persist"):
         return False
-    return not pid_alive(record["owner_pid"], record.get("owner_start"))
+    return not any(pid_alive(pid, start) for pid, start in record["users"])
 
 
 def list_names() -> list[str]:

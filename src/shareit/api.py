@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from . import _runtime, config, registry
 from .base import SharedMapping
-from .errors import ShareitError
+from .errors import RecordError, ShareitError
 
-__all__ = ["open", "destroy", "backends"]
+__all__ = ["open", "destroy", "backends", "remove_local"]
 
 _builtin_open = open
 
@@ -60,14 +61,48 @@ def open(  # noqa: A001 - named like shelve.open and dbm.open on purpose
 def destroy(name: str, **options: Any) -> None:
     """Remove the named mapping for every process that uses it.
 
-    The backend comes from this machine's record of the mapping; pass
+    A local mapping (this machine's runtime dir has its record) is removed from
+    its record alone, even a persistent one and even if its server died; pass
     ``backend=`` and its options (``url=``) for one that lives elsewhere (redis).
     """
     _runtime.check_name(name)
-    record = _runtime.read_meta(name)
-    if record is not None:
-        options.setdefault("backend", record["backend"])
+    if not options or set(options) <= {"timeout"}:
+        if remove_local(name, timeout=options.get("timeout", 10.0)) is not None:
+            return
     open(name, create=False, **options).destroy()
+
+
+def remove_local(name: str, timeout: float = 10.0, unused_only: bool = False,
+                 persistent: bool = True) -> dict | Exception | None:
+    """Remove the local mapping ``name`` (record, segments, server) under its lock.
+
+    With ``unused_only``, only if no user of it is alive, and a persistent one only
+    with ``persistent``. Returns the record removed (the RecordError of a malformed
+    one, which is removed too), or None if nothing was removed.
+    """
+    from . import _lifetime
+
+    with _lifetime.name_lock(name, timeout) as lock:
+        try:
+            record = _runtime.read_meta(name)
+        except RecordError as exc:  # ours (private dir, owner checked), but unusable
+            _runtime.remove_meta(name)
+            lock["remove"] = True
+            return exc
+        if record is None:
+            if os.path.lexists(_runtime.meta_path(name)):  # a creator died before publishing
+                _runtime.remove_meta(name)
+                lock["remove"] = True
+            return None
+        if unused_only and (_lifetime.live_users(record) or record["persist"] and not persistent):
+            return None
+        try:
+            registry.load(record["backend"])._cleanup_record(name, record)
+        except ShareitError:
+            pass
+        _runtime.remove_meta(name)
+        lock["remove"] = True
+        return record
 
 
 def backends() -> dict[str, dict[str, Any]]:

@@ -10,17 +10,18 @@ it atomic natively or faster (one server round trip instead of several).
 
 from __future__ import annotations
 
+import atexit
 import copy as _copy
 import operator
 import os
 import threading
-import time
+import weakref
 from collections.abc import ItemsView, KeysView, Mapping, MutableMapping, ValuesView
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator
 
-from . import _codec, _records, _runtime
+from . import _codec, _lifetime, _records, _runtime
 from ._locks import FileLock
 from .config import Config
 from .errors import (
@@ -162,6 +163,8 @@ class SharedMapping(MutableMapping):
         self._config = config
         self._closed = False
         self._owner = 0  # the pid of the process that created it, in that process only
+        self._joined = False  # counted among the users of its named mapping (see _lifetime)
+        self._created = 0.0  # its record's creation time: which mapping of that name it is
         vt = config.value_type
         self._vt = _codec.VALUE_TYPES[vt] if vt else None
         self._declared = frozenset(config.keys) if config.keys else None
@@ -208,39 +211,55 @@ class SharedMapping(MutableMapping):
             obj = cls._create(name, config)
             obj._become_owner()
             return obj
-        deadline = time.monotonic() + config.timeout
+        return cls._open_named(name, config, create)
+
+    @classmethod
+    def _open_named(cls, name: str, config: Config, create: bool) -> "SharedMapping":
+        """Attach to the live mapping of ``name``, or create it (see :mod:`shareit._lifetime`).
+
+        Under the name's lock: a record with a live user (or ``persist``) is attached
+        to and this process joins its users; a record whose users are all dead is
+        cleaned up and the name taken over; so concurrent openers end with one mapping.
+        """
+        _lifetime.leave_pending(_remove_for)
         path = _runtime.meta_path(name)
-        while True:
+        with _lifetime.name_lock(name, config.timeout):
             try:
                 record = _runtime.read_meta(name)
             except RecordError as exc:
                 raise RecordError(f"{exc}; remove it with `shareit gc`") from None
-            if _runtime.record_is_stale(record, path):
-                if record is not None:
-                    _backend_class(record["backend"], cls)._cleanup_record(name, record)
-                _runtime.remove_meta(name, expect=record)
-                continue
-            if record is not None:
-                return cls._attach_checked(name, config, record)
-            if not create and not os.path.exists(path):
+            if record is not None and not _runtime.record_is_stale(record, path):
+                obj = cls._attach_checked(name, config, record)
+                created = record["created"]
+                try:
+                    if not _lifetime.is_user(name, created):
+                        _runtime.set_users(name, _lifetime.live_users(record) + [_lifetime.me()])
+                except BaseException:
+                    obj._close()
+                    raise
+                obj._joined_as(created, registered=True)
+                return obj
+            if record is not None:  # every user is gone: nobody can reach it any more
+                _backend_class(record["backend"], cls)._cleanup_record(name, record)
+                _runtime.remove_meta(name)
+            elif os.path.lexists(path):  # empty: a creator died before publishing (we hold the lock)
+                _runtime.remove_meta(name)
+            if not create:
                 raise NotFoundError(
                     f"no shared mapping named {name!r} exists; create it with "
                     f"shareit.open({name!r}) (create=True, the default)"
                 )
-            if _runtime.claim(name):
-                try:
-                    obj = cls._create(name, config)
-                except BaseException:
-                    _runtime.remove_meta(name)
-                    raise
-                obj._become_owner()
-                return obj
-            if time.monotonic() > deadline:  # another process is still creating it
-                raise BackendDiedError(
-                    f"mapping {name!r} is being created by another process that did not "
-                    f"finish within {config.timeout:g} s"
-                )
-            time.sleep(0.001)
+            obj = cls._create(name, config)  # publishes the record, this process its user
+            obj._owner = os.getpid()
+            obj._joined_as(obj._created, registered=True)
+            return obj
+
+    def _joined_as(self, created: float, registered: bool = False) -> None:
+        """This handle counts this process among the users of its (named) mapping, until
+        it is closed -- or dropped unclosed (a Pool worker's task handle, say)."""
+        _lifetime.join(self._name, created, self._config.timeout, registered=registered)
+        self._created, self._joined = created, True
+        self._unjoin = weakref.finalize(self, _lifetime.dropped, self._name, created)
 
     @classmethod
     def _attach_checked(cls, name: str, config: Config, record: dict) -> "SharedMapping":
@@ -265,16 +284,19 @@ class SharedMapping(MutableMapping):
     def _publish(self, **backend_fields: Any) -> None:
         """Write this (owned, named) mapping's record so others can attach by name."""
         structural = {k: self._config[k] for k in STRUCTURAL_OPTIONS}
+        owner = _runtime.owner_fields()
         _runtime.publish(
             self._name,
             {
                 "backend": self.backend,
                 "persist": self._config.persist,
-                **_runtime.owner_fields(),
+                **owner,
                 "options": _records.options_to_json(structural),
+                "users": [_lifetime.me()],
                 **backend_fields,
             },
         )
+        self._created = owner["created"]
 
     def _become_owner(self) -> None:
         self._owner = os.getpid()
@@ -300,7 +322,8 @@ class SharedMapping(MutableMapping):
 
     def __reduce__(self):
         self._check_open()
-        return (type(self)._from_handle, (self._handle(),))
+        joined = self._name if self._joined else None
+        return (_attach_handle, (type(self), self._handle(), joined, self._created))
 
     def __copy__(self):
         raise TypeError("use d.copy() for a detached dict, or pickle d to share the handle")
@@ -636,28 +659,43 @@ class SharedMapping(MutableMapping):
     # ----------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """This process lets go. If it created the mapping (and not ``persist``), it is destroyed.
+        """This process lets go of the mapping.
 
-        A forked child's ``close()`` only detaches the child: it copied its parent's
-        handle, not the ownership.
+        A named local mapping is removed when its last user lets go (see "Lifetime"
+        in the README), unless ``persist=True``; an anonymous one when its creator
+        closes it. A forked child's ``close()`` only detaches the child.
         """
         if self._closed:
             return
-        if self._owner == os.getpid() and not self._config.persist:
-            self.destroy()
-            return
         _runtime.cancel_at_exit(id(self))
+        if not self._joined and self._owner == os.getpid() and not self._config.persist:
+            self.destroy()  # anonymous, or a backend that cannot attach by name
+            return
         try:
-            self._close()
+            if self._joined:
+                self._joined = False
+                self._unjoin.detach()
+                _lifetime.leave(self._name, self._created, self._config.timeout,
+                                lambda record: _remove_for(self._name, record))
+            _lifetime.leave_pending(_remove_for)
         finally:
             self._closed = True
+            self._close()
 
     def destroy(self) -> None:
         """Remove the shared object for every process; this handle is closed."""
         self._check_open()
         _runtime.cancel_at_exit(id(self))
         try:
-            self._destroy()
+            if self._joined:
+                self._joined = False
+                self._unjoin.detach()
+                _lifetime.forget(self._name, self._created)
+                with _lifetime.name_lock(self._name, self._config.timeout) as lock:
+                    self._destroy()
+                    lock["remove"] = True
+            else:
+                self._destroy()
         finally:
             self._closed = True
 
@@ -681,6 +719,32 @@ class SharedMapping(MutableMapping):
 
 #: Options fixed by a mapping's creator; an attacher gets the creator's values.
 STRUCTURAL_OPTIONS = ("value_type", "keys", "capacity", "persist")
+
+
+def _attach_handle(cls: type, handle: Any, name: str | None, created: float) -> SharedMapping:
+    """Unpickle a handle: attach, and count this process among the mapping's users."""
+    obj = cls._from_handle(handle)
+    if name is not None:
+        try:
+            obj._joined_as(created)
+        except BaseException:
+            obj._closed = True
+            obj._close()
+            raise
+    return obj
+
+
+def _remove_for(name: str, record: dict) -> None:
+    """Remove what the mapping of ``record`` holds (its last user is leaving)."""
+    _backend_class(record["backend"], SharedMapping)._cleanup_record(name, record)
+
+
+def _leave_all_at_exit() -> None:
+    _lifetime.leave_pending(_remove_for)
+    _lifetime.leave_all_at_exit(_remove_for)
+
+
+atexit.register(_leave_all_at_exit)
 
 
 def _backend_class(backend: str, fallback: type) -> Any:

@@ -178,18 +178,19 @@ def _chart(results: list, workloads: list[str], path: str) -> str | None:
 
 
 def _describe(name: str, record: dict | None) -> dict[str, Any]:
+    from . import _lifetime
+
     path = _runtime.meta_path(name)
     if record is None:
-        return {"name": name, "backend": "?", "owner_pid": None, "alive": False, "persist": False,
+        return {"name": name, "backend": "?", "users": 0, "persist": False,
                 "created": None, "keys": None, "stale": _runtime.record_is_stale(None, path)}
-    alive = _runtime.pid_alive(record["owner_pid"], record.get("owner_start"))
     return {
         "name": name,
-        "backend": record.get("backend"),
-        "owner_pid": record["owner_pid"],
-        "alive": alive,
-        "persist": bool(record.get("persist")),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("created", 0))),
+        "backend": record["backend"],
+        "users": len(_lifetime.live_users(record)),
+        "creator_pid": record["owner_pid"],
+        "persist": record["persist"],
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["created"])),
         "stale": _runtime.record_is_stale(record, path),
     }
 
@@ -232,12 +233,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'name':<28} {'backend':<9} {'owner':>8} {'alive':<6} {'persist':<8} {'keys':>8}  created")
+    print(f"{'name':<28} {'backend':<9} {'users':>5} {'persist':<8} {'keys':>8}  created")
     for r in rows:
         keys = "-" if r.get("keys") is None else r["keys"]
-        print(f"{r['name']:<28} {r['backend']:<9} {r['owner_pid'] or '-':>8} "
-              f"{'yes' if r['alive'] else 'NO':<6} {'yes' if r['persist'] else 'no':<8} "
-              f"{keys:>8}  {r['created'] or '-'}")
+        print(f"{r['name']:<28} {r['backend']:<9} {r['users']:>5} "
+              f"{'yes' if r['persist'] else 'no':<8} {keys:>8}  {r['created'] or '-'}")
     if not rows:
         print(f"(no shared mappings in {_runtime.runtime_dir()})")
     note = _others_note()
@@ -247,33 +247,62 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from .api import remove_local
+
     removed = 0
-    verb = "would remove" if args.dry_run else "removed"
     for name, record in _runtime.list_records():
-        if isinstance(record, Exception):  # ours (private dir, checked owner), but unusable
-            removed += 1
-            if not args.dry_run:
-                _runtime.remove_meta(name)
-            print(f"{verb} {name}: its record is malformed ({record})")
+        if isinstance(record, Exception):
+            why = f"its record is malformed ({record})"
+        elif _runtime.record_is_stale(record, _runtime.meta_path(name)):
+            why = "no process uses it any more" if record else "its creator died before finishing"
+        elif args.persistent and record is not None and record["persist"] and not _users(record):
+            why = "persistent, and no process uses it"
+        else:
             continue
-        row = _describe(name, record)
-        if not row["stale"]:
-            continue
-        removed += 1
         if not args.dry_run:
-            if record is not None:
-                try:
-                    registry.load(record["backend"])._cleanup_record(name, record)
-                except ShareitError:
-                    pass
-            _runtime.remove_meta(name, expect=record)
-        print(f"{verb} {name} (backend {row['backend']}, owner {row['owner_pid']} is dead)")
+            try:
+                done = remove_local(name, timeout=1.0, unused_only=True, persistent=args.persistent)
+            except ShareitError as exc:  # (busy: being opened or closed right now)
+                print(f"skipped {name}: {exc}")
+                continue
+            if done is None:
+                continue  # somebody started using it meanwhile
+        removed += 1
+        print(f"{'would remove' if args.dry_run else 'removed'} {name}: {why}")
     if not removed:
-        print("nothing to remove: every mapping's owner is alive, or the mapping is persistent")
+        print("nothing to remove: every mapping is in use, or persistent"
+              + ("" if args.persistent else " (--persistent removes unused persistent ones)"))
     note = _others_note()
     if note:
         print(note)
     return 0
+
+
+def _users(record: dict) -> list:
+    from . import _lifetime
+
+    return _lifetime.live_users(record)
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from .api import remove_local
+
+    status = 0
+    for name in args.names:
+        try:
+            _runtime.check_name(name)
+            done = remove_local(name)
+        except ShareitError as exc:
+            print(f"shareit rm: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        if done is None:
+            print(f"shareit rm: no mapping named {name!r}."
+                  f"{did_you_mean(name, _runtime.list_names())}", file=sys.stderr)
+            status = 1
+        else:
+            print(f"removed {name}")
+    return status
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -316,12 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-peers", action="store_true", help="leave out UltraDict and shared-memory-dict")
     b.add_argument("--url", help="server URL for the redis backend (default: its url option)")
     b.set_defaults(fn=cmd_bench)
-    ls = sub.add_parser("ls", help="the live shared mappings on this machine")
+    ls = sub.add_parser("ls", help="your shared mappings on this machine, and their users")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_ls)
-    gc = sub.add_parser("gc", help="remove mappings whose owner is dead (and not persistent)")
+    gc = sub.add_parser("gc", help="remove mappings no live process uses (not persistent ones)")
     gc.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    gc.add_argument("--persistent", action="store_true",
+                    help="also remove persistent mappings that no live process uses")
     gc.set_defaults(fn=cmd_gc)
+    rm = sub.add_parser("rm", help="remove mappings for every process, persistent ones too")
+    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.set_defaults(fn=cmd_rm)
     ins = sub.add_parser("inspect", help="one mapping in detail, including its lock holder")
     ins.add_argument("name")
     ins.set_defaults(fn=cmd_inspect)

@@ -24,8 +24,9 @@ at once -- no pid polling, no lease.
 Values of plain built-in types are kept as themselves, others as ``(pickle,)``
 (see ``_codec.pack``): the server never needs the classes of user values, and
 ``wrapped`` counts the pickled ones so that a snapshot of plain data needs no
-per-value decoding in the client. The server exits when its owner process
-dies (``pidfd``) unless the mapping is persistent, and on ``shutdown``.
+per-value decoding in the client. A named mapping's server exits once the
+mapping has no live user (``watch_users``) or its record is gone; an anonymous
+one's when its creator dies (``pidfd``); any on ``shutdown``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ REMOVED = ("<removed>",)  # a 1-tuple of str: never a packed value, which is (by
 CLEARED = ("<cleared>",)
 
 log = logging.getLogger("shareit.server")
+USERS_CHECK = 0.5  # seconds between checks that a named mapping still has a live user
 MAX_PENDING = 32  # connections in the handshake phase at once; more are closed unheard
 HANDSHAKE_LIMIT = 5.0  # seconds a connection may take to authenticate (or timeout, if less)
 ACCEPT_BACKOFF = 0.05  # seconds to pause accepting when out of descriptors, memory or threads
@@ -390,6 +392,30 @@ class Server:
             if not _runtime.pid_alive(pid, start):
                 self.shutdown(None)
 
+    def watch_users(self) -> None:
+        """A named mapping's server lives while the mapping has a live user (its record's
+        list, see ``shareit._lifetime``): exit once the record is gone or replaced, or
+        (unless persistent) once no user is alive -- removing the record then."""
+        from .. import _lifetime
+        from ..errors import LockTimeoutError
+
+        name, key = self.params["name"], self.params["authkey"].hex()
+        tick = threading.Event()
+        while True:
+            tick.wait(USERS_CHECK)  # a server's own pace, not a wait for another process
+            try:
+                with _lifetime.name_lock(name, USERS_CHECK) as lock:
+                    record = _runtime.read_meta_quiet(name)
+                    gone = record is None or record["fields"].get("authkey") != key
+                    if not gone and not record["persist"] and not _lifetime.live_users(record):
+                        _runtime.remove_meta(name)
+                        lock["remove"] = True
+                        gone = True
+            except (LockTimeoutError, OSError):
+                continue
+            if gone:
+                self.shutdown(None)
+
     def run(self) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         path = self.params["address"]
@@ -403,7 +429,9 @@ class Server:
         finally:
             os.umask(old)
         listener.listen(128)
-        if not self.params["persist"]:
+        if self.params["name"] is not None:
+            threading.Thread(target=self.watch_users, daemon=True).start()
+        elif not self.params["persist"]:
             threading.Thread(target=self.watch_owner, daemon=True).start()
         threading.Thread(target=self.gate.reap, daemon=True).start()
         sys.stdout.write("ready\n")

@@ -14,7 +14,9 @@ Features
   server thread of the holder's connection, which ends when the holder does.
 - A killed server raises :class:`~shareit.BackendDiedError` on every later
   call; a stopped one :class:`~shareit.BackendTimeoutError` after ``timeout``.
-- The server exits when its owner exits or dies (unless ``persist=True``).
+- The server of a named mapping runs while any process uses the mapping (its
+  creator included or not; see ``shareit._lifetime``); an anonymous mapping's
+  server exits with its creator.
 - A named mapping can be attached by name from any process of the same user:
   the server listens on ``NAME@sock`` in the user's private runtime dir (mode
   0700: no other user can connect to it), and the auth key is in its record,
@@ -514,7 +516,7 @@ def _start_server(name: str | None, config: Config, address: str, authkey: bytes
         stdout=subprocess.PIPE,
         cwd="/",
         close_fds=True,
-        start_new_session=config.persist,  # a persistent server must outlive the owner's session
+        start_new_session=True,  # it outlives its creator while others use the mapping
     )
     owner = _runtime.owner_fields()
     params = {

@@ -91,6 +91,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
         f"the redis backend needs redis-py ({exc}): pip install 'shareit[redis]'"
     ) from exc
 
+META_VERSION = 2  # of the :meta hash (JSON options; 'serializer' since this version)
 LOCK_TTL = 2.0  # seconds a dead holder can block the others; read at each use
 _LOCKED = "LOCKED"
 _LOST = "LOST"
@@ -283,7 +284,7 @@ class RedisMapping(SharedMapping):
         """Write this mapping's record unless one exists; True if this call wrote it."""
         structural = {k: self._config[k] for k in STRUCTURAL_OPTIONS}
         options = json.dumps(_records.options_to_json(structural))  # ConfigError before any write
-        fields = {"version": str(_records.VERSION), "backend": self.backend, "options": options,
+        fields = {"version": str(META_VERSION), "backend": self.backend, "options": options,
                   "serializer": self._config.serializer,
                   **{k: str(v) for k, v in _runtime.owner_fields().items()}}
         self._r()
@@ -726,9 +727,9 @@ def _parse_meta(raw: dict) -> dict:
     for field in ("version", "backend", "options"):
         if field not in meta:
             raise RecordError(f"it has no {field!r} field")
-    if meta["version"] != str(_records.VERSION):
+    if meta["version"] != str(META_VERSION):
         raise RecordError(
-            f"it has format version {meta['version']!r:.20}, expected {_records.VERSION} "
+            f"it has format version {meta['version']!r:.20}, expected {META_VERSION} "
             f"(written by another shareit version?)"
         )
     if not _records._BACKEND_RE.fullmatch(meta["backend"]):

@@ -1,0 +1,213 @@
+"""Who uses a named local mapping, and when it goes away.
+
+The rule: **a named mapping lives while any process uses it.** Its record
+lists its users as ``[pid, start time]`` pairs. A process becomes a user when
+it opens the mapping by name, receives a handle (pickle: a ``Pool`` task, a
+``Process`` argument), or is forked from a user; it stops being one when it
+closes its last handle or exits. The last user to leave removes the mapping,
+unless it is ``persist=True`` (then ``shareit gc --persistent`` or ``shareit
+rm NAME`` removes it). A user that died without leaving -- SIGKILL,
+``os._exit``, a server that re-raises SIGTERM -- is pruned: a pid that is gone,
+or reused by another process (start time), does not count. A manager or queue
+server watches the same list and exits once no live user is left.
+
+So no one process, the creator included, takes the data with it while others
+still use it (web workers restarted one by one, pools replacing workers), and
+the data is never split: a name is taken over only when no live user is left.
+
+Every step that reads and rewrites a list, or decides to create, take over or
+remove a mapping, holds the name's lock (``flock`` on ``NAME@lock``), so any
+number of concurrent openers end with exactly one live mapping.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from . import _runtime
+from .errors import BackendDiedError, LockTimeoutError
+
+__all__ = ["name_lock", "live_users", "join", "leave", "leave_all_at_exit"]
+
+
+@contextmanager
+def name_lock(name: str, timeout: float) -> Iterator[dict]:
+    """Hold the lock of ``name`` (waiting up to ``timeout`` s). The lock file is removed
+    on the way out when the name has no record (or the yielded dict's ``"remove"`` was
+    set): nothing is left behind by an open that failed or a mapping that is gone."""
+    path = _runtime.path(name, "lock")
+    deadline = time.monotonic() + timeout
+    pause = 0.0005
+    while True:
+        try:
+            fd = _runtime.open_private(path, os.O_RDWR, create=True)
+        except FileExistsError:
+            try:
+                fd = _runtime.open_private(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # removed between the two opens: create it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise LockTimeoutError(
+                    f"mapping {name!r} is being opened or closed by another process that did "
+                    f"not finish within {timeout:g} s"
+                ) from None
+            time.sleep(pause)  # another process holds it for a few file operations
+            pause = min(pause * 2, 0.01)
+            continue
+        try:  # the holder before us may have removed the file: then it is not the lock
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    state = {"remove": False}
+    try:
+        yield state
+    finally:
+        if state["remove"] or not os.path.lexists(_runtime.meta_path(name)):  # nothing to guard
+            try:
+                os.unlink(path)  # while still held: a waiter then sees another inode
+            except FileNotFoundError:
+                pass
+        os.close(fd)  # (releases the flock)
+
+
+def me() -> list:
+    pid = os.getpid()
+    return [pid, _runtime.proc_start_time(pid)]
+
+
+def live_users(record: dict) -> list:
+    """The users of ``record`` that are still alive (pid and start time match)."""
+    return [u for u in record.get("users", []) if _runtime.pid_alive(u[0], u[1])]
+
+
+# --- this process's uses -------------------------------------------------------------
+
+#: (name, created) -> how many handles of this process use it.
+_uses: dict[tuple, int] = {}
+_uses_lock = threading.Lock()
+
+
+def _add_me(name: str, created: float, timeout: float) -> None:
+    """With no lock held: add this process to the users of ``name`` (as created then)."""
+    with name_lock(name, timeout):
+        record = _runtime.read_meta(name)
+        if record is None or record["created"] != created:
+            raise BackendDiedError(
+                f"mapping {name!r} was removed (its last user left, or destroy() was called); "
+                f"open it again by name"
+            )
+        _runtime.set_users(name, live_users(record) + [me()])
+
+
+def join(name: str, created: float, timeout: float, registered: bool = False) -> None:
+    """This process uses ``name`` once more. ``registered``: the caller already put this
+    process in the record's list (while holding the lock)."""
+    key = (name, created)
+    with _uses_lock:
+        n = _uses.get(key, 0)
+        _uses[key] = n + 1
+    if n == 0 and not registered:
+        try:
+            _add_me(name, created, timeout)
+        except BaseException:
+            with _uses_lock:
+                _uses[key] -= 1
+            raise
+
+
+#: (name, created) whose last use in this process was a handle dropped without close():
+#: left at the next open or close (a finalizer must not take locks), or at exit.
+_pending: list[tuple] = []
+
+
+def dropped(name: str, created: float) -> None:
+    """A handle was garbage-collected unclosed: one use less, without any I/O here."""
+    key = (name, created)
+    with _uses_lock:
+        n = _uses.get(key, 0)
+        if n > 1:
+            _uses[key] = n - 1
+        elif n == 1:
+            _pending.append(key)
+
+
+def leave_pending(remove: Callable[[str, dict], None]) -> None:
+    """Leave the mappings whose last handle here was dropped unclosed."""
+    while _pending:
+        name, created = _pending.pop()
+        if _uses.get((name, created)) == 1:
+            try:
+                leave(name, created, 5.0, lambda record, n=name: remove(n, record))
+            except Exception:  # it will be pruned as a user once this process exits
+                pass
+
+
+def forget(name: str, created: float) -> None:
+    """This process no longer uses ``name`` at all (it is being destroyed)."""
+    with _uses_lock:
+        _uses.pop((name, created), None)
+
+
+def is_user(name: str, created: float) -> bool:
+    return _uses.get((name, created), 0) > 0
+
+
+def leave(name: str, created: float, timeout: float, remove: Callable[[dict], None]) -> None:
+    """This process uses ``name`` once less; when no longer at all, it leaves the list, and
+    if no live user is left (and it is not persistent) ``remove(record)`` removes it."""
+    key = (name, created)
+    with _uses_lock:
+        n = _uses.get(key, 0) - 1
+        if n > 0:
+            _uses[key] = n
+            return
+        _uses.pop(key, None)
+    if n < 0:
+        return
+    with name_lock(name, timeout) as lock:
+        record = _runtime.read_meta_quiet(name)
+        if record is None or record["created"] != created:
+            return  # already removed (destroy(), or taken over after we were counted dead)
+        users = [u for u in live_users(record) if u[0] != os.getpid()]
+        if users or record["persist"]:
+            _runtime.set_users(name, users)
+            return
+        remove(record)
+        _runtime.remove_meta(name)
+        lock["remove"] = True
+
+
+def _after_fork_in_child() -> None:
+    """A forked child of a user is a user too: it holds copies of the parent's handles."""
+    global _uses_lock
+    _uses_lock = threading.Lock()
+    for name, created in list(_uses):
+        try:
+            _add_me(name, created, 5.0)
+        except Exception:  # removed meanwhile: its handles will say so when used
+            _uses.pop((name, created), None)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def leave_all_at_exit(remove_for: Callable[[str, dict], None]) -> None:
+    """At interpreter exit: leave every mapping this process still uses."""
+    for name, created in list(_uses):
+        _uses[(name, created)] = 1
+        try:
+            leave(name, created, 5.0, lambda record, n=name: remove_for(n, record))
+        except Exception:  # best effort at exit; the others prune us
+            pass
