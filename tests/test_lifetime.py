@@ -11,6 +11,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -107,7 +109,12 @@ def test_concurrent_openers_after_the_last_user_died_end_with_one_mapping(name, 
         got = sorted(out.get(timeout=TIMEOUT) for _ in range(6))
         assert len({created for created, _ in got}) == 1, f"round {r}: two mappings: {got}"
         assert [n for _, n in got] == [1, 2, 3, 4, 5, 6], f"round {r}: {got}"
-        wait_until(lambda: shareit_files(name) == [], f"round {r}: removal after the last user")
+        # They were all started by this process, which outlives them: it keeps the mapping
+        # for workers that would come back (a reload), until it removes it itself.
+        record = _runtime.read_meta(name)
+        assert record["users"] == [] and record["keeper"][0] == os.getpid(), record
+        shareit.destroy(name)
+        assert shareit_files(name) == []
 
 
 def _close_in_child(d) -> None:
@@ -167,3 +174,45 @@ def test_only_the_last_user_leaving_removes_a_named_mapping(name) -> None:
     assert shareit_files(name) == []
     with pytest.raises(shareit.NotFoundError):
         shareit.open(name, create=False)
+
+
+def _open_incr_close(name, backend, out, both_open) -> None:
+    d = shareit.open(name, backend=backend)
+    out.put(d.incr("n"))
+    both_open.wait(TIMEOUT)  # workers of one server run side by side
+    d.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_workers_restarted_all_at_once_find_their_data_while_their_supervisor_lives(
+        name, backend) -> None:
+    """A graceful reload: every worker leaves before the new ones open the name. The
+    process that started them (this one: a gunicorn master) keeps the mapping."""
+    out = FORK.Queue()
+    for generation in range(3):
+        both_open = FORK.Barrier(2)
+        workers = [FORK.Process(target=_open_incr_close, args=(name, backend, out, both_open))
+                   for _ in range(2)]
+        for w in workers:
+            w.start()
+        assert join_all(workers, TIMEOUT) == [0, 0]
+    assert sorted(out.get(timeout=TIMEOUT) for _ in range(6)) == [1, 2, 3, 4, 5, 6]
+    keeper = _runtime.read_meta(name)["keeper"]
+    assert keeper == [os.getpid(), _runtime.proc_start_time(os.getpid())]
+    assert "nothing to remove" in _gc_output(), "gc removed a mapping its keeper holds"
+    shareit.destroy(name)
+
+
+def test_a_script_that_exits_takes_its_mapping_with_it(name) -> None:
+    """The keeper rule needs a parent that started two users: one script run from a
+    shell (whose parent outlives it) removes its mapping when it ends."""
+    code = ("import shareit, sys; d = shareit.open(sys.argv[1]); d['x'] = 1")
+    for _ in range(2):  # one after the other: never two users of one parent at once...
+        subprocess.run([sys.executable, "-c", code, name], check=True, timeout=TIMEOUT)
+        assert shareit_files(name) == [], "a finished script's mapping was kept"
+
+
+def _gc_output() -> str:
+    proc = subprocess.run([sys.executable, "-m", "shareit", "gc"], capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    return proc.stdout

@@ -1,7 +1,11 @@
 """Who uses a named local mapping, and when it goes away.
 
-The rule: **a named mapping lives while any process uses it.** Its record
-lists its users as ``[pid, start time]`` pairs. A process becomes a user when
+The rule: **a named mapping lives while any process uses it** -- or, once
+the last one has left, while the process that started several of its users is
+alive (a gunicorn or uvicorn master, a pool's parent): workers restarted all
+at once (a graceful reload) find their data again. Its record lists its users
+as ``[pid, start time]`` pairs, counts how many users each parent started,
+and names that *keeper* when the last user leaves. A process becomes a user when
 it opens the mapping by name, receives a handle (pickle: a ``Pool`` task, a
 ``Process`` argument), or is forked from a user; it stops being one when it
 closes its last handle or exits. The last user to leave removes the mapping,
@@ -87,6 +91,35 @@ def me() -> list:
     return [pid, _runtime.proc_start_time(pid)]
 
 
+def _parent() -> list | None:
+    """``[pid, start]`` of this process's parent, unless it is init (or unknown)."""
+    ppid = os.getppid()
+    start = _runtime.proc_start_time(ppid)
+    return None if ppid <= 1 or start is None else [ppid, start]
+
+
+def my_parents() -> list:
+    """The ``parents`` of a record this process creates: its parent, once."""
+    parent = _parent()
+    return [] if parent is None else [parent + [1]]
+
+
+def add_me(name: str, record: dict) -> None:
+    """With the name's lock held: add this process to ``record``'s users, and count it
+    among the children of its parent (see :func:`leave`: a supervisor of several users
+    keeps the mapping while it lives)."""
+    parents = [p for p in record["parents"] if _runtime.pid_alive(p[0], p[1])][-999:]
+    parent = _parent()
+    if parent is not None:
+        for p in parents:
+            if p[:2] == parent:
+                p[2] += 1
+                break
+        else:
+            parents.append(parent + [1])
+    _runtime.rewrite(name, users=live_users(record) + [me()], parents=parents)
+
+
 def live_users(record: dict) -> list:
     """The users of ``record`` that are still alive (pid and start time match)."""
     return [u for u in record.get("users", []) if _runtime.pid_alive(u[0], u[1])]
@@ -108,7 +141,7 @@ def _add_me(name: str, created: float, timeout: float) -> None:
                 f"mapping {name!r} was removed (its last user left, or destroy() was called); "
                 f"open it again by name"
             )
-        _runtime.set_users(name, live_users(record) + [me()])
+        add_me(name, record)
 
 
 def join(name: str, created: float, timeout: float, registered: bool = False) -> None:
@@ -154,6 +187,18 @@ def leave_pending(remove: Callable[[str, dict], None]) -> None:
                 pass
 
 
+def _supervisor(record: dict) -> list | None:
+    """This process's parent, if it is alive and started at least two users of the
+    mapping -- a web server's or a pool's supervisor -- else None."""
+    parent = _parent()
+    if parent is None:
+        return None
+    for p in record["parents"]:
+        if p[:2] == parent and p[2] >= 2 and _runtime.pid_alive(parent[0], parent[1]):
+            return parent
+    return None
+
+
 def forget(name: str, created: float) -> None:
     """This process no longer uses ``name`` at all (it is being destroyed)."""
     with _uses_lock:
@@ -182,7 +227,11 @@ def leave(name: str, created: float, timeout: float, remove: Callable[[dict], No
             return  # already removed (destroy(), or taken over after we were counted dead)
         users = [u for u in live_users(record) if u[0] != os.getpid()]
         if users or record["persist"]:
-            _runtime.set_users(name, users)
+            _runtime.rewrite(name, users=users)
+            return
+        keeper = _supervisor(record)
+        if keeper is not None:  # workers restarted all at once come back to it
+            _runtime.rewrite(name, users=[], keeper=keeper)
             return
         remove(record)
         _runtime.remove_meta(name)

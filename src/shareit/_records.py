@@ -176,15 +176,28 @@ def validate(record: Any) -> dict:
         raise RecordError("the record's owner_start is out of range")
     if not 0 <= out["created"] < 1e11:  # (NaN fails too) a time.time() of this era
         raise RecordError(f"the record's creation time {out['created']!r:.30} is not a time")
-    users = out["users"]
-    if len(users) > 100_000 or not all(
-        type(u) is list and len(u) == 2 and type(u[0]) is int and 0 < u[0] < (1 << 31)
-        and (u[1] is None or type(u[1]) is int and 0 <= u[1] <= _INT64[1]) for u in users
-    ):
+    if len(out["users"]) > 100_000 or not all(map(_is_proc, out["users"])):
         raise RecordError("the record's users are not a list of [pid, start time] pairs")
+    parents = record.get("parents", [])
+    if type(parents) is not list or len(parents) > 1000 or not all(
+        type(p) is list and len(p) == 3 and _is_proc(p[:2]) and type(p[2]) is int and p[2] > 0
+        for p in parents
+    ):
+        raise RecordError("the record's parents are not a list of [pid, start, count]")
+    keeper = record.get("keeper")
+    if keeper is not None and not _is_proc(keeper):
+        raise RecordError("the record's keeper is not a [pid, start time] pair")
+    out["parents"], out["keeper"] = parents, keeper
     out["options"] = options_from_json(out["options"])
-    out["fields"] = {k: v for k, v in record.items() if k not in _BASE_FIELDS}
+    out["fields"] = {k: v for k, v in record.items()
+                     if k not in _BASE_FIELDS and k not in ("parents", "keeper")}
     return out
+
+
+def _is_proc(u: Any) -> bool:
+    """A ``[pid, start time]`` pair (start None when it could not be read)."""
+    return (type(u) is list and len(u) == 2 and type(u[0]) is int and 0 < u[0] < (1 << 31)
+            and (u[1] is None or type(u[1]) is int and 0 <= u[1] <= _INT64[1]))
 
 
 def backend_fields(record: dict, schema: dict[str, tuple]) -> dict:

@@ -296,12 +296,14 @@ def _write_atomic(p: str, record: dict) -> None:
     os.replace(tmp, p)
 
 
-def set_users(name: str, users: list) -> None:
-    """Rewrite the users list of ``name``'s record (the caller holds the name's lock)."""
+def rewrite(name: str, **fields: Any) -> None:
+    """Rewrite some fields (users, parents, keeper) of ``name``'s record; the caller holds
+    the name's lock."""
     data = _read_raw(name)
     obj = json.loads(data or b"null", parse_constant=_no_constant)
     _records.validate(obj)  # (raises RecordError: never rewrite what we cannot read)
-    obj["users"] = users
+    obj.update(fields)
+    _records.validate(obj)
     _write_atomic(meta_path(name), obj)
 
 
@@ -342,9 +344,15 @@ def record_is_stale(record: dict | None, p: str) -> bool:
         except FileNotFoundError:
             return False
         return age > 5.0
-    if record.get("persist"):
-        return False
-    return not any(pid_alive(pid, start) for pid, start in record["users"])
+    return not in_use(record)
+
+
+def in_use(record: dict) -> bool:
+    """Persistent, or a user is alive, or the keeper is (see ``shareit._lifetime``)."""
+    if record["persist"] or any(pid_alive(pid, start) for pid, start in record["users"]):
+        return True
+    keeper = record.get("keeper")
+    return keeper is not None and pid_alive(keeper[0], keeper[1])
 
 
 def list_names() -> list[str]:

@@ -94,7 +94,8 @@ def remove_local(name: str, timeout: float = 10.0, unused_only: bool = False,
                 _runtime.remove_meta(name)
                 lock["remove"] = True
             return None
-        if unused_only and (_lifetime.live_users(record) or record["persist"] and not persistent):
+        if unused_only and (_lifetime.live_users(record) or _runtime.in_use(record) and not (
+                record["persist"] and persistent)):
             return None
         try:
             registry.load(record["backend"])._cleanup_record(name, record)

@@ -233,7 +233,7 @@ class SharedMapping(MutableMapping):
                 created = record["created"]
                 try:
                     if not _lifetime.is_user(name, created):
-                        _runtime.set_users(name, _lifetime.live_users(record) + [_lifetime.me()])
+                        _lifetime.add_me(name, record)
                 except BaseException:
                     obj._close()
                     raise
@@ -293,6 +293,7 @@ class SharedMapping(MutableMapping):
                 **owner,
                 "options": _records.options_to_json(structural),
                 "users": [_lifetime.me()],
+                "parents": _lifetime.my_parents(),
                 **backend_fields,
             },
         )

@@ -407,7 +407,7 @@ class Server:
                 with _lifetime.name_lock(name, USERS_CHECK) as lock:
                     record = _runtime.read_meta_quiet(name)
                     gone = record is None or record["fields"].get("authkey") != key
-                    if not gone and not record["persist"] and not _lifetime.live_users(record):
+                    if not gone and not _runtime.in_use(record):
                         _runtime.remove_meta(name)
                         lock["remove"] = True
                         gone = True
