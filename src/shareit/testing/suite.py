@@ -130,7 +130,10 @@ class SharedMappingSuite:
         for d in made:
             if not d.closed:
                 d.close()
-        for name in names:
+        for name in names:  # (a server whose other users just died removes it within 0.5 s)
+            deadline = time.monotonic() + 5.0
+            while shareit_files(name) and time.monotonic() < deadline:
+                time.sleep(0.01)  # polling our own view, with a deadline
             assert shareit_files(name) == [], f"left behind after close: {shareit_files(name)}"
 
     @pytest.fixture
