@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import shareit
+from shareit.backends import value as V
 
 FORK = mp.get_context("fork")
 
@@ -23,20 +24,23 @@ def d():
     m.close()
 
 
-def die_inside_bulk_write(d) -> None:
-    d._wlock()
-    d._begin_bulk()
-    d._values[0] = 999  # half of an update: then the holder dies
-    d._present[2] = 0
-    os.kill(os.getpid(), signal.SIGKILL)
+def die_inside_bulk_write(d, op: str) -> None:
+    V.FAULT = "mid_update"  # SIGKILLs this process after the first slot it writes
+    if op == "update":
+        d.update(a=999, b=998, c=997)
+    else:
+        d.clear()
+    os._exit(3)  # the fault point was not reached
 
 
-def test_holder_killed_mid_bulk_write_is_rolled_back(d) -> None:
+@pytest.mark.parametrize("op", ["update", "clear"])
+def test_holder_killed_mid_bulk_write_is_rolled_back(d, op: str) -> None:
     d.update(a=1, b=2, c=3)
-    p = FORK.Process(target=die_inside_bulk_write, args=(d,))
+    p = FORK.Process(target=die_inside_bulk_write, args=(d, op))
     p.start()
     p.join(60)
     assert p.exitcode == -signal.SIGKILL
+    assert d == {"a": 1, "b": 2, "c": 3}, "readers see the old values until the repair"
     assert d.incr("a") == 2, "the next writer got the lock and undid the half write"
     assert d.snapshot() == {"a": 2, "b": 2, "c": 3}
 
