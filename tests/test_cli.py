@@ -155,3 +155,32 @@ def test_persistent_mappings_are_listed_kept_by_gc_and_removed_by_rm(tmp_path, m
     assert proc.returncode == 0 and all(f"removed {n}" in proc.stdout for n in names[1:])
     assert all(shareit_files(n) == [] for n in names)
     assert os.listdir(tmp_path / f"shareit-{os.geteuid()}") == []
+
+
+def test_gc_removes_orphan_files_and_keeps_live_ones(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("SHAREIT_RUNTIME_DIR", str(tmp_path))
+    rdir = _runtime.runtime_dir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    orphans = [f"gone@ctl", f"gone@g3", f"gone@seq", f"+anon-{dead}-0123456789ab@ctl",
+               f"alive@meta.tmp-{dead}-1", f"#{'a' * 24}@sock"]
+    live = shareit.open("alive")
+    anon = shareit.open(backend="shm")
+    try:
+        live["x"] = 1
+        anon["y"] = 2
+        for f in orphans:
+            fd = _runtime.open_private(os.path.join(rdir, f), os.O_WRONLY, create=True)
+            os.close(fd)
+        kept = sorted(set(os.listdir(rdir)) - set(orphans))
+        proc = run_cli("gc", "--dry-run")
+        assert all(f"would remove {f}" in proc.stdout for f in orphans), proc.stdout
+        assert sorted(os.listdir(rdir)) == sorted(kept + orphans)
+        proc = run_cli("gc")
+        assert all(f"removed {f}" in proc.stdout for f in orphans), proc.stdout
+        assert sorted(os.listdir(rdir)) == kept, "gc removed a live mapping's file"
+        assert live["x"] == 1 and anon["y"] == 2
+    finally:
+        live.close()
+        anon.close()
+    assert os.listdir(rdir) == []

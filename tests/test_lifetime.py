@@ -90,7 +90,7 @@ def _create_then_die(name, backend, ready) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-@pytest.mark.parametrize("backend,rounds", [("shm", 50), ("manager", 15), ("queue", 15)])
+@pytest.mark.parametrize("backend,rounds", [("shm", 50), ("manager", 50), ("queue", 50)])
 def test_concurrent_openers_after_the_last_user_died_end_with_one_mapping(name, backend,
                                                                           rounds) -> None:
     for r in range(rounds):

@@ -330,10 +330,18 @@ def remove_meta(name: str, expect: dict | None = None) -> None:
             "owner_pid"
         ) != expect.get("owner_pid"):
             return
+    p = meta_path(name)
     try:
-        os.unlink(meta_path(name))
+        os.unlink(p)
     except FileNotFoundError:
         pass
+    head = os.path.basename(p) + ".tmp-"
+    for f in os.listdir(os.path.dirname(p)):  # a rewrite cut short by a killed process
+        if f.startswith(head):
+            try:
+                os.unlink(os.path.join(os.path.dirname(p), f))
+            except FileNotFoundError:
+                pass
 
 
 def record_is_stale(record: dict | None, p: str) -> bool:

@@ -10,7 +10,7 @@ from . import _runtime, config, registry
 from .base import SharedMapping
 from .errors import RecordError, ShareitError
 
-__all__ = ["open", "destroy", "backends", "remove_local"]
+__all__ = ["open", "destroy", "backends", "remove_local", "remove_orphans"]
 
 _builtin_open = open
 
@@ -104,6 +104,61 @@ def remove_local(name: str, timeout: float = 10.0, unused_only: bool = False,
         _runtime.remove_meta(name)
         lock["remove"] = True
         return record
+
+
+def remove_orphans(dry_run: bool = False) -> list[str]:
+    """Remove files of ours that no mapping can reach any more; return their names.
+
+    Segments, sockets and words files of a named mapping whose record is gone (a
+    crash between removing the record and the rest), those of an anonymous mapping
+    whose creator is dead, a record's temporary file left by a killed writer, and a
+    long-name server's socket that nothing listens on.
+    """
+    import re
+    import socket as _socket
+
+    from . import _lifetime
+
+    d = _runtime.runtime_dir()
+    out = []
+    for f in sorted(os.listdir(d)):
+        stem, _, kind = f.partition(_runtime.SEP)
+        path = os.path.join(d, f)
+        tmp = re.fullmatch(r"meta\.tmp-([0-9]+)-[0-9]+", kind)
+        anon = re.fullmatch(r"\+anon-([0-9]+)-[0-9a-f]+", stem)
+        if tmp:
+            orphan = not _runtime.pid_alive(int(tmp.group(1)))
+        elif anon:
+            orphan = not _runtime.pid_alive(int(anon.group(1)))
+        elif stem.startswith("#") and kind == "sock":
+            orphan = not _listening(_socket, path)
+        elif _runtime._NAME_RE.fullmatch(stem) and kind not in ("meta", "lock"):
+            if os.path.lexists(_runtime.meta_path(stem)):
+                continue
+            try:  # nobody is creating it right now (creation holds the name's lock)
+                with _lifetime.name_lock(stem, 0.2):
+                    orphan = not os.path.lexists(_runtime.meta_path(stem))
+            except ShareitError:
+                continue
+        else:
+            continue
+        if orphan and os.path.lexists(path):
+            if not dry_run:
+                os.unlink(path)
+            out.append(f)
+    return out
+
+
+def _listening(socket_mod: Any, path: str) -> bool:
+    s = socket_mod.socket(socket_mod.AF_UNIX, socket_mod.SOCK_STREAM)
+    try:
+        s.settimeout(0.5)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def backends() -> dict[str, dict[str, Any]]:

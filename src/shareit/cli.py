@@ -269,6 +269,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 continue  # somebody started using it meanwhile
         removed += 1
         print(f"{'would remove' if args.dry_run else 'removed'} {name}: {why}")
+    from .api import remove_orphans
+
+    for f in remove_orphans(dry_run=args.dry_run):
+        removed += 1
+        print(f"{'would remove' if args.dry_run else 'removed'} {f}: no mapping reaches it")
     if not removed:
         print("nothing to remove: every mapping is in use, or persistent"
               + ("" if args.persistent else " (--persistent removes unused persistent ones)"))
