@@ -1,6 +1,8 @@
 """Who uses a named local mapping, and when it goes away.
 
-The rule: **a named mapping lives while any process uses it** -- or, once
+The rule: **a named mapping lives while any process uses it** (a handle
+pickled for another process counts for up to ``timeout`` seconds, until that
+process has it) -- or, once
 the last one has left, while the process that started several of its users is
 alive (a gunicorn or uvicorn master, a pool's parent): workers restarted all
 at once (a graceful reload) find their data again. Its record lists its users
@@ -31,7 +33,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from . import _runtime
 from .errors import BackendDiedError, LockTimeoutError
@@ -74,6 +76,7 @@ def name_lock(name: str, timeout: float) -> Iterator[dict]:
         if same:
             break
         os.close(fd)
+    _held.add(fd)
     state = {"remove": False}
     try:
         yield state
@@ -83,7 +86,14 @@ def name_lock(name: str, timeout: float) -> Iterator[dict]:
                 os.unlink(path)  # while still held: a waiter then sees another inode
             except FileNotFoundError:
                 pass
+        _held.discard(fd)
         os.close(fd)  # (releases the flock)
+
+
+#: Descriptors of name locks this process holds now. A child forked meanwhile (another
+#: thread's fork) closes its copies at once: an inherited copy would keep the flock
+#: held for the child's whole life.
+_held: set[int] = set()
 
 
 def me() -> list:
@@ -99,12 +109,13 @@ def _parent() -> list | None:
 
 
 def my_parents() -> list:
-    """The ``parents`` of a record this process creates: its parent, once."""
+    """The ``parents`` of a record this process creates: its parent, with this process as
+    the first child it started (``[ppid, start, first child's pid, several]``)."""
     parent = _parent()
-    return [] if parent is None else [parent + [1]]
+    return [] if parent is None else [parent + [os.getpid(), 0]]
 
 
-def add_me(name: str, record: dict) -> None:
+def add_me(name: str, record: dict, **more: Any) -> None:
     """With the name's lock held: add this process to ``record``'s users, and count it
     among the children of its parent (see :func:`leave`: a supervisor of several users
     keeps the mapping while it lives)."""
@@ -113,11 +124,12 @@ def add_me(name: str, record: dict) -> None:
     if parent is not None:
         for p in parents:
             if p[:2] == parent:
-                p[2] += 1
+                if p[2] != os.getpid():  # a second, distinct child (re-opening counts once)
+                    p[3] = 1
                 break
         else:
-            parents.append(parent + [1])
-    _runtime.rewrite(name, users=live_users(record) + [me()], parents=parents)
+            parents.append(parent + [os.getpid(), 0])
+    _runtime.rewrite(name, users=live_users(record) + [me()], parents=parents, **more)
 
 
 def live_users(record: dict) -> list:
@@ -130,10 +142,17 @@ def live_users(record: dict) -> list:
 #: (name, created) -> how many handles of this process use it.
 _uses: dict[tuple, int] = {}
 _uses_lock = threading.Lock()
+#: (name, created) -> the mapping's timeout: how long exit and fork may wait for its lock.
+_timeouts: dict[tuple, float] = {}
+#: Every (name, created) this process ever used: at exit, one whose users have all died
+#: since (forked workers end with os._exit, a pool terminates its workers) is removed.
+_touched: set[tuple] = set()
 
 
-def _add_me(name: str, created: float, timeout: float) -> None:
-    """With no lock held: add this process to the users of ``name`` (as created then)."""
+def _add_me(name: str, created: float, timeout: float, received: bool = False,
+            register: bool = True) -> None:
+    """With no lock held: add this process to the users of ``name`` (as created then);
+    ``received``: by unpickling a handle, which is no longer in transit."""
     with name_lock(name, timeout):
         record = _runtime.read_meta(name)
         if record is None or record["created"] != created:
@@ -141,19 +160,27 @@ def _add_me(name: str, created: float, timeout: float) -> None:
                 f"mapping {name!r} was removed (its last user left, or destroy() was called); "
                 f"open it again by name"
             )
-        add_me(name, record)
+        if register:
+            add_me(name, record, **(_arrived(record) if received else {}))
+        elif received:
+            _runtime.rewrite(name, **_arrived(record))
 
 
-def join(name: str, created: float, timeout: float, registered: bool = False) -> None:
+def join(name: str, created: float, timeout: float, registered: bool = False,
+         received: bool = False) -> None:
     """This process uses ``name`` once more. ``registered``: the caller already put this
-    process in the record's list (while holding the lock)."""
+    process in the record's list (while holding the lock); ``received``: by unpickling a
+    handle (see :func:`in_transit`)."""
     key = (name, created)
     with _uses_lock:
         n = _uses.get(key, 0)
         _uses[key] = n + 1
-    if n == 0 and not registered:
+        _timeouts[key] = timeout
+        _touched.add(key)
+    _exit_hook()
+    if (n == 0 and not registered) or received:
         try:
-            _add_me(name, created, timeout)
+            _add_me(name, created, timeout, received, register=n == 0 and not registered)
         except BaseException:
             with _uses_lock:
                 _uses[key] -= 1
@@ -182,21 +209,41 @@ def leave_pending(remove: Callable[[str, dict], None]) -> None:
         name, created = _pending.pop()
         if _uses.get((name, created)) == 1:
             try:
-                leave(name, created, 5.0, lambda record, n=name: remove(n, record))
+                leave(name, created, _timeouts.get((name, created), 5.0),
+                      lambda record, n=name: remove(n, record))
             except Exception:  # it will be pruned as a user once this process exits
                 pass
 
 
 def _supervisor(record: dict) -> list | None:
-    """This process's parent, if it is alive and started at least two users of the
-    mapping -- a web server's or a pool's supervisor -- else None."""
+    """This process's parent, if it is alive and started at least two distinct users of
+    the mapping -- a web server's or a pool's supervisor -- else None."""
     parent = _parent()
     if parent is None:
         return None
     for p in record["parents"]:
-        if p[:2] == parent and p[2] >= 2 and _runtime.pid_alive(parent[0], parent[1]):
+        if p[:2] == parent and p[3] and _runtime.pid_alive(parent[0], parent[1]):
             return parent
     return None
+
+
+def in_transit(name: str, created: float, timeout: float) -> None:
+    """A handle of ``name`` is being pickled for another process, which becomes a user only
+    once it has unpickled it: count it in the record, so that the mapping survives until
+    then even if every user closes meanwhile (``start(); close()``). The receiver counts
+    it off (:func:`join` with ``received``); one never received stops counting after
+    ``timeout`` seconds."""
+    with name_lock(name, timeout):
+        record = _runtime.read_meta_quiet(name)
+        if record is None or record["created"] != created:
+            return  # gone: the receiver will say so
+        n = record["transit_n"] if record["transit"] > time.time() else 0
+        _runtime.rewrite(name, transit=time.time() + timeout, transit_n=n + 1, transit_by=me())
+
+
+def _arrived(record: dict) -> dict:
+    """The transit fields of ``record`` with one handle fewer on its way."""
+    return {"transit_n": max(0, record["transit_n"] - 1)}
 
 
 def forget(name: str, created: float) -> None:
@@ -222,12 +269,14 @@ def leave(name: str, created: float, timeout: float, remove: Callable[[dict], No
     if n < 0:
         return
     with name_lock(name, timeout) as lock:
+        if is_user(name, created):
+            return  # another thread of this process opened it again meanwhile: still a user
         record = _runtime.read_meta_quiet(name)
         if record is None or record["created"] != created:
             return  # already removed (destroy(), or taken over after we were counted dead)
         users = [u for u in live_users(record) if u[0] != os.getpid()]
-        if users or record["persist"]:
-            _runtime.rewrite(name, users=users)
+        if users or record["persist"] or _runtime.in_transit(record):
+            _runtime.rewrite(name, users=users)  # (in transit: its receiver will leave it)
             return
         keeper = _supervisor(record)
         if keeper is not None:  # workers restarted all at once come back to it
@@ -240,23 +289,62 @@ def leave(name: str, created: float, timeout: float, remove: Callable[[dict], No
 
 def _after_fork_in_child() -> None:
     """A forked child of a user is a user too: it holds copies of the parent's handles."""
-    global _uses_lock
+    global _uses_lock, _hooked
     _uses_lock = threading.Lock()
+    _hooked = False  # multiprocessing's finalizers are per process
+    for fd in list(_held):  # another thread of the parent held these when it forked
+        os.close(fd)
+    _held.clear()
     for name, created in list(_uses):
         try:
-            _add_me(name, created, 5.0)
+            _add_me(name, created, _timeouts.get((name, created), 5.0))
         except Exception:  # removed meanwhile: its handles will say so when used
             _uses.pop((name, created), None)
+    if _uses:
+        _exit_hook()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def leave_all_at_exit(remove_for: Callable[[str, dict], None]) -> None:
-    """At interpreter exit: leave every mapping this process still uses."""
+    """At exit: leave every mapping this process still uses; remove those it used whose
+    users have all died meanwhile. Each wait is bounded by its mapping's timeout."""
     for name, created in list(_uses):
         _uses[(name, created)] = 1
         try:
-            leave(name, created, 5.0, lambda record, n=name: remove_for(n, record))
+            leave(name, created, _timeouts.get((name, created), 5.0),
+                  lambda record, n=name: remove_for(n, record))
         except Exception:  # best effort at exit; the others prune us
             pass
+    for name, created in list(_touched):
+        try:
+            with name_lock(name, min(_timeouts.get((name, created), 5.0), 1.0)) as lock:
+                record = _runtime.read_meta_quiet(name)
+                # (handles this process sent are received by now: multiprocessing joins
+                # its non-daemon children at exit, and daemon ones are gone)
+                if record is not None and record["created"] == created and not _runtime.in_use(
+                        record, exiting=me()):
+                    remove_for(name, record)
+                    _runtime.remove_meta(name)
+                    lock["remove"] = True
+        except Exception:
+            pass
+    _touched.clear()
+
+
+#: The function that runs at exit (set by shareit.base: it knows the backends).
+at_exit_fn: Callable[[], None] | None = None
+_hooked = False
+
+
+def _exit_hook() -> None:
+    """Run :data:`at_exit_fn` when this process ends, also in a ``multiprocessing`` child
+    (a forked one ends with ``os._exit``: ``atexit`` would not run, its finalizers do)."""
+    global _hooked
+    if _hooked or at_exit_fn is None:
+        return
+    _hooked = True
+    from multiprocessing import util
+
+    util.Finalize(None, at_exit_fn, exitpriority=0)

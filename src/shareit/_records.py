@@ -180,17 +180,29 @@ def validate(record: Any) -> dict:
         raise RecordError("the record's users are not a list of [pid, start time] pairs")
     parents = record.get("parents", [])
     if type(parents) is not list or len(parents) > 1000 or not all(
-        type(p) is list and len(p) == 3 and _is_proc(p[:2]) and type(p[2]) is int and p[2] > 0
-        for p in parents
+        type(p) is list and len(p) == 4 and _is_proc(p[:2]) and type(p[2]) is int
+        and 0 < p[2] < (1 << 31) and p[3] in (0, 1) for p in parents
     ):
-        raise RecordError("the record's parents are not a list of [pid, start, count]")
+        raise RecordError("the record's parents are not a list of [pid, start, child, several]")
     keeper = record.get("keeper")
     if keeper is not None and not _is_proc(keeper):
         raise RecordError("the record's keeper is not a [pid, start time] pair")
-    out["parents"], out["keeper"] = parents, keeper
+    transit = record.get("transit", 0.0)
+    if type(transit) not in (int, float) or not 0 <= transit < 1e11:
+        raise RecordError("the record's transit time is not a time")
+    transit_n = record.get("transit_n", 0)
+    if type(transit_n) is not int or not 0 <= transit_n < (1 << 31):
+        raise RecordError("the record's transit count is not a count")
+    out["transit_n"] = transit_n
+    transit_by = record.get("transit_by")
+    if transit_by is not None and not _is_proc(transit_by):
+        raise RecordError("the record's transit_by is not a [pid, start time] pair")
+    out["parents"], out["keeper"], out["transit"] = parents, keeper, float(transit)
+    out["transit_by"] = transit_by
     out["options"] = options_from_json(out["options"])
     out["fields"] = {k: v for k, v in record.items()
-                     if k not in _BASE_FIELDS and k not in ("parents", "keeper")}
+                     if k not in _BASE_FIELDS
+                     and k not in ("parents", "keeper", "transit", "transit_n", "transit_by")}
     return out
 
 

@@ -355,10 +355,18 @@ def record_is_stale(record: dict | None, p: str) -> bool:
     return not in_use(record)
 
 
-def in_use(record: dict) -> bool:
-    """Persistent, or a user is alive, or the keeper is (see ``shareit._lifetime``)."""
+def in_transit(record: dict) -> bool:
+    """Whether a handle of ``record``'s mapping is on its way to a process not yet a user."""
+    return record["transit_n"] > 0 and record["transit"] > time.time()
+
+
+def in_use(record: dict, exiting: list | None = None) -> bool:
+    """Persistent, or a user is alive, or a handle is in transit, or the keeper is alive
+    (see ``shareit._lifetime``)."""
     if record["persist"] or any(pid_alive(pid, start) for pid, start in record["users"]):
         return True
+    if in_transit(record) and record["transit_by"] != exiting:
+        return True  # a handle on its way to another process (not from one that is exiting)
     keeper = record.get("keeper")
     return keeper is not None and pid_alive(keeper[0], keeper[1])
 

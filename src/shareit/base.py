@@ -254,10 +254,12 @@ class SharedMapping(MutableMapping):
             obj._joined_as(obj._created, registered=True)
             return obj
 
-    def _joined_as(self, created: float, registered: bool = False) -> None:
+    def _joined_as(self, created: float, registered: bool = False,
+                   received: bool = False) -> None:
         """This handle counts this process among the users of its (named) mapping, until
         it is closed -- or dropped unclosed (a Pool worker's task handle, say)."""
-        _lifetime.join(self._name, created, self._config.timeout, registered=registered)
+        _lifetime.join(self._name, created, self._config.timeout, registered=registered,
+                       received=received)
         self._created, self._joined = created, True
         self._unjoin = weakref.finalize(self, _lifetime.dropped, self._name, created)
 
@@ -324,6 +326,8 @@ class SharedMapping(MutableMapping):
     def __reduce__(self):
         self._check_open()
         joined = self._name if self._joined else None
+        if joined is not None:  # the receiver is no user yet: keep it alive until it is
+            _lifetime.in_transit(joined, self._created, self._config.timeout)
         return (_attach_handle, (type(self), self._handle(), joined, self._created))
 
     def __copy__(self):
@@ -727,7 +731,7 @@ def _attach_handle(cls: type, handle: Any, name: str | None, created: float) -> 
     obj = cls._from_handle(handle)
     if name is not None:
         try:
-            obj._joined_as(created)
+            obj._joined_as(created, received=True)
         except BaseException:
             obj._closed = True
             obj._close()
@@ -746,6 +750,7 @@ def _leave_all_at_exit() -> None:
 
 
 atexit.register(_leave_all_at_exit)
+_lifetime.at_exit_fn = _leave_all_at_exit
 
 
 def _backend_class(backend: str, fallback: type) -> Any:
