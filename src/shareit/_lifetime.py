@@ -241,6 +241,43 @@ def in_transit(name: str, created: float, timeout: float) -> None:
         _runtime.rewrite(name, transit=time.time() + timeout, transit_n=n + 1, transit_by=me())
 
 
+def _receivers_may_come(record: dict) -> bool:
+    """A handle is in transit (see :func:`in_transit`) to a process that may still take it:
+    one sent by another process, or by this one while it has a live child (a handle sent
+    by this process goes to a child it started; a child killed before it unpickled it,
+    such as a pool worker terminated while booting, never will)."""
+    if not _runtime.in_transit(record):
+        return False
+    return record["transit_by"] != me() or _has_live_children()
+
+
+def _has_live_children() -> bool:
+    me_ = str(os.getpid()).encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        if fields[1] != me_ or fields[0] in (b"Z", b"X"):
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if not any(helper in cmd for helper in _HELPERS):
+            return True
+    return False
+
+
+#: Children that never take a handle: multiprocessing's helpers, our own servers.
+_HELPERS = (b"resource_tracker", b"forkserver", b"shareit.backends._manager_server")
+
+
 def _arrived(record: dict) -> dict:
     """The transit fields of ``record`` with one handle fewer on its way."""
     return {"transit_n": max(0, record["transit_n"] - 1)}
@@ -275,7 +312,7 @@ def leave(name: str, created: float, timeout: float, remove: Callable[[dict], No
         if record is None or record["created"] != created:
             return  # already removed (destroy(), or taken over after we were counted dead)
         users = [u for u in live_users(record) if u[0] != os.getpid()]
-        if users or record["persist"] or _runtime.in_transit(record):
+        if users or record["persist"] or _receivers_may_come(record):
             _runtime.rewrite(name, users=users)  # (in transit: its receiver will leave it)
             return
         keeper = _supervisor(record)
@@ -348,3 +385,19 @@ def _exit_hook() -> None:
     from multiprocessing import util
 
     util.Finalize(None, at_exit_fn, exitpriority=0)
+    # A multiprocessing child clears the finalizers it inherited, then runs these:
+    util.register_after_fork(_hooks, _rehook)
+
+
+class _Hooks:
+    """A weak-referenceable anchor for ``multiprocessing.util.register_after_fork``."""
+
+
+_hooks = _Hooks()
+
+
+def _rehook(_: object) -> None:
+    global _hooked
+    _hooked = False
+    if _uses:
+        _exit_hook()

@@ -34,8 +34,8 @@ class ShmBulk:
     def values_array(self) -> np.ndarray:
         """A numpy copy of every value, in iteration order (needs a numeric ``value_type``)."""
         self._need_numeric("values_array")
-        ents = self._consistent_copy(with_heap=False)[0]  # lock-free, like snapshot()
-        return _numeric(ents["meta"], ents["val"].copy(), self._config.value_type)
+        cols = self._consistent_copy(with_heap=False, columns=("meta", "val"))[0]  # lock-free
+        return _numeric(cols["meta"], cols["val"], self._config.value_type)
 
     def keys_list(self) -> list:
         """Every key in iteration order (the order of :meth:`values_array`)."""

@@ -204,7 +204,7 @@ class ShmReader:
 
     # ------------------------------------------------------------------ whole-table copies
 
-    def _consistent_copy(self, with_heap: bool = True) -> tuple:
+    def _consistent_copy(self, with_heap: bool = True, columns: tuple = ()) -> tuple:
         """Live entries, plus the heap or the int keys gathered from it: one instant's
         committed state, copied without the lock (see the module docstring)."""
         self._check_open()
@@ -215,20 +215,20 @@ class ShmReader:
             if e1 != self._epoch:
                 self._follow(e1)
                 continue
-            got = self._try_copy(e1, with_heap)
+            got = self._try_copy(e1, with_heap, columns)
             if got is not None:
                 return got
             attempt += 1
             if attempt >= 32 and attempt % 8 == 0 and self._lock_acquire(0):
                 try:  # writers are only busy, not stuck: copy in a gap, never waiting
-                    got = self._try_copy(c[C_GSEQ], with_heap)
+                    got = self._try_copy(c[C_GSEQ], with_heap, columns)
                 finally:
                     self._lock_release()
                 if got is not None:
                     return got
             deadline = self._backoff(attempt, deadline)
 
-    def _try_copy(self, e1: int, with_heap: bool) -> tuple | None:
+    def _try_copy(self, e1: int, with_heap: bool, columns: tuple = ()) -> tuple | None:
         np = L.numpy()
         c, g = self._c, self._g
         t1, s1, j1 = c[C_TSEQ], c[C_STAMP], c[C_JSTATE]
@@ -242,6 +242,17 @@ class ShmReader:
         used, live_n, top = (words.get(i, q[i]) for i in (L.H_USED, L.H_LIVE, L.H_TOP))
         if used > g.cap or top > g.heapw:
             return None
+        if columns and not words and j1 & 3 != J_INLINE:
+            # (values_array: only the columns it needs, one strided pass each)
+            view = g.entries()[:used]
+            cols = {k: view[k].copy() for k in columns}
+            if live_n != used:
+                keep = (cols["meta"] & L.LIVE) != 0
+                cols = {k: v[keep] for k, v in cols.items()}
+            if (c[C_TSEQ] != t1 or c[C_STAMP] != s1 or c[C_JSTATE] != j1 or c[C_GSEQ] != e1
+                    or len(cols["meta"]) != live_n):
+                return None
+            return cols, None, None
         ents = g.entries()[:used].copy()
         if words:
             lo, hi = g.ew, g.ew + used * 4
