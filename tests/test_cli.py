@@ -162,7 +162,7 @@ def test_gc_removes_orphan_files_and_keeps_live_ones(tmp_path, monkeypatch) -> N
     rdir = _runtime.runtime_dir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    orphans = [f"gone@ctl", f"gone@g3", f"gone@seq", f"+anon-{dead}-0123456789ab@ctl",
+    orphans = ["gone@ctl", "gone@g3", "gone@seq", f"+anon-{dead}-0123456789ab@ctl",
                f"alive@meta.tmp-{dead}-1", f"#{'a' * 24}@sock"]
     live = shareit.open("alive")
     anon = shareit.open(backend="shm")

@@ -216,3 +216,18 @@ def _gc_output() -> str:
     proc = subprocess.run([sys.executable, "-m", "shareit", "gc"], capture_output=True,
                           text=True, timeout=TIMEOUT)
     return proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["manager", "queue"])
+def test_attaching_by_name_needs_no_backend(name, backend) -> None:
+    d = shareit.open(name, backend=backend)
+    try:
+        d["x"] = 1
+        with shareit.open(name, create=False) as e:  # nothing chose a backend: the record's
+            assert e.backend == backend and e["x"] == 1
+        with shareit.open(name) as e:
+            assert e.backend == backend
+        with pytest.raises(shareit.ConfigError, match=f"exists with backend {backend!r}"):
+            shareit.open(name, backend="shm")  # an explicit choice is not overridden
+    finally:
+        d.close()

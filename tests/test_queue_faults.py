@@ -12,7 +12,6 @@ import pytest
 
 import shareit
 from shareit import _runtime
-from shareit.backends import queue as qmod
 from shareit.testing import shareit_files
 
 from helpers import proc_state, wait_until

@@ -367,8 +367,8 @@ def in_use(record: dict, exiting: list | None = None) -> bool:
         return True
     if in_transit(record) and record["transit_by"] != exiting:
         return True  # a handle on its way to another process (not from one that is exiting)
-    keeper = record.get("keeper")
-    return keeper is not None and pid_alive(keeper[0], keeper[1])
+    keeper = record.get("keeper")  # (the exiting process keeps nothing any more)
+    return keeper is not None and keeper != exiting and pid_alive(keeper[0], keeper[1])
 
 
 def list_names() -> list[str]:

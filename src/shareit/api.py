@@ -31,8 +31,8 @@ def open(  # noqa: A001 - named like shelve.open and dbm.open on purpose
         mapping, shared by passing it to child processes.
     backend
         How it is shared: ``"manager"``, ... (see :func:`backends`). When not
-        given, it comes from ``SHAREIT_BACKEND``, the configuration file, or
-        the default.
+        given, it comes from ``SHAREIT_BACKEND``, the configuration file, the
+        backend an existing local mapping of that name has, or the default.
     create
         With ``False``, only attach: :class:`~shareit.NotFoundError` if no
         live mapping of that name exists.
@@ -52,7 +52,14 @@ def open(  # noqa: A001 - named like shelve.open and dbm.open on purpose
     kwargs = dict(options)
     if backend is not None:
         kwargs["backend"] = backend
-    cls = registry.load(config.pick_backend(name, kwargs))
+    chosen, where = config.pick_backend_where(name, kwargs)
+    if where == "default" and name is not None:
+        # Nothing chose a backend: attach to the one this name exists with, if any.
+        record = _runtime.read_meta_quiet(name)
+        if record is not None and record["backend"] in registry.names():
+            chosen = record["backend"]
+            kwargs["backend"] = chosen
+    cls = registry.load(chosen)
     cfg = config.resolve(name, kwargs, extra=cls.options)
     cls.check_config(cfg)
     return cls._open(name, cfg, create=create)

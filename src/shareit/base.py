@@ -25,7 +25,6 @@ from . import _codec, _lifetime, _records, _runtime
 from ._locks import FileLock
 from .config import Config
 from .errors import (
-    BackendDiedError,
     ClosedError,
     ConfigError,
     LockTimeoutError,

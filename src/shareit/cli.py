@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from . import _runtime, registry
+from . import _runtime
 from .base import SharedMapping
 from .config import did_you_mean, redact_url
 from .errors import ShareitError

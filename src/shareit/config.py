@@ -310,11 +310,16 @@ def _layers(name: str | None, kwargs: Mapping[str, Any]) -> list[tuple[str, Mapp
 
 def pick_backend(name: str | None, kwargs: Mapping[str, Any]) -> str:
     """Only the backend name, so that the backend's own options can join the vocabulary."""
+    return pick_backend_where(name, kwargs)[0]
+
+
+def pick_backend_where(name: str | None, kwargs: Mapping[str, Any]) -> tuple[str, str]:
+    """The backend name and where it came from (``"default"`` when nothing chose it)."""
     backend, where = DEFAULT_BACKEND, "default"
     for where_, layer in _layers(name, kwargs):
         if "backend" in layer:
             backend, where = layer["backend"], where_
-    return validate_option("backend", backend, where)
+    return validate_option("backend", backend, where), where
 
 
 def resolve(name: str | None, kwargs: Mapping[str, Any], extra: Mapping | None = None) -> Config:

@@ -398,9 +398,9 @@ def _explain(group: list[Op], best: dict) -> str:
     blocked = group[best["blocked"]]
     order = best["order"]
     lines.append(
-        f"The operation below marked '>>' cannot take effect anywhere: every order of the "
-        f"operations that completed before it leaves the store in a state that contradicts "
-        f"its result (or the result of an operation it must follow)."
+        "The operation below marked '>>' cannot take effect anywhere: every order of the "
+        "operations that completed before it leaves the store in a state that contradicts "
+        "its result (or the result of an operation it must follow)."
     )
     window = [o for o in group if o.invoke <= blocked.ret and o.ret >= blocked.invoke - 2e6]
     placed = {id(group[i]) for i in order}
