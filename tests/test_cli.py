@@ -10,6 +10,8 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 
 import shareit
 from shareit import _runtime
@@ -184,3 +186,17 @@ def test_gc_removes_orphan_files_and_keeps_live_ones(tmp_path, monkeypatch) -> N
         live.close()
         anon.close()
     assert os.listdir(rdir) == []
+
+
+def test_cli_alone_prints_help_and_version_works() -> None:
+    proc = run_cli()
+    assert proc.returncode == 0 and "usage: shareit" in proc.stdout and "bench" in proc.stdout
+    assert "``" not in proc.stdout, "raw reST in the help"
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("shareit ")
+
+
+def test_an_unknown_backend_from_the_environment_says_so(monkeypatch) -> None:
+    monkeypatch.setenv("SHAREIT_BACKEND", "bogus")
+    with pytest.raises(shareit.UnknownBackendError, match="environment SHAREIT_BACKEND"):
+        shareit.open("x")

@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _runtime, config, registry
 from .base import SharedMapping
-from .errors import RecordError, ShareitError
+from .errors import RecordError, ShareitError, UnknownBackendError
 
 __all__ = ["open", "destroy", "backends", "remove_local", "remove_orphans"]
 
@@ -59,7 +59,12 @@ def open(  # noqa: A001 - named like shelve.open and dbm.open on purpose
         if record is not None and record["backend"] in registry.names():
             chosen = record["backend"]
             kwargs["backend"] = chosen
-    cls = registry.load(chosen)
+    try:
+        cls = registry.load(chosen)
+    except UnknownBackendError as exc:
+        if where in ("keyword arguments", "default"):
+            raise
+        raise UnknownBackendError(f"{exc} (the name came from {where})") from None
     cfg = config.resolve(name, kwargs, extra=cls.options)
     cls.check_config(cfg)
     return cls._open(name, cfg, create=create)

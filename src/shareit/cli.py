@@ -338,8 +338,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shareit", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="shareit",
+        description="One dict-like mapping shared by several processes: compare the ways "
+                    "to share it on this machine, and manage your shared mappings.")
+    parser.add_argument("--version", action="version", version=f"shareit {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     b = sub.add_parser("bench", help="compare backends and baselines on real workloads")
     b.add_argument("--backends", help="comma-separated backend names (default: all)")
     b.add_argument("--workloads", help="comma-separated workloads (default: all)")
@@ -365,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("name")
     ins.set_defaults(fn=cmd_inspect)
     args = parser.parse_args(argv)
+    if args.cmd is None:  # `shareit` alone: say what it can do
+        parser.print_help()
+        return 0
     try:
         return args.fn(args)
     except ShareitError as exc:  # e.g. a runtime dir that is not safely ours: say so, no traceback
