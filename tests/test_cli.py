@@ -164,7 +164,7 @@ def test_gc_removes_orphan_files_and_keeps_live_ones(tmp_path, monkeypatch) -> N
     rdir = _runtime.runtime_dir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    orphans = ["gone@ctl", "gone@g3", "gone@seq", f"+anon-{dead}-0123456789ab@ctl",
+    orphans = ["gone@ctl", "gone@g3", "gone@seq", "lonely@lock", f"+anon-{dead}-0123456789ab@ctl",
                f"alive@meta.tmp-{dead}-1", f"#{'a' * 24}@sock"]
     live = shareit.open("alive")
     anon = shareit.open(backend="shm")

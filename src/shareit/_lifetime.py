@@ -42,20 +42,26 @@ __all__ = ["name_lock", "live_users", "join", "leave", "leave_all_at_exit"]
 
 
 @contextmanager
-def name_lock(name: str, timeout: float) -> Iterator[dict]:
+def name_lock(name: str, timeout: float, create: bool = True) -> Iterator[dict]:
     """Hold the lock of ``name`` (waiting up to ``timeout`` s). The lock file is removed
     on the way out when the name has no record (or the yielded dict's ``"remove"`` was
-    set): nothing is left behind by an open that failed or a mapping that is gone."""
+    set): nothing is left behind by an open that failed or a mapping that is gone. With
+    ``create=False`` a missing lock file raises FileNotFoundError instead of being made
+    (for a process that may be killed any moment: a server whose mapping is going)."""
     path = _runtime.path(name, "lock")
     deadline = time.monotonic() + timeout
     pause = 0.0005
     while True:
         try:
+            if not create:  # (FileNotFoundError: no lock file, so no mapping to guard)
+                raise FileExistsError
             fd = _runtime.open_private(path, os.O_RDWR, create=True)
         except FileExistsError:
             try:
                 fd = _runtime.open_private(path, os.O_RDWR)
             except FileNotFoundError:
+                if not create:
+                    raise
                 continue  # removed between the two opens: create it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

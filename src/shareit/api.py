@@ -144,6 +144,19 @@ def remove_orphans(dry_run: bool = False) -> list[str]:
             orphan = not _runtime.pid_alive(int(anon.group(1)))
         elif stem.startswith("#") and kind == "sock":
             orphan = not _listening(_socket, path)
+        elif _runtime._NAME_RE.fullmatch(stem) and kind == "lock":
+            if os.path.lexists(_runtime.meta_path(stem)):
+                continue
+            if dry_run:
+                out.append(f)
+                continue
+            try:  # a free lock of a name with no record: taking it removes it
+                with _lifetime.name_lock(stem, 0.0, create=False):
+                    pass
+            except (ShareitError, FileNotFoundError):
+                continue
+            out.append(f)
+            continue
         elif _runtime._NAME_RE.fullmatch(stem) and kind not in ("meta", "lock"):
             if os.path.lexists(_runtime.meta_path(stem)):
                 continue

@@ -404,13 +404,15 @@ class Server:
         while True:
             tick.wait(USERS_CHECK)  # a server's own pace, not a wait for another process
             try:
-                with _lifetime.name_lock(name, USERS_CHECK) as lock:
+                with _lifetime.name_lock(name, USERS_CHECK, create=False) as lock:
                     record = _runtime.read_meta_quiet(name)
                     gone = record is None or record["fields"].get("authkey") != key
                     if not gone and not _runtime.in_use(record):
                         _runtime.remove_meta(name)
                         lock["remove"] = True
                         gone = True
+            except FileNotFoundError:  # no lock file: the mapping was removed
+                gone = True
             except (LockTimeoutError, OSError):
                 continue
             if gone:
