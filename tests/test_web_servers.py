@@ -164,8 +164,8 @@ def test_workers_killed_and_restarted_keep_one_count(app_dir, kind, preload, bac
                    "the dead worker replaced", timeout=DEADLINE)
         _requests(s, 150)
         if kind == "gunicorn":
+            old = set(_workers(s.proc.pid))  # (before the signal: the reload may be quick)
             os.kill(s.proc.pid, signal.SIGHUP)  # graceful reload: every worker replaced
-            old = set(_workers(s.proc.pid))
             wait_until(lambda: not old & set(_workers(s.proc.pid))
                        and len(_workers(s.proc.pid)) == 2, "workers reloaded", timeout=DEADLINE)
             s.wait_serving()
