@@ -211,6 +211,8 @@ def dropped(name: str, created: float) -> None:
 
 def leave_pending(remove: Callable[[str, dict], None]) -> None:
     """Leave the mappings whose last handle here was dropped unclosed."""
+    if _pending and _dir_gone():
+        _pending.clear()
     while _pending:
         name, created = _pending.pop()
         if _uses.get((name, created)) == 1:
@@ -350,9 +352,18 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _dir_gone() -> bool:
+    """Whether this user's runtime dir no longer exists (then it must not be recreated)."""
+    return not os.path.isdir(os.path.join(_runtime.base_dir(), f"shareit-{os.geteuid()}"))
+
+
 def leave_all_at_exit(remove_for: Callable[[str, dict], None]) -> None:
     """At exit: leave every mapping this process still uses; remove those it used whose
     users have all died meanwhile. Each wait is bounded by its mapping's timeout."""
+    if _dir_gone():
+        _uses.clear()  # the runtime dir itself is gone: nothing to leave, nothing to recreate
+        _touched.clear()
+        return
     for name, created in list(_uses):
         _uses[(name, created)] = 1
         try:
