@@ -313,3 +313,24 @@ def test_an_update_pushed_while_own_sets_are_in_flight_does_not_hide_them(d) -> 
     assert events[-2:] == [("set", "b", "mine"), ("set", "late", "mine too")]
     p.join(TIMEOUT)
     assert p.exitcode == 0
+
+
+def test_a_stopped_hub_times_out_within_timeout(d) -> None:
+    """Every wait honours ``timeout`` (2 s here): a write to a stopped hub. Measured 2.13 to
+    2.30 s on this machine (the client waits 1.05 x timeout + 20 ms, then scheduling)."""
+    d["a"] = 1
+    assert d["a"] == 1  # subscribed
+    pid = d.info()["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: proc_state(pid) == b"T", "hub stopped")
+        started = time.monotonic()
+        with pytest.raises(shareit.BackendTimeoutError):
+            d["b"] = 2
+        elapsed = time.monotonic() - started
+        assert 0.9 * 2.0 < elapsed < 1.2 * 2.0, f"waited {elapsed:.2f} s with timeout 2 s"
+        assert d["a"] == 1, "a read of an unchanged replica does not wait for the hub"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    d["b"] = 3
+    assert d["b"] == 3, "once the hub answers again, a new call works"

@@ -489,7 +489,7 @@ def run_random_history(d: Any, workers: int = 3, ops_per_worker: int = 60, keys:
                     os.kill(victim.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        _join(procs, timeout)
+        join_all(procs, timeout)
         result = check_dir(directory, initial)
         if not result.ok:
             result.failure += f"\n(seed {seed}, {workers} workers, method {method}, logs in {directory})"
@@ -504,7 +504,8 @@ def _lines(path: str) -> int:
         return f.read().count(b"\n")
 
 
-def _join(procs: list, timeout: float) -> None:
+def join_all(procs: list, timeout: float = 60.0) -> list:
+    """Join every process within ``timeout``, killing any that hang (then failing); exit codes."""
     deadline = time.monotonic() + timeout
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
@@ -512,8 +513,10 @@ def _join(procs: list, timeout: float) -> None:
     for p in hung:
         p.kill()
         p.join()
-    if hung:
-        raise AssertionError(f"{len(hung)} worker(s) did not finish within {timeout} s")
+    if hung:  # (not an assert: python -O must not let a deadlock pass)
+        raise AssertionError(
+            f"{len(hung)} child process(es) still running after {timeout:g} s (deadlock?)")
+    return [p.exitcode for p in procs]
 
 
 def _ring_worker(d: Any, directory: str, i: int, n: int, rounds: int, recv: Any, send: Any,
@@ -547,7 +550,7 @@ def run_token_ring(d: Any, workers: int = 3, rounds: int = 30, method: str = "fo
     try:
         for p in procs:
             p.start()
-        _join(procs, timeout)
+        join_all(procs, timeout)
         result = check_dir(directory, initial)
         if not result.ok:
             result.failure += f"\n(token ring, {workers} workers, method {method}, logs in {directory})"

@@ -58,15 +58,7 @@ def _raised(fn: Callable[[Any], Any], m: Any) -> type | None:
 
 def join_all(procs: list, timeout: float = CHILD_TIMEOUT) -> list:
     """Join every process within ``timeout``, killing any that hang (then failing); exit codes."""
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    assert not hung, f"{len(hung)} child process(es) still running after {timeout:g} s (deadlock?)"
-    return [p.exitcode for p in procs]
+    return linearizability.join_all(procs, timeout)
 
 
 class SharedMappingSuite:
