@@ -12,7 +12,6 @@ import uuid
 
 import pytest
 
-
 import shareit
 from shareit import _runtime
 from shareit.testing import shareit_files

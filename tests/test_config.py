@@ -190,7 +190,7 @@ def test_import_shareit_imports_no_backend_and_no_numpy() -> None:
 
 
 def test_backends_lists_names_and_capabilities() -> None:
-    import shareit.backends.manager  # noqa: F401 - binds the package to shareit.backends
+    import shareit.backends.manager
 
     info = shareit.backends()
     m = info["manager"]

@@ -17,10 +17,9 @@ import sys
 import pytest
 
 import shareit
+from helpers import gone, wait_until
 from shareit import _runtime
 from shareit.testing import join_all, shareit_files
-
-from helpers import gone, wait_until
 
 FORK = mp.get_context("fork")
 TIMEOUT = 60

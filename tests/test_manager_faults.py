@@ -12,11 +12,11 @@ import time
 import pytest
 
 import shareit
-from shareit.backends import _manager_server
+from helpers import gone, proc_state, wait_until
 from shareit import _runtime
+from shareit.backends import _manager_server
 from shareit.testing import shareit_files
 
-from helpers import gone, proc_state, wait_until
 
 @pytest.fixture
 def d(name):

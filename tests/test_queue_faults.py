@@ -11,10 +11,9 @@ import time
 import pytest
 
 import shareit
+from helpers import proc_state, wait_until
 from shareit import _runtime
 from shareit.testing import shareit_files
-
-from helpers import proc_state, wait_until
 
 FORK = mp.get_context("fork")
 TIMEOUT = 60

@@ -213,7 +213,7 @@ def test_planted_payload_would_run_if_unpickled(tmp_path) -> None:
     assert marker.exists()
 
 
-def _raw() -> "redis.Redis":  # noqa: F821 - redis-py straight to the test server
+def _raw() -> redis.Redis:  # noqa: F821 - redis-py straight to the test server
     import redis
 
     return redis.Redis(unix_socket_path=SERVER["sock"])

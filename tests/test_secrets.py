@@ -18,7 +18,6 @@ import pytest
 
 import shareit
 from shareit.config import redact_url
-
 from test_redis import free_port, start_tcp_server
 
 #: Distinctive, and with an ``@`` and a ``:``: ``user:pw@`` parsing that splits at the

@@ -23,7 +23,7 @@ from shareit import _runtime, cli
 from shareit.errors import PermissionDeniedError, RecordError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_security import _record, as_user, attacker  # noqa: E402,F401  (attacker: fixture)
+from test_security import _record, as_user, attacker  # noqa: F401  (attacker: fixture)
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: creates a second user and drops privileges to it"

@@ -23,9 +23,8 @@ from multiprocessing.connection import AuthenticationError, Connection, answer_c
 import pytest
 
 import shareit
-from shareit.backends.manager import ManagerMapping
-
 from helpers import wait_until
+from shareit.backends.manager import ManagerMapping
 
 FORK = mp.get_context("fork")
 TIMEOUT = 60

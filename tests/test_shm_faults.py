@@ -249,7 +249,7 @@ def test_forced_hash_collisions(d, monkeypatch) -> None:
         del d[k]
     for i, k in enumerate(keys):
         assert (k in d) == (i % 2 == 1)
-    d.update({k: -1 for k in keys[::2]})
+    d.update(dict.fromkeys(keys[::2], -1))
     assert all(d[k] == -1 for k in keys[::2]) and len(d) == len(keys)
     assert d.verify() == []
 

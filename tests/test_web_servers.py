@@ -22,10 +22,9 @@ import uuid
 
 import pytest
 
+from helpers import wait_until
 from shareit import _runtime, cli
 from shareit.testing import shareit_files
-
-from helpers import wait_until
 
 pytest.importorskip("uvicorn", reason="the test extra installs uvicorn")
 pytest.importorskip("gunicorn", reason="the test extra installs gunicorn")

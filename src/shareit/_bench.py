@@ -15,8 +15,9 @@ import multiprocessing as mp
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import shareit
 
@@ -227,7 +228,7 @@ def peer_available(cls: type) -> bool:
     return importlib.util.find_spec(cls.module) is not None
 
 
-def run_peer(proxy: PeerProxy, workload: str, p: "Params") -> Result:
+def run_peer(proxy: PeerProxy, workload: str, p: Params) -> Result:
     import json
     import subprocess
     import sys

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import operator
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["ValueType", "VALUE_TYPES", "value_type", "dumps", "loads"]
 

@@ -32,8 +32,9 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import _runtime
 from .errors import BackendDiedError, LockTimeoutError

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 
-from .errors import LockTimeoutError
+from .errors import lock_timeout
 
 
 def _open_lockfile(path: str, create: bool) -> int:
@@ -96,10 +96,7 @@ class FileLock:
 
 def acquire_or_raise(lock: FileLock, timeout: float, what: str) -> None:
     if not lock.acquire(timeout):
-        raise LockTimeoutError(
-            f"could not lock {what} within {timeout:g} s; another process holds it. "
-            f"Pass a larger timeout= (option or lock(timeout=...)) if this is expected"
-        )
+        raise lock_timeout(what, timeout)
 
 
 # --------------------------------------------------------------------------- robust mutex

@@ -209,7 +209,7 @@ def validate(record: Any) -> dict:
 def _is_proc(u: Any) -> bool:
     """A ``[pid, start time]`` pair (start None when it could not be read)."""
     return (type(u) is list and len(u) == 2 and type(u[0]) is int and 0 < u[0] < (1 << 31)
-            and (u[1] is None or type(u[1]) is int and 0 <= u[1] <= _INT64[1]))
+            and (u[1] is None or (type(u[1]) is int and 0 <= u[1] <= _INT64[1])))
 
 
 def backend_fields(record: dict, schema: dict[str, tuple]) -> dict:

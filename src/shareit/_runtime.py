@@ -36,7 +36,8 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _records
 from .errors import ConfigError, PermissionDeniedError, RecordError
@@ -383,9 +384,9 @@ def list_names() -> list[str]:
     return out
 
 
-def list_records() -> list[tuple[str, dict | None | RecordError]]:
+def list_records() -> list[tuple[str, dict | RecordError | None]]:
     """(name, record) for every record: None while being created, the RecordError if malformed."""
-    out: list[tuple[str, dict | None | RecordError]] = []
+    out: list[tuple[str, dict | RecordError | None]] = []
     for name in list_names():
         try:
             out.append((name, read_meta(name)))

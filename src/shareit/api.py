@@ -15,7 +15,7 @@ __all__ = ["open", "destroy", "backends", "remove_local", "remove_orphans"]
 _builtin_open = open
 
 
-def open(  # noqa: A001 - named like shelve.open and dbm.open on purpose
+def open(
     name: str | None = None,
     *,
     backend: str | None = None,
@@ -106,8 +106,8 @@ def remove_local(name: str, timeout: float = 10.0, unused_only: bool = False,
                 _runtime.remove_meta(name)
                 lock["remove"] = True
             return None
-        if unused_only and (_lifetime.live_users(record) or _runtime.in_use(record) and not (
-                record["persist"] and persistent)):
+        if unused_only and (_lifetime.live_users(record) or (_runtime.in_use(record) and not (
+                record["persist"] and persistent))):
             return None
         try:
             registry.load(record["backend"])._cleanup_record(name, record)

@@ -16,10 +16,18 @@ import operator
 import os
 import threading
 import weakref
-from collections.abc import ItemsView, KeysView, Mapping, MutableMapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterator,
+    KeysView,
+    Mapping,
+    MutableMapping,
+    ValuesView,
+)
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from . import _codec, _lifetime, _records, _runtime
 from ._locks import FileLock
@@ -81,7 +89,7 @@ class Capabilities:
 class _LockContext:
     __slots__ = ("_mapping", "_timeout")
 
-    def __init__(self, mapping: "SharedMapping", timeout: float | None):
+    def __init__(self, mapping: SharedMapping, timeout: float | None):
         self._mapping, self._timeout = mapping, timeout
 
     def acquire(self) -> None:
@@ -97,7 +105,7 @@ class _LockContext:
     def release(self) -> None:
         self._mapping._lock_release()
 
-    def __enter__(self) -> "SharedMapping":
+    def __enter__(self) -> SharedMapping:
         self.acquire()
         return self._mapping
 
@@ -185,12 +193,12 @@ class SharedMapping(MutableMapping):
                 cls._check_key_type(k)
 
     @classmethod
-    def _create(cls, name: str | None, config: Config) -> "SharedMapping":
+    def _create(cls, name: str | None, config: Config) -> SharedMapping:
         """Create the shared object (``name`` already claimed, or None for anonymous)."""
         raise NotImplementedError
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict) -> "SharedMapping":
+    def _attach_record(cls, name: str, config: Config, record: dict) -> SharedMapping:
         """Attach to the live object that ``record`` (from the runtime dir) describes."""
         raise NotImplementedError(f"backend {cls.backend!r} cannot attach by name")
 
@@ -199,7 +207,7 @@ class SharedMapping(MutableMapping):
         """Remove what a dead owner left behind (segments, sockets). Default: nothing."""
 
     @classmethod
-    def _open(cls, name: str | None, config: Config, create: bool = True) -> "SharedMapping":
+    def _open(cls, name: str | None, config: Config, create: bool = True) -> SharedMapping:
         if name is None:
             if not create:
                 raise ConfigError("create=False needs a name: an anonymous mapping can only be created")
@@ -213,7 +221,7 @@ class SharedMapping(MutableMapping):
         return cls._open_named(name, config, create)
 
     @classmethod
-    def _open_named(cls, name: str, config: Config, create: bool) -> "SharedMapping":
+    def _open_named(cls, name: str, config: Config, create: bool) -> SharedMapping:
         """Attach to the live mapping of ``name``, or create it (see :mod:`shareit._lifetime`).
 
         Under the name's lock: a record with a live user (or ``persist``) is attached
@@ -263,7 +271,7 @@ class SharedMapping(MutableMapping):
         self._unjoin = weakref.finalize(self, _lifetime.dropped, self._name, created)
 
     @classmethod
-    def _attach_checked(cls, name: str, config: Config, record: dict) -> "SharedMapping":
+    def _attach_checked(cls, name: str, config: Config, record: dict) -> SharedMapping:
         if record.get("backend") != cls.backend:
             raise ConfigError(
                 f"mapping {name!r} exists with backend {record.get('backend')!r}, not "
@@ -319,7 +327,7 @@ class SharedMapping(MutableMapping):
         raise TypeError(f"a {self.backend!r} mapping cannot be pickled")
 
     @classmethod
-    def _from_handle(cls, handle: Any) -> "SharedMapping":
+    def _from_handle(cls, handle: Any) -> SharedMapping:
         raise NotImplementedError
 
     def __reduce__(self):
@@ -641,7 +649,7 @@ class SharedMapping(MutableMapping):
             return NotImplemented
         return _as_dict(other) | self.snapshot()
 
-    def __ior__(self, other: Any) -> "SharedMapping":
+    def __ior__(self, other: Any) -> SharedMapping:
         self.update(other)
         return self
 
@@ -714,7 +722,7 @@ class SharedMapping(MutableMapping):
             _runtime.remove_meta(self._name)
         self._close()
 
-    def __enter__(self) -> "SharedMapping":
+    def __enter__(self) -> SharedMapping:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -15,7 +15,6 @@ from .base import SharedMapping
 from .config import did_you_mean, redact_url
 from .errors import ShareitError
 
-
 # --------------------------------------------------------------------------- bench
 
 

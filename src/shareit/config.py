@@ -15,8 +15,8 @@ import difflib
 import os
 import re
 import sys
-from collections.abc import Hashable, Mapping
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from typing import Any
 from urllib.parse import unquote_plus
 
 from . import _codec
@@ -329,7 +329,7 @@ def resolve(name: str | None, kwargs: Mapping[str, Any], extra: Mapping | None =
     """
     table = {**OPTIONS, **(extra or {})}
     values = {k: spec[1] for k, spec in table.items()}
-    sources = {k: "default" for k in table}
+    sources = dict.fromkeys(table, "default")
     for where, layer in _layers(name, kwargs):
         for k, v in layer.items():
             values[k] = validate_option(k, v, where, extra)

@@ -63,7 +63,7 @@ class LockLostError(ShareitError, RuntimeError):
 
 
 class CapacityError(ShareitError):
-    """A fixed-size store is full."""
+    """A fixed-size store is full, or the file system holding it has no room left."""
 
 
 class ClosedError(ShareitError, ValueError):
@@ -85,3 +85,15 @@ class PermissionDeniedError(ShareitError, PermissionError):
 
 class RecordError(ShareitError, ValueError):
     """A mapping's record (runtime-dir file or redis ``:meta`` hash) is not valid shareit data."""
+
+
+def lock_timeout(what: str, timeout: float, why: str = "another process holds it") -> LockTimeoutError:
+    """The one way a lock wait that ran out is reported: what, how long, why, and the way out.
+
+    ``what`` names the thing ("mapping 'hits'", "key 'a' of value mapping 'x'");
+    ``why`` says what kept it ("another process holds lock()", "writers kept changing it").
+    """
+    return LockTimeoutError(
+        f"could not lock {what} within {timeout:g} s: {why}. "
+        f"Pass a larger timeout (the 'timeout' option, or lock(timeout=...)) if that is expected"
+    )

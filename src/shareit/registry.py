@@ -57,7 +57,7 @@ def names() -> list[str]:
     return sorted(_registry)
 
 
-def load(name: str) -> "type[SharedMapping]":
+def load(name: str) -> type[SharedMapping]:
     """The backend class registered as ``name``, imported now."""
     _load_entry_points()
     try:

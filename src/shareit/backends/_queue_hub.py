@@ -37,7 +37,7 @@ from collections import deque
 from multiprocessing.connection import Connection
 
 from .. import _runtime
-from ._manager_server import Server, Store, _dumps, _PROTO, conn_setup
+from ._manager_server import _PROTO, Server, Store, _dumps, conn_setup
 
 UPDATED = ("<updated>",)  # a marker: the effect's key holds one update()'s items
 W_SEQ = 0

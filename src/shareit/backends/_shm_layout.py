@@ -273,7 +273,7 @@ class Generation:
         self.size = len(mm)
 
     @classmethod
-    def create(cls, name: str, gen: int, cap: int, heap_bytes: int) -> "Generation":
+    def create(cls, name: str, gen: int, cap: int, heap_bytes: int) -> Generation:
         cap, isize, heapw = sizes_for(cap, heap_bytes)
         eoff, hoff = layout_offsets(cap, isize)
         path = data_path(name, gen)
@@ -287,7 +287,7 @@ class Generation:
         return self
 
     @classmethod
-    def open(cls, name: str, gen: int) -> "Generation":
+    def open(cls, name: str, gen: int) -> Generation:
         path = data_path(name, gen)
         return cls(gen, open_file(path), path)
 

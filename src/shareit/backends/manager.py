@@ -51,8 +51,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .. import _codec, _records, _runtime
 from ..base import MISSING, Capabilities, SharedMapping, _check_number
@@ -103,7 +104,7 @@ class ManagerMapping(SharedMapping):
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def _create(cls, name: str | None, config: Config) -> "ManagerMapping":
+    def _create(cls, name: str | None, config: Config) -> ManagerMapping:
         authkey = secrets.token_bytes(32)
         stem = name if name is not None else _runtime.anon_stem()
         address = _runtime.socket_path(stem)
@@ -140,7 +141,7 @@ class ManagerMapping(SharedMapping):
         """Undo :meth:`_prepare_server` when the server did not start."""
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict) -> "ManagerMapping":
+    def _attach_record(cls, name: str, config: Config, record: dict) -> ManagerMapping:
         address, authkey = _runtime.socket_path(name), record["authkey"]  # (never from a record)
         if len(authkey) != 64:
             raise RecordError(f"the record of mapping {name!r} has a malformed auth key")
@@ -172,7 +173,7 @@ class ManagerMapping(SharedMapping):
         return (self._name, self._config, self._address, self._authkey, self._extra)
 
     @classmethod
-    def _from_handle(cls, handle: tuple) -> "ManagerMapping":
+    def _from_handle(cls, handle: tuple) -> ManagerMapping:
         name, config, address, authkey, extra = handle
         return cls(name, config, address, authkey, **extra)
 

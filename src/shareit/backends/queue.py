@@ -48,7 +48,8 @@ import select
 import threading
 import time
 import weakref
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .. import _codec, _runtime
 from ..base import MISSING, Capabilities
@@ -65,7 +66,7 @@ STALE = -1  # a "last seen change" that the change word never equals: the next r
 READ_CHUNK = 1 << 16  # below malloc's mmap threshold: no mmap/munmap per read
 _NO_WORDS = memoryview(bytearray(WORDS_SIZE)).cast("Q")  # before subscribing, after close
 
-_live: "weakref.WeakValueDictionary[int, QueueMapping]" = weakref.WeakValueDictionary()
+_live: weakref.WeakValueDictionary[int, QueueMapping] = weakref.WeakValueDictionary()
 
 
 class QueueMapping(ManagerMapping):

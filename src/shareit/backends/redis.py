@@ -66,10 +66,18 @@ import pickle
 import secrets
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .. import _records, _runtime
-from ..base import MISSING, STRUCTURAL_OPTIONS, Capabilities, SharedMapping, _check_number, _LockContext
+from ..base import (
+    MISSING,
+    STRUCTURAL_OPTIONS,
+    Capabilities,
+    SharedMapping,
+    _check_number,
+    _LockContext,
+)
 from ..config import Config, redact_url
 from ..errors import (
     BackendDiedError,
@@ -229,7 +237,7 @@ class RedisMapping(SharedMapping):
     # ------------------------------------------------------------------ lifetime
 
     @classmethod
-    def _open(cls, name: str | None, config: Config, create: bool = True) -> "RedisMapping":
+    def _open(cls, name: str | None, config: Config, create: bool = True) -> RedisMapping:
         if name is None:
             if not create:
                 raise ConfigError("create=False needs a name: an anonymous mapping can only be created")
@@ -255,7 +263,7 @@ class RedisMapping(SharedMapping):
                 )
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict) -> "RedisMapping":
+    def _attach_record(cls, name: str, config: Config, record: dict) -> RedisMapping:
         # json is sticky: the record can turn pickle into json, never json into pickle.
         if record.get("serializer") == "json" and config.serializer != "json":
             config = Config({**config.as_dict(), "serializer": "json"},
@@ -295,7 +303,7 @@ class RedisMapping(SharedMapping):
         return (self._seg, self._config, self._name is None)
 
     @classmethod
-    def _from_handle(cls, handle: tuple) -> "RedisMapping":
+    def _from_handle(cls, handle: tuple) -> RedisMapping:
         return cls(*handle)
 
     def _close(self) -> None:
@@ -333,7 +341,7 @@ class RedisMapping(SharedMapping):
         t = type(value)
         if t is int:
             return str(value).encode()
-        if t is float or self._json and isinstance(value, float):  # np.float64 reads back as float
+        if t is float or (self._json and isinstance(value, float)):  # np.float64 reads back as float
             return repr(float(value)).encode()
         if self._json:
             try:
@@ -481,7 +489,7 @@ class RedisMapping(SharedMapping):
             self._vt.coerce(delta)  # a float delta into an int mapping: TypeError, nothing written
         _check_number("default", default)  # the script writes it before adding: check it first
         delta, default = _plain_number("delta", delta), _plain_number("default", self._coerce(default))
-        kind = "f" if isinstance(delta, float) or self._vt is not None and self._vt.kind == "float" else "i"
+        kind = "f" if isinstance(delta, float) or (self._vt is not None and self._vt.kind == "float") else "i"
         field = self._enc_key(key)
         for attempt in (kind, "f"):
             try:
@@ -565,7 +573,7 @@ class RedisMapping(SharedMapping):
         hold = self._held.get(threading.get_ident())
         return hold.token if hold is not None else ""
 
-    def _lost_error(self, hold: "_Hold", what: str = "") -> LockLostError:
+    def _lost_error(self, hold: _Hold, what: str = "") -> LockLostError:
         hold.told = True  # told once: leaving the block does not say it again
         what = what or "nothing was written. Leave the with block and take the lock again"
         return LockLostError(
@@ -638,7 +646,7 @@ class RedisMapping(SharedMapping):
                     self._renew_one(hold)
             time.sleep(LOCK_TTL / 4)
 
-    def _renew_one(self, hold: "_Hold") -> None:
+    def _renew_one(self, hold: _Hold) -> None:
         try:
             renewed = self._scripts["renew"]([self._lock_key], [hold.token, int(LOCK_TTL * 1000)])
         except Exception:  # Redis unreachable for now: the lease may still be ours; writes check it

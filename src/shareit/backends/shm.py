@@ -52,7 +52,8 @@ from __future__ import annotations
 import os
 import platform
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .. import _runtime
 from .._locks import RobustMutex, robust_mutex_available
@@ -61,21 +62,30 @@ from ..config import Config
 from ..errors import BackendDiedError, ClosedError, ConfigError, NotFoundError
 from . import _shm_layout as L
 from ._shm_bulk import SMALL_BATCH, ShmBulk
+from ._shm_layout import (
+    C_GROW,
+    C_GSEQ,
+    C_JSTATE,
+    C_STAMP,
+    C_TSEQ,
+    J_INLINE,
+    LIVE,
+    V_FLOAT,
+    V_INT,
+    _f2i,
+    _i2f,
+)
+from ._shm_read import ShmReader
 from ._shm_segments import Maps as _Maps
 from ._shm_segments import flock_drop as _flock_drop
 from ._shm_segments import flock_get as _flock_get
 from ._shm_segments import release as _release
-from ._shm_read import ShmReader
 from ._shm_write import ShmWriter
-from ._shm_layout import (
-    C_GROW, C_GSEQ, C_JSTATE, C_STAMP, C_TSEQ, J_INLINE, LIVE, V_FLOAT, V_INT, _f2i, _i2f,
-)
-
 
 _loads = __import__("pickle").loads
 _LIVE_KIND = L.LIVE | 0xFF
 _LIVE_INT, _LIVE_FLOAT = L.LIVE | V_INT, L.LIVE | V_FLOAT
-_live: "weakref.WeakValueDictionary[int, ShmMapping]" = weakref.WeakValueDictionary()
+_live: weakref.WeakValueDictionary[int, ShmMapping] = weakref.WeakValueDictionary()
 
 
 def _after_fork_in_child() -> None:
@@ -136,7 +146,7 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
     # ------------------------------------------------------------------ segments
 
     @classmethod
-    def _create(cls, name: str | None, config: Config) -> "ShmMapping":
+    def _create(cls, name: str | None, config: Config) -> ShmMapping:
         seg = name if name is not None else _runtime.anon_stem()
         for path in [L.ctrl_path(seg)] + L.data_segments(seg):  # left by a dead owner
             L.unlink_quiet(path)
@@ -164,7 +174,7 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
         return self
 
     @classmethod
-    def _attach_seg(cls, name: str | None, config: Config, seg: str) -> "ShmMapping":
+    def _attach_seg(cls, name: str | None, config: Config, seg: str) -> ShmMapping:
         try:
             cmm = L.open_file(L.ctrl_path(seg))
         except FileNotFoundError:
@@ -181,7 +191,7 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
             raise
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict) -> "ShmMapping":
+    def _attach_record(cls, name: str, config: Config, record: dict) -> ShmMapping:
         return cls._attach_seg(name, config, name)  # paths follow from the name, never a record
 
     @classmethod
@@ -193,7 +203,7 @@ class ShmMapping(ShmReader, ShmWriter, ShmBulk, SharedMapping):
         return (self._name, self._config, self._seg)
 
     @classmethod
-    def _from_handle(cls, handle: tuple) -> "ShmMapping":
+    def _from_handle(cls, handle: tuple) -> ShmMapping:
         name, config, seg = handle
         _runtime.check_stem(seg)
         try:

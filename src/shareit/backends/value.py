@@ -87,9 +87,10 @@ import ctypes
 import os
 import signal
 import time
+from collections.abc import Iterator
 from multiprocessing.context import get_spawning_popen
 from multiprocessing.sharedctypes import RawArray
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -174,7 +175,7 @@ class ValueMapping(SharedMapping):
         self._cv = self._vt.coerce
 
     @classmethod
-    def _open(cls, name: str | None, config: Config, create: bool = True) -> "ValueMapping":
+    def _open(cls, name: str | None, config: Config, create: bool = True) -> ValueMapping:
         if config.value_type is None:
             config = Config({**config.as_dict(), "value_type": "int64"}, config.sources)
         if not create:
@@ -198,7 +199,7 @@ class ValueMapping(SharedMapping):
         return obj
 
     @classmethod
-    def _create(cls, name: str | None, config: Config) -> "ValueMapping":
+    def _create(cls, name: str | None, config: Config) -> ValueMapping:
         n = len(config.keys)
         code = _CTYPES[config.value_type]
         values = _raw_array(code, n)
@@ -233,7 +234,7 @@ class ValueMapping(SharedMapping):
         return (type(self)._from_handle, ((self._name, self._config, self._arrays),))
 
     @classmethod
-    def _from_handle(cls, handle: tuple) -> "ValueMapping":
+    def _from_handle(cls, handle: tuple) -> ValueMapping:
         return cls(*handle)
 
     # ------------------------------------------------------------------ locking

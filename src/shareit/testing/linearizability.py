@@ -37,8 +37,9 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 __all__ = [
     "Recorder", "Op", "Result", "load_dir", "check", "check_dir", "run_random_history",
@@ -259,9 +260,9 @@ class _Entry:
     op: int
     is_call: bool
     time: float
-    prev: "_Entry | None" = None
-    next: "_Entry | None" = None
-    match: "_Entry | None" = None
+    prev: _Entry | None = None
+    next: _Entry | None = None
+    match: _Entry | None = None
 
 
 @dataclass
