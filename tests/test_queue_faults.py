@@ -75,7 +75,7 @@ def test_change_notification(d) -> None:
 
 
 def die_mid_send(d) -> None:
-    conn = d._connect()  # an authenticated connection to the hub
+    conn = d._connect().conn  # an authenticated connection to the hub
     header = struct.pack("!i", 10_000_000)  # announces 10 MB ...
     os.write(conn.fileno(), header + b"\x80" * 200_000)  # ... sends 0.2 MB, then dies
     os.kill(os.getpid(), signal.SIGKILL)
