@@ -60,7 +60,8 @@ def test_change_notification(d) -> None:
     events = []
     d.on_change(lambda kind, key, value: events.append((kind, key, value)))
     d["x"] = 0  # subscribe; our own changes are notified too
-    p = FORK.Process(target=lambda: (d.update(a=1), d.__delitem__("a"), d.clear(), d.__setitem__("b", [2])))
+    p = FORK.Process(
+        target=lambda: (d.update(a=1), d.__delitem__("a"), d.clear(), d.__setitem__("b", [2])))
     p.start()
     p.join(TIMEOUT)
     assert p.exitcode == 0
