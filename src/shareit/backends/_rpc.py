@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, NoReturn
 
+from ..errors import BackendUnavailableError
+
 PROTO = pickle.HIGHEST_PROTOCOL
 log = logging.getLogger("shareit.server")
 MAX_PENDING = 32  # connections in the handshake phase at once; more are closed unheard
@@ -373,11 +375,9 @@ _BOOT = "import sys; sys.path.insert(0, sys.argv[2]); from {module} import main;
 
 
 def start_server(module: str, params: dict[str, Any], timeout: float) -> subprocess.Popen[bytes]:
-    """Start ``module``'s ``main()`` as a server process and wait until it listens;
-    ``None``-free: raises BackendUnavailableError with the reason if it did not start."""
+    """Start ``module``'s ``main()`` as a server process and wait until it listens
+    (BackendUnavailableError, with the exit status, if it does not)."""
     import shareit
-
-    from ..errors import BackendUnavailableError
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(shareit.__file__)))
     # Isolated (-I: no cwd, no PYTHON* variables, no user site) and run from /: with
