@@ -60,7 +60,8 @@ def test_change_notification(d) -> None:
     events = []
     d.on_change(lambda kind, key, value: events.append((kind, key, value)))
     d["x"] = 0  # subscribe; our own changes are notified too
-    p = FORK.Process(target=lambda: (d.update(a=1), d.__delitem__("a"), d.clear(), d.__setitem__("b", [2])))
+    p = FORK.Process(
+        target=lambda: (d.update(a=1), d.__delitem__("a"), d.clear(), d.__setitem__("b", [2])))
     p.start()
     p.join(TIMEOUT)
     assert p.exitcode == 0
@@ -75,7 +76,7 @@ def test_change_notification(d) -> None:
 
 
 def die_mid_send(d) -> None:
-    conn = d._connect()  # an authenticated connection to the hub
+    conn = d._connect().conn  # an authenticated connection to the hub
     header = struct.pack("!i", 10_000_000)  # announces 10 MB ...
     os.write(conn.fileno(), header + b"\x80" * 200_000)  # ... sends 0.2 MB, then dies
     os.kill(os.getpid(), signal.SIGKILL)

@@ -1,11 +1,13 @@
 """The ``queue`` backend's hub: the manager server, plus pushes to every replica.
 
-Every request is a round trip, served under the store's lock as in the
-manager server. The changes one request makes become one *change* with the
-next sequence number. While the lock is still held the hub
+Started by :mod:`shareit.backends.queue` through :func:`._rpc.start_server`, like
+the manager server, from this module's own :func:`main`. Every request is a round
+trip, served under the store's lock as in the manager server. The changes one
+request makes become one *change* with the next sequence number (the messages and
+the words file are described in :mod:`._queue_wire`). While the lock is still
+held the hub
 
-1. publishes that number in the shared words file (``STEM@seq``, word
-   ``W_SEQ``), and only then
+1. publishes that number in the words file (word ``W_SEQ``), and only then
 2. queues the change for every subscribed replica,
 
 and then replies. A replica about to be read compares ``W_SEQ`` with the number
@@ -21,28 +23,28 @@ connection's own thread; a replica that stops reading is dropped once its
 outbox passes ``OUTBOX_LIMIT`` bytes, or a send to it stalls for ``timeout``
 (its socket is shut down, so it sees EOF at once and resubscribes when it
 reads again).
-
-Words file layout (8-byte words): ``W_SEQ`` the last published change number,
-``W_SHUT`` 1 once the hub is shutting down (destroy, or its owner died).
 """
 
 from __future__ import annotations
 
-import mmap
-import os
 import select
-import socket
 import threading
 from collections import deque
-from multiprocessing.connection import Connection
+from typing import Any, NoReturn
 
-from .. import _runtime
-from ._manager_server import _PROTO, Server, Store, _dumps, conn_setup
+from ._manager_server import Reply, Server, Store
+from ._queue_wire import (
+    CLEARED,
+    REMOVED,
+    UPDATED,
+    W_SEQ,
+    W_SHUT,
+    map_words,
+    remove_words,
+    words_path,
+)
+from ._rpc import Session, boot_params, encode, set_timeouts, shut
 
-UPDATED = ("<updated>",)  # a marker: the effect's key holds one update()'s items
-W_SEQ = 0
-W_SHUT = 1
-WORDS_SIZE = 4096
 OUTBOX_LIMIT = 64 << 20  # bytes queued for one replica before it is dropped
 SUB_IDLE_CHECK = 1.0  # seconds between checks that an idle subscriber is still there
 
@@ -50,12 +52,12 @@ SUB_IDLE_CHECK = 1.0  # seconds between checks that an idle subscriber is still 
 class Outbox:
     """Messages queued for one subscribed replica, in change order."""
 
-    __slots__ = ("conn", "cond", "items", "size", "closed")
+    __slots__ = ("fd", "cond", "items", "size", "closed")
 
-    def __init__(self, conn: Connection):
-        self.conn = conn
+    def __init__(self, fd: int):
+        self.fd = fd  # the replica's connection, open while this outbox is
         self.cond = threading.Condition(threading.Lock())
-        self.items: deque = deque()
+        self.items: deque[bytes] = deque()
         self.size = 0
         self.closed = False
 
@@ -69,7 +71,7 @@ class Outbox:
                 self._close()
             self.cond.notify()
 
-    def take(self, timeout: float) -> list | None:
+    def take(self, timeout: float) -> list[bytes] | None:
         """Everything queued (waiting up to ``timeout`` for something); None once closed."""
         with self.cond:
             if not self.items and not self.closed:
@@ -90,36 +92,36 @@ class Outbox:
         if not self.closed:
             self.closed = True
             self.items.clear()
-            try:  # EOF for the replica now, even while its connection's thread is sending
-                s = socket.socket(fileno=self.conn.fileno())
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                finally:
-                    s.detach()
-            except OSError:
-                pass
+            shut(self.fd)  # EOF for the replica now, even while its thread is sending
 
 
 class HubStore(Store):
-    def __init__(self, params: dict):
-        super().__init__(params["value_type"])
+    """The manager's store, recording each request's effects for :meth:`publish`."""
+
+    def __init__(self, params: dict[str, Any]):
+        super().__init__(params["value_type"], params["name"])
         self.cond = threading.Condition(threading.RLock())  # run_op() wraps ops that lock too
         self.seq = 0
-        self.effects: list = []
+        self.effects: list[tuple[Any, Any]] = []
         self.subs: list[Outbox] = []
-        fd = _runtime.open_private(_runtime.path(params["stem"], "seq"), os.O_RDWR)
-        try:
-            self.seqmm = mmap.mmap(fd, WORDS_SIZE)
-        finally:
-            os.close(fd)
-        self.word = memoryview(self.seqmm).cast("Q")
+        self.seqmm, self.word = map_words(words_path(params["stem"]))
 
-    def changed(self, key, value, new: bool) -> None:
+    def _put(self, key: Any, value: Any) -> None:
+        super()._put(key, value)
         self.effects.append((key, value))
 
-    def changed_many(self, items: dict) -> None:
+    def _removed(self, key: Any, value: Any) -> Any:
+        self.effects.append((key, REMOVED))
+        return super()._removed(key, value)
+
+    def _update(self, items: dict[Any, Any]) -> None:
         """One effect for a whole update(); a replica applies it with one dict.update()."""
         self.effects.append((items, UPDATED))
+        super()._update(items)
+
+    def _clear(self) -> None:
+        super()._clear()
+        self.effects.append((None, CLEARED))
 
     def publish(self) -> None:
         """With ``cond`` held: number what the last request changed, publish the number,
@@ -129,13 +131,13 @@ class HubStore(Store):
         self.seq += 1
         effects, self.effects = self.effects, []
         self.word[W_SEQ] = self.seq
-        msg = _dumps((self.seq, effects), _PROTO)
+        msg = encode((self.seq, effects))
         for box in self.subs:
             box.put(msg)
 
     def subscribe(self, box: Outbox) -> None:
         with self.cond:
-            box.put(_dumps((self.seq, self.data.copy()), _PROTO))
+            box.put(encode((self.seq, self.data.copy())))
             self.subs.append(box)
 
     def unsubscribe(self, box: Outbox) -> None:
@@ -144,34 +146,36 @@ class HubStore(Store):
                 self.subs.remove(box)
         box.close()
 
-    def op_info(self) -> dict:
-        return {**super().op_info(), "seq": self.seq, "replicas": len(self.subs)}
+    def op_info(self, me: Session) -> dict[str, Any]:
+        return {**super().op_info(me), "seq": self.seq, "replicas": len(self.subs)}
 
 
 class HubServer(Server):
-    def make_store(self, params: dict) -> Store:
+    store: HubStore
+
+    def make_store(self, params: dict[str, Any]) -> HubStore:
         return HubStore(params)
 
-    def run_op(self, op: str, args: list) -> tuple:
+    def run_op(self, me: Session, op: str, args: list[Any]) -> Reply:
         store = self.store
         with store.cond:
-            reply = super().run_op(op, args)
+            reply = super().run_op(me, op, args)
             store.publish()
             return reply
 
-    def dispatch(self, conn: Connection, me: threading.Thread, request: tuple) -> None:
+    def dispatch(self, me: Session, request: tuple[Any, ...]) -> None:
         if request[0] == "subscribe":
             self.store.requests += 1
-            self.serve_replica(conn)
+            self.serve_replica(me)
             raise EOFError  # the connection was the replica's push stream: it is over
-        super().dispatch(conn, me, request)
+        super().dispatch(me, request)
 
-    def serve_replica(self, conn: Connection) -> None:
+    def serve_replica(self, me: Session) -> None:
         """This connection's thread sends its replica's pushes until it goes away or is
         dropped; a send that stalls for ``timeout`` drops it."""
-        store = self.store
-        conn_setup(conn, 0, self.params["timeout"])
-        box = Outbox(conn)
+        store, conn = self.store, me.conn
+        set_timeouts(conn, 0, self.params["timeout"])
+        box = Outbox(conn.fileno())
         store.subscribe(box)
         try:
             while True:
@@ -187,12 +191,17 @@ class HubServer(Server):
         finally:
             store.unsubscribe(box)
 
-    def shutdown(self, conn: Connection | None) -> None:
+    def shutdown(self, me: Session | None) -> NoReturn:
         store = self.store
         store.word[W_SHUT] = 1  # readers learn it on their next read, before any reply
         store.word[W_SEQ] = store.seq + 1  # (a word no replica has applied: they all look)
-        try:
-            os.unlink(_runtime.path(self.params["stem"], "seq"))
-        except FileNotFoundError:
-            pass
-        super().shutdown(conn)
+        remove_words(self.params["stem"])
+        super().shutdown(me)
+
+
+def main() -> None:
+    HubServer(boot_params()).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -43,17 +43,13 @@ from __future__ import annotations
 import copy
 import operator
 import os
-import pickle
 import secrets
-import select
 import socket
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
-from typing import Any
+from types import TracebackType
+from typing import Any, ClassVar
 
 from .. import _codec, _records, _runtime
 from ..base import MISSING, Capabilities, SharedMapping, _check_number
@@ -61,45 +57,50 @@ from ..config import Config
 from ..errors import (
     BackendDiedError,
     BackendTimeoutError,
-    BackendUnavailableError,
-    LockTimeoutError,
+    PermissionDeniedError,
     RecordError,
+    lock_timeout,
 )
-from ._manager_server import conn_setup
+from . import _rpc
+from ._rpc import SERVER_MARK, Link, decode, encode, set_timeouts
 
-_dumps, _loads = pickle.dumps, pickle.loads
 _pack, _unpack = _codec.pack, _codec.unpack
 _second = operator.itemgetter(1)
-_PROTO = pickle.HIGHEST_PROTOCOL
+
+
 def _bound(timeout: float) -> float:
     """How long the client waits for a reply that the server may delay by ``timeout`` (a
     write waiting for another's lock()): a little longer, so that the server's own answer
     (LockTimeoutError) wins, yet within ~10% of ``timeout`` when it is stopped or hung."""
     return timeout * 1.05 + 0.02
 
+
 class ManagerMapping(SharedMapping):
     """A mapping held by a server process; one round trip per operation."""
 
     backend = "manager"
     _prefetch_reads = True
-    record_fields = {"authkey": (str,), "server_pid": (int,), "server_start": (int, type(None))}
+    record_fields: ClassVar[dict[str, tuple[type, ...]]] = {
+        "authkey": (str,), "server_pid": (int,), "server_start": (int, type(None))}
     capabilities = Capabilities(
         attach_by_name=True,
         cross_machine=False,
         ordered=True,
         notes="server process; one round trip per call",
     )
+    #: The module whose ``main()`` the server process runs (see ``_rpc.start_server``).
+    server_module: ClassVar[str] = "shareit.backends._manager_server"
 
     def __init__(self, name: str | None, config: Config, address: str, authkey: bytes,
-                 **extra: Any):
+                 stem: str | None = None):
         super().__init__(name, config)
         self._address = address
         self._authkey = authkey
-        self._extra = extra  # what a subclass's server needs too (see _server_extra)
-        self._tls = threading.local()  # a connection per (process, thread): see _conn
-        self._conns: list[Connection] = []
-        self._conns_lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
+        self._stem = stem  # the name, or an anonymous stem: where the server's files are
+        self._tls = threading.local()  # a Link per (process, thread): see _link
+        self._links: list[Link] = []
+        self._links_lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -108,29 +109,21 @@ class ManagerMapping(SharedMapping):
         authkey = secrets.token_bytes(32)
         stem = name if name is not None else _runtime.anon_stem()
         address = _runtime.socket_path(stem)
-        extra = cls._server_extra(stem)
         cls._prepare_server(stem)
         try:
-            proc = _start_server(name, config, address, authkey, extra)
+            proc = _start_server(cls.server_module, name, stem, config, address, authkey)
         except BaseException:
             cls._unprepare_server(stem)
             raise
-        self = cls(name, config, address, authkey, **extra)
+        self = cls(name, config, address, authkey, stem)
         self._proc = proc
         if name is not None:
             self._publish(
                 authkey=authkey.hex(),
                 server_pid=proc.pid,
                 server_start=_runtime.proc_start_time(proc.pid),
-                **extra,
             )
         return self
-
-    @classmethod
-    def _server_extra(cls, stem: str) -> dict:
-        """Extra server parameters, also kept in the handle (JSON-able; never paths:
-        the record of a named mapping does not carry them, they follow from the name)."""
-        return {}
 
     @classmethod
     def _prepare_server(cls, stem: str) -> None:
@@ -141,7 +134,7 @@ class ManagerMapping(SharedMapping):
         """Undo :meth:`_prepare_server` when the server did not start."""
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict) -> ManagerMapping:
+    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> ManagerMapping:
         address, authkey = _runtime.socket_path(name), record["authkey"]  # (never from a record)
         if len(authkey) != 64:
             raise RecordError(f"the record of mapping {name!r} has a malformed auth key")
@@ -149,12 +142,12 @@ class ManagerMapping(SharedMapping):
             key = bytes.fromhex(authkey)
         except ValueError:
             raise RecordError(f"the record of mapping {name!r} has a malformed auth key") from None
-        self = cls(name, config, address, key, **cls._server_extra(name))
+        self = cls(name, config, address, key, name)
         self._call("len")  # fail now, with BackendDiedError, if the server is gone
         return self
 
     @classmethod
-    def _cleanup_record(cls, name: str, record: dict) -> None:
+    def _cleanup_record(cls, name: str, record: dict[str, Any]) -> None:
         """A dead owner's server normally exits by itself; one still running is stopped only
         once proven to be this user's shareit server (uid, start time, command line)."""
         try:
@@ -169,20 +162,20 @@ class ManagerMapping(SharedMapping):
                 pass
         _unlink_quiet(_runtime.socket_path(name))
 
-    def _handle(self) -> tuple:
-        return (self._name, self._config, self._address, self._authkey, self._extra)
+    def _handle(self) -> tuple[Any, ...]:
+        return (self._name, self._config, self._address, self._authkey, self._stem)
 
     @classmethod
-    def _from_handle(cls, handle: tuple) -> ManagerMapping:
-        name, config, address, authkey, extra = handle
-        return cls(name, config, address, authkey, **extra)
+    def _from_handle(cls, handle: tuple[Any, ...]) -> ManagerMapping:
+        name, config, address, authkey, stem = handle
+        return cls(name, config, address, authkey, stem)
 
     def _close(self) -> None:
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            if getattr(conn, "_shareit_pid", None) == os.getpid():
-                conn.close()
+        with self._links_lock:
+            links, self._links = self._links, []
+        for link in links:
+            if link.pid == os.getpid():
+                link.conn.close()
         self._tls = threading.local()
 
     def _destroy(self) -> None:
@@ -209,94 +202,39 @@ class ManagerMapping(SharedMapping):
 
     # ------------------------------------------------------------------ transport
 
-    def _conn(self) -> Connection:
+    def _link(self) -> Link:
+        """This thread's connection to the server, made on first use (and in a forked child)."""
         tls = self._tls
-        conn = getattr(tls, "conn", None)
-        if conn is not None and tls.generation == _runtime.fork_generation:
-            return conn
+        link: Link | None = getattr(tls, "link", None)
+        if link is not None and link.generation == _runtime.fork_generation:
+            return link
         self._check_open()
-        conn = self._connect()
-        tls.conn, tls.generation = conn, _runtime.fork_generation
-        return conn
+        link = tls.link = self._connect()
+        return link
 
-    def _connect(self) -> Connection:
+    def _connect(self) -> Link:
+        """A new authenticated connection to the server (this thread's, or one a subclass keeps)."""
         timeout = self._config.timeout
-        deadline = time.monotonic() + _bound(timeout)  # beyond the server's handshake limit
-        pause = 0.002
-        while (sock := self._dial(timeout)) is None:
-            if time.monotonic() + pause > deadline:
-                raise self._died(TimeoutError()) from None  # "overloaded"
-            time.sleep(pause)  # the server is shedding load: try again shortly, until timeout
-            pause = min(pause * 2, 0.1)
-        conn = Connection(sock.detach())
-        conn._shareit_pid = os.getpid()  # type: ignore[attr-defined]
         try:
-            conn_setup(conn, _bound(timeout), _bound(timeout))
-            answer_challenge(conn, self._authkey)
-            deliver_challenge(conn, self._authkey)
-            conn.send_bytes(_dumps(self._hello(), _PROTO))
-            conn._shareit_hello = _loads(conn.recv_bytes())[1]  # type: ignore[attr-defined]
-        except (OSError, EOFError) as exc:
-            conn.close()
-            raise self._died(exc) from None
-        with self._conns_lock:
-            self._conns.append(conn)
-        return conn
-
-    def _dial(self, timeout: float) -> socket.socket | None:
-        """Connect, check the server is ours, and wait for its first byte. None if it
-        closed the connection before sending any: a server turns connections away while
-        too many are handshaking at once (a burst of clients, or a flood)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(self._address)
-        except OSError as exc:
-            sock.close()
-            raise self._died(exc) from None
-        self._check_server_uid(sock)
-        try:
-            sock.settimeout(_bound(timeout))
-            first = sock.recv(1, socket.MSG_PEEK)
-            sock.settimeout(None)
-        except ConnectionResetError:
-            first = b""
-        except OSError as exc:
-            sock.close()
-            raise self._died(exc) from None
-        if not first:
-            sock.close()
-            return None
-        return sock
-
-    def _check_server_uid(self, sock: socket.socket) -> None:
-        """Refuse a server of another user before sending it anything (defence in depth:
-        the socket is in our private directory, which no other user can enter)."""
-        from ..errors import PermissionDeniedError
-        from ._manager_server import peer_uid
-
-        try:
-            uid = peer_uid(sock)
-        except OSError as exc:
-            sock.close()
-            raise self._died(exc) from None
-        if uid != os.geteuid():
-            sock.close()
+            link = _rpc.connect(self._address, self._authkey, timeout, _bound(timeout),
+                                ("hello", timeout, os.getpid()), _runtime.fork_generation)
+        except _rpc.ForeignServerError as exc:
             raise PermissionDeniedError(
                 f"the server at the address of mapping {self._label()} "
-                f"({self._address.lstrip(chr(0))!r}) belongs to uid {uid}, not you "
+                f"({self._address.lstrip(chr(0))!r}) belongs to uid {exc.uid}, not you "
                 f"(uid {os.geteuid()}); refusing to use it"
-            )
+            ) from None
+        except (OSError, EOFError) as exc:
+            raise self._died(exc) from None
+        with self._links_lock:
+            self._links.append(link)
+        return link
 
-    def _hello(self) -> tuple:
-        """The first request on every connection: who this client is."""
-        return ("hello", self._config.timeout, os.getpid())
-
-    def _drop_conn(self) -> None:
-        conn = getattr(self._tls, "conn", None)
-        self._tls.conn = None
-        if conn is not None and getattr(conn, "_shareit_pid", None) == os.getpid():
-            conn.close()
+    def _drop_link(self) -> None:
+        link: Link | None = getattr(self._tls, "link", None)
+        self._tls.link = None
+        if link is not None and link.pid == os.getpid():
+            link.conn.close()
 
     def _died(self, exc: BaseException) -> BackendDiedError:
         if isinstance(exc, (BlockingIOError, socket.timeout)):
@@ -309,27 +247,21 @@ class ManagerMapping(SharedMapping):
             f"({type(exc).__name__}); its data is lost. Create the mapping again"
         )
 
-    def _encode_request(self, req: tuple) -> bytes:
-        try:
-            return _dumps(req, _PROTO)
-        except Exception as exc:
-            raise TypeError(f"cannot send this key to the manager server: {exc}") from None
-
     def _call(self, *req: Any) -> Any:
         try:
-            data = _dumps(req, _PROTO)
-        except Exception:
-            data = self._encode_request(req)  # raises TypeError saying what failed
+            data = encode(req)
+        except Exception as exc:
+            raise TypeError(f"cannot send this key to the manager server: {exc}") from None
         self._end_prefetch()
-        tls = self._tls
-        conn = getattr(tls, "conn", None)
-        if conn is None or tls.generation != _runtime.fork_generation:
-            conn = self._conn()
+        link: Link | None = getattr(self._tls, "link", None)
+        if link is None or link.generation != _runtime.fork_generation:
+            link = self._link()
+        conn = link.conn
         try:
             conn.send_bytes(data)
-            reply = _loads(conn.recv_bytes())
+            reply = decode(conn.recv_bytes())
         except (OSError, EOFError) as exc:
-            self._drop_conn()
+            self._drop_link()
             raise self._died(exc) from None
         if reply[0]:
             return reply[1]
@@ -355,7 +287,8 @@ class ManagerMapping(SharedMapping):
         return iter(self._call("keys"))
 
     def __len__(self) -> int:
-        return self._call("len")
+        n: int = self._call("len")
+        return n
 
     # ------------------------------------------------------------------ one round trip each
 
@@ -364,14 +297,16 @@ class ManagerMapping(SharedMapping):
             key = self._check_key(key)
         except KeyError:
             return False
-        return self._call("has", key)
+        has: bool = self._call("has", key)
+        return has
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[Any, Any]:
+        data: dict[Any, Any]
         data, wrapped = self._call("items")
         if wrapped:
             for k, v in data.items():
                 if type(v) is tuple:
-                    data[k] = _loads(v[0])
+                    data[k] = decode(v[0])
         return data
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
@@ -406,7 +341,8 @@ class ManagerMapping(SharedMapping):
     # ------------------------------------------------------------------ locking
 
     def _lock_acquire(self, timeout: float) -> bool:
-        return self._call_waiting(timeout, "acquire", timeout)
+        got: bool = self._call_waiting(timeout, "acquire", timeout)
+        return got
 
     def _lock_release(self) -> None:
         self._call("release")
@@ -415,24 +351,21 @@ class ManagerMapping(SharedMapping):
         """A call the server may hold for up to ``timeout`` s: widen the client's bound for it."""
         if timeout <= self._config.timeout:
             return self._call(*req)
-        conn = self._conn()
-        conn_setup(conn, _bound(timeout), _bound(timeout))
+        link = self._link()
+        set_timeouts(link.conn, _bound(timeout), _bound(timeout))
         try:
             return self._call(*req)
         finally:
-            if getattr(self._tls, "conn", None) is conn:
+            if getattr(self._tls, "link", None) is link:
                 t = _bound(self._config.timeout)
-                conn_setup(conn, t, t)
+                set_timeouts(link.conn, t, t)
 
     def _locked_read(self, key: Any, default: Any) -> Any:
         """Take the lock and read ``key`` in one round trip; the caller must release."""
         timeout = self._config.timeout
         got = self._call_waiting(timeout, "lock_get", key, timeout)
         if got is None:
-            raise LockTimeoutError(
-                f"could not lock mapping {self._label()} within {timeout:g} s: another "
-                f"process holds it. Pass a larger timeout"
-            )
+            raise lock_timeout(f"mapping {self._label()}", timeout)
         present, stored = got
         if present:
             return _unpack(stored)
@@ -453,12 +386,13 @@ class ManagerMapping(SharedMapping):
         self._call("set_release", key, stored)
         return new
 
-    def edit(self, key: Any, default: Any = MISSING):
+    def edit(self, key: Any, default: Any = MISSING) -> _Edit:  # type: ignore[override]
         return _Edit(self, self._check_key(key), default)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """Server-side facts: pid, number of keys, bytes held, whether ``lock()`` is held."""
-        return self._call("info")
+        info: dict[str, Any] = self._call("info")
+        return info
 
 
 class _Edit:
@@ -473,7 +407,8 @@ class _Edit:
         self._value = self._m._locked_read(self._key, self._default)
         return self._value
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             self._m._call("release")
             return
@@ -496,32 +431,13 @@ def _copy_default(default: Any) -> Any:
     return copy.deepcopy(default)
 
 
-#: In the server's command line: how ``_cleanup_record`` recognises a server of ours.
-SERVER_MARK = "shareit.backends._manager_server"
-_BOOT = ("import sys; sys.path.insert(0, sys.argv[2]); "
-         "from shareit.backends._manager_server import main; main()")
-
-
-def _start_server(name: str | None, config: Config, address: str, authkey: bytes,
-                  extra: dict) -> subprocess.Popen:
-    """Start the server process and wait until it listens (or fail with the reason)."""
-    import shareit
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(shareit.__file__)))
-    # Isolated (-I: no cwd, no PYTHON* variables, no user site) and run from /: with
-    # ``python -m`` the caller's working directory would come first on the server's
-    # import path, and whoever can write there (/tmp) would run code as the caller.
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-c", _BOOT, SERVER_MARK, root],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd="/",
-        close_fds=True,
-        start_new_session=True,  # it outlives its creator while others use the mapping
-    )
+def _start_server(module: str, name: str | None, stem: str, config: Config, address: str,
+                  authkey: bytes) -> subprocess.Popen[bytes]:
+    """Start the server process (``module``'s ``main``) and wait until it listens."""
     owner = _runtime.owner_fields()
     params = {
         "name": name,
+        "stem": stem,
         "address": address,
         "authkey": authkey,
         "timeout": config.timeout,
@@ -529,24 +445,5 @@ def _start_server(name: str | None, config: Config, address: str, authkey: bytes
         "persist": config.persist,
         "owner_pid": owner["owner_pid"],
         "owner_start": owner["owner_start"],
-        **extra,
     }
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(pickle.dumps(params))
-    proc.stdin.close()
-    deadline = time.monotonic() + max(config.timeout, 10.0)
-    line = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-        if ready:
-            line = proc.stdout.readline()
-            break
-    proc.stdout.close()
-    if line != b"ready\n":
-        proc.kill()
-        proc.wait()
-        raise BackendUnavailableError(
-            f"the manager server did not start (exit status {proc.returncode}); "
-            f"see its error output above"
-        )
-    return proc
+    return _rpc.start_server(module, params, config.timeout)

@@ -41,29 +41,36 @@ Configuration
 
 from __future__ import annotations
 
-import mmap
 import os
-import pickle
-import select
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from mmap import mmap
+from typing import Any, ClassVar
 
 from .. import _codec, _runtime
 from ..base import MISSING, Capabilities
+from ..config import Config
 from ..errors import BackendTimeoutError
-from ._manager_server import CLEARED
-from ._queue_hub import UPDATED, W_SEQ, W_SHUT, WORDS_SIZE
+from . import _queue_watch
+from ._queue_wire import (
+    CLEARED,
+    UPDATED,
+    W_SEQ,
+    W_SHUT,
+    WORDS_SIZE,
+    create_words,
+    map_words,
+    remove_words,
+    words_path,
+)
+from ._rpc import FrameReader, Link, decode, encode
 from .manager import ManagerMapping
 
-_loads, _dumps = pickle.loads, pickle.dumps
-_PROTO = pickle.HIGHEST_PROTOCOL
 _PLAIN, _all_plain = _codec.PLAIN_TYPES, _codec.all_plain
 _pack = _codec.pack
 STALE = -1  # a "last seen change" that the change word never equals: the next read looks
-READ_CHUNK = 1 << 16  # below malloc's mmap threshold: no mmap/munmap per read
 _NO_WORDS = memoryview(bytearray(WORDS_SIZE)).cast("Q")  # before subscribing, after close
 
 _live: weakref.WeakValueDictionary[int, QueueMapping] = weakref.WeakValueDictionary()
@@ -80,17 +87,19 @@ class QueueMapping(ManagerMapping):
         notes="per-process replicas; reads are local dict lookups; writes are hub round trips",
     )
 
-    def __init__(self, name: str | None, config: Any, address: str, authkey: bytes,
-                 **extra: Any):
-        super().__init__(name, config, address, authkey, **extra)
-        self._seq_path = _runtime.path(_runtime.check_stem(extra["stem"]), "seq")
-        self._local: dict = {}  # key -> stored value (plain, or (pickle,)), in the hub's order
-        self._fast: dict = {}  # key -> value for plain values: all that __getitem__ looks at
+    server_module: ClassVar[str] = "shareit.backends._queue_hub"
+
+    def __init__(self, name: str | None, config: Config, address: str, authkey: bytes,
+                 stem: str | None = None):
+        super().__init__(name, config, address, authkey, stem)
+        self._seq_path = words_path(_runtime.check_stem(stem))
+        self._local: dict[Any, Any] = {}  # key -> stored value (plain, or (pickle,)), hub order
+        self._fast: dict[Any, Any] = {}  # key -> value for plain values: all __getitem__ reads
         self._applied = -1  # the number of the last change applied to the replica
-        self._sub: Any = None  # the push connection
-        self._subbuf = bytearray()
-        self._w: Any = _NO_WORDS
-        self._wmm: Any = None
+        self._sub: Link | None = None  # the push connection
+        self._frames: FrameReader | None = None  # its frames
+        self._w: memoryview = _NO_WORDS
+        self._wmm: mmap | None = None
         self._seen = STALE  # the change word's value this replica is known fresh for
         self._hup = False
         self._replica_lock = threading.RLock()
@@ -98,36 +107,24 @@ class QueueMapping(ManagerMapping):
         _live[id(self)] = self
 
     @classmethod
-    def _server_extra(cls, stem: str) -> dict:
-        return {"hub": True, "stem": stem}
-
-    @classmethod
     def _prepare_server(cls, stem: str) -> None:
-        """The words file, ``STEM@seq``: created exclusively, never through a symlink."""
-        path = _runtime.path(stem, "seq")
-        _unlink_quiet(path)  # a dead owner's, in our own private dir
-        fd = _runtime.open_private(path, os.O_RDWR, create=True)
-        try:
-            os.ftruncate(fd, WORDS_SIZE)
-        finally:
-            os.close(fd)
+        create_words(stem)
 
     @classmethod
     def _unprepare_server(cls, stem: str) -> None:
-        _unlink_quiet(_runtime.path(stem, "seq"))
+        remove_words(stem)
 
     @classmethod
-    def _cleanup_record(cls, name: str, record: dict) -> None:
+    def _cleanup_record(cls, name: str, record: dict[str, Any]) -> None:
         super()._cleanup_record(name, record)
-        _unlink_quiet(_runtime.path(name, "seq"))
+        remove_words(name)
 
     def _forked(self) -> None:
         """In a forked child: the parent's connections and push stream are not ours."""
         self._tls = threading.local()
         if self._sub is not None:
-            self._sub.close()  # this process's copy of the descriptor only
-        self._sub = None
-        self._subbuf = bytearray()
+            self._sub.conn.close()  # this process's copy of the descriptor only
+        self._sub = self._frames = None
         self._replica_lock = threading.RLock()
         self._seen = STALE
         self._hup = False
@@ -151,68 +148,38 @@ class QueueMapping(ManagerMapping):
 
     def _map_words(self) -> None:
         try:
-            fd = _runtime.open_private(self._seq_path, os.O_RDWR)
+            self._wmm, self._w = map_words(self._seq_path)
         except FileNotFoundError:
             raise self._died(FileNotFoundError(self._seq_path)) from None
-        try:
-            self._wmm = mmap.mmap(fd, WORDS_SIZE)
-        finally:
-            os.close(fd)
-        self._w = memoryview(self._wmm).cast("Q")
 
     def _subscribe(self) -> None:
         """(Re)subscribe: a snapshot at the hub's current change number, then its pushes."""
         if self._sub is not None:
             self._unwatch()
-            self._sub.close()
-        self._sub = None
+            self._sub.conn.close()
+        self._sub = self._frames = None
         if self._wmm is None:
             self._map_words()
-        conn = self._connect()
+        link = self._connect()
         try:
-            conn.send_bytes(_dumps(("subscribe",), _PROTO))
-            seq, data = _loads(conn.recv_bytes())
+            link.conn.send_bytes(encode(("subscribe",)))
+            seq, data = decode(link.conn.recv_bytes())
         except (OSError, EOFError) as exc:
-            conn.close()
+            link.conn.close()
             raise self._died(exc) from None
         old = self._local
         self._set_all(data)
         self._applied = seq
-        self._sub, self._subbuf, self._hup = conn, bytearray(), False
+        self._sub, self._frames, self._hup = link, FrameReader(link.conn.fileno()), False
         self._watch()
         self._seen = seq  # the word was at most seq when the hub took the snapshot
         if self._callbacks and old is not data:
             self._notify_resync(old, data)
 
-    def _read_pushes(self, timeout: float) -> list:
+    def _read_pushes(self, timeout: float) -> list[Any]:
         """Every whole push message now available, waiting up to ``timeout`` s for one."""
-        sub, buf, out = self._sub, self._subbuf, []
-        fd = sub.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            pos, end = 0, len(buf)
-            while end - pos >= 4:
-                size = int.from_bytes(buf[pos:pos + 4], "big", signed=True)
-                start = pos + 4
-                if size == -1:  # multiprocessing.connection's header for 2 GiB and more
-                    if end - pos < 12:
-                        break
-                    size, start = int.from_bytes(buf[pos + 4:pos + 12], "big"), pos + 12
-                if end - start < size:
-                    break
-                out.append(_loads(buf[start:start + size]))
-                pos = start + size
-            if pos:
-                del buf[:pos]
-            if out:
-                return out
-            left = max(0.0, deadline - time.monotonic())  # (0: look once, do not wait)
-            if not select.select([fd], [], [], left)[0]:
-                return out
-            chunk = os.read(fd, READ_CHUNK)
-            if not chunk:
-                raise EOFError
-            buf += chunk
+        assert self._frames is not None  # (subscribed)
+        return self._frames.read(timeout)
 
     def _drain(self, target: int, deadline: float) -> None:
         """Apply pushed changes until change ``target`` is applied; BackendTimeoutError if
@@ -230,7 +197,7 @@ class QueueMapping(ManagerMapping):
             except (OSError, EOFError):
                 self._subscribe()  # dropped (we stopped reading) or the hub died: start over
 
-    def _apply(self, msg: tuple) -> None:
+    def _apply(self, msg: tuple[int, list[tuple[Any, Any]]]) -> None:
         seq, effects = msg
         if seq <= self._applied:
             return  # already in the snapshot we subscribed with
@@ -240,19 +207,22 @@ class QueueMapping(ManagerMapping):
                 if value == CLEARED:
                     local.clear()
                     fast.clear()
-                    notify and self._notify("clear", None, None)
+                    if notify:
+                        self._notify("clear", None, None)
                 elif value == UPDATED:  # one update(): ``key`` holds its items
                     self._apply_update(key)
                 else:  # REMOVED
                     local.pop(key, None)
                     fast.pop(key, None)
-                    notify and self._notify("del", key, None)
+                    if notify:
+                        self._notify("del", key, None)
             else:
                 self._store_local(key, value)
-                notify and self._notify("set", key, value)
+                if notify:
+                    self._notify("set", key, value)
         self._applied = seq
 
-    def _apply_update(self, items: dict) -> None:
+    def _apply_update(self, items: dict[Any, Any]) -> None:
         """One ``update()`` at the hub: its items, stored forms, in the hub's order."""
         if _all_plain(items.values()):
             self._local.update(items)
@@ -271,7 +241,7 @@ class QueueMapping(ManagerMapping):
         else:
             self._fast.pop(key, None)
 
-    def _set_all(self, data: dict) -> None:
+    def _set_all(self, data: dict[Any, Any]) -> None:
         self._local = data
         if _all_plain(data.values()):  # (attach of 100k keys)
             self._fast = data.copy()
@@ -297,7 +267,7 @@ class QueueMapping(ManagerMapping):
 
     # ------------------------------------------------------------------ reads: local
 
-    def _fresh(self) -> dict:
+    def _fresh(self) -> dict[Any, Any]:
         if self._w[W_SEQ] != self._seen:
             self._catch_up()
         return self._local
@@ -315,7 +285,7 @@ class QueueMapping(ManagerMapping):
             if self._declared is not None:
                 self._check_key(key)
             raise KeyError(key) from None
-        return _loads(stored[0])
+        return decode(stored[0])
 
     def __contains__(self, key: Any) -> bool:
         return key in self._fresh()
@@ -326,11 +296,11 @@ class QueueMapping(ManagerMapping):
     def __len__(self) -> int:
         return len(self._fresh())
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[Any, Any]:
         data = dict(self._fresh())
         for k, v in data.items():
             if type(v) is tuple:
-                data[k] = _loads(v[0])
+                data[k] = decode(v[0])
         return data
 
     # ------------------------------------------------------------------ writes
@@ -376,7 +346,7 @@ class QueueMapping(ManagerMapping):
         for fn in self._callbacks:
             fn(kind, key, None if value is None else _codec.unpack(value))
 
-    def _notify_resync(self, old: dict, new: dict) -> None:
+    def _notify_resync(self, old: dict[Any, Any], new: dict[Any, Any]) -> None:
         for key in old.keys() - new.keys():
             self._notify("del", key, None)
         for key, value in new.items():
@@ -386,17 +356,23 @@ class QueueMapping(ManagerMapping):
     # ------------------------------------------------------------------ lifetime
 
     def _watch(self) -> None:
-        _watcher_add(self._sub.fileno(), self)
+        assert self._sub is not None
+        _queue_watch.watch(self._sub.conn.fileno(), self)
 
     def _unwatch(self) -> None:
         if self._sub is not None:
-            _watcher_remove(self._sub.fileno())
+            _queue_watch.unwatch(self._sub.conn.fileno())
+
+    def hung_up(self) -> None:
+        """The push connection hung up (see ``_queue_watch``): the next read looks."""
+        self._hup = True
+        self._seen = STALE
 
     def _close(self) -> None:
         if self._sub is not None:
             self._unwatch()
-            self._sub.close()
-        self._sub = None
+            self._sub.conn.close()
+        self._sub = self._frames = None
         self._seen = STALE
         if self._wmm is not None:
             w, self._w = self._w, _NO_WORDS
@@ -409,105 +385,15 @@ class QueueMapping(ManagerMapping):
 
     def _destroy(self) -> None:
         super()._destroy()
-        _unlink_quiet(self._seq_path)
-
-
-class _Watcher:
-    """One thread per process that marks a replica stale when its push connection hangs
-    up (the hub died, or dropped a replica that stopped reading), so that reads need no
-    time check of their own to notice. It exits when no replica is left to watch."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.refs: dict[int, weakref.ref] = {}
-        self.poller = select.poll()
-        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.poller.register(self.wake_r, select.POLLIN)
-        self.done = False
-        self.thread = threading.Thread(target=self.run, name="shareit-queue-watcher", daemon=True)
-        self.thread.start()
-
-    def _wake(self) -> None:
         try:
-            os.write(self.wake_w, b"x")
-        except BlockingIOError:
+            os.unlink(self._seq_path)
+        except FileNotFoundError:
             pass
-
-    def run(self) -> None:
-        while True:
-            for fd, _events in self.poller.poll():
-                if fd == self.wake_r:
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                    continue
-                with self.lock:
-                    ref = self.refs.pop(fd, None)
-                    if ref is not None:
-                        self.poller.unregister(fd)
-                m = ref() if ref is not None else None
-                if m is not None:
-                    m._hup = True
-                    m._seen = STALE
-            with self.lock:
-                if self.done:
-                    os.close(self.wake_r)
-                    os.close(self.wake_w)
-                    return
-
-
-_the_watcher: _Watcher | None = None
-_watcher_lock = threading.Lock()
-
-
-def _watcher_add(fd: int, m: QueueMapping) -> None:
-    global _the_watcher
-    with _watcher_lock:
-        w = _the_watcher
-        if w is None:
-            w = _the_watcher = _Watcher()
-        with w.lock:
-            w.refs[fd] = weakref.ref(m)
-            w.poller.register(fd, select.POLLRDHUP)
-        w._wake()
-
-
-def _watcher_remove(fd: int) -> None:
-    """Stop watching ``fd``; the last one stops the thread (so no shareit thread outlives
-    the last replica: fork() after close() finds a single-threaded process)."""
-    global _the_watcher
-    with _watcher_lock:
-        w = _the_watcher
-        if w is None:
-            return
-        with w.lock:
-            if w.refs.pop(fd, None) is not None:
-                w.poller.unregister(fd)
-            last = not w.refs
-            if last:
-                w.done = True
-        w._wake()
-        if last:
-            _the_watcher = None
-            if w.thread is not threading.current_thread():
-                w.thread.join(5.0)
 
 
 def _after_fork_in_child() -> None:
-    global _the_watcher, _watcher_lock
-    _the_watcher, _watcher_lock = None, threading.Lock()  # its thread is not in the child
     for m in list(_live.values()):
         m._forked()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _unlink_quiet(path: str | None) -> None:
-    if path:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
