@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 import weakref
 from typing import Protocol
 
@@ -96,6 +97,18 @@ def unwatch(fd: int) -> None:
             _the_watcher = None
             if w.thread is not threading.current_thread():
                 w.thread.join(5.0)
+                _wait_os_thread_gone(w.thread.native_id, 1.0)
+
+
+def _wait_os_thread_gone(tid: int | None, limit: float) -> None:
+    """``join()`` returns a moment before the OS thread is gone, and Python 3.12+ counts OS
+    threads when it warns that a process forks while multi-threaded: a ``fork()`` right
+    after ``close()`` must find this one gone."""
+    if tid is None:
+        return
+    deadline = time.monotonic() + limit
+    while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+        time.sleep(0.0001)  # the kernel finishing an exiting thread: microseconds
 
 
 def _after_fork_in_child() -> None:

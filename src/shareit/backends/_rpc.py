@@ -374,10 +374,29 @@ SERVER_MARK = "shareit.backends._manager_server"
 _BOOT = "import sys; sys.path.insert(0, sys.argv[2]); from {module} import main; main()"
 
 
+#: Servers this process started. A server outlives the handle that started it (others use
+#: the mapping), yet stays this process's child: it is kept here, not dropped while
+#: running (Python warns about that), and reaped once it has exited.
+_started: list[subprocess.Popen[bytes]] = []
+
+
+def _reap_started() -> None:
+    _started[:] = [p for p in _started if p.poll() is None]
+
+
+def _forget_started_in_child() -> None:
+    _started.clear()  # a forked child's: they are its parent's children, not its own
+
+
+os.register_at_fork(after_in_child=_forget_started_in_child)
+
+
 def start_server(module: str, params: dict[str, Any], timeout: float) -> subprocess.Popen[bytes]:
     """Start ``module``'s ``main()`` as a server process and wait until it listens
     (BackendUnavailableError, with the exit status, if it does not)."""
     import shareit
+
+    _reap_started()
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(shareit.__file__)))
     # Isolated (-I: no cwd, no PYTHON* variables, no user site) and run from /: with
@@ -409,6 +428,7 @@ def start_server(module: str, params: dict[str, Any], timeout: float) -> subproc
             f"the manager server did not start (exit status {proc.returncode}); "
             f"see its error output above"
         )
+    _started.append(proc)
     return proc
 
 
