@@ -441,14 +441,18 @@ def test_bad_names_are_rejected_before_anything_is_touched(bad) -> None:
     assert sorted(os.listdir(_runtime.runtime_dir())) == before
 
 
-def test_a_handle_never_carries_a_path(tmp_path) -> None:
-    d = shareit.open(backend="shm")
+@pytest.mark.parametrize("backend", ["shm", "manager", "queue"])
+def test_a_handle_never_carries_a_path(tmp_path, backend) -> None:
+    d = shareit.open(backend=backend)
     try:
-        name, config, seg = d._handle()
-        assert seg.startswith("+anon-") and os.sep not in seg
-        evil = (name, config, "../../" + str(tmp_path / "x"))
+        d["k"] = 1
+        *rest, stem = d._handle()
+        assert stem.startswith("+anon-") and not any(
+            isinstance(x, str) and os.sep in x for x in d._handle()), d._handle()
+        evil = (*rest, "../../" + str(tmp_path / "x"))
         with pytest.raises(shareit.ConfigError, match="invalid shared object stem"):
             type(d)._from_handle(evil)
+        assert pickle.loads(pickle.dumps(d))["k"] == 1  # the address follows from the stem
     finally:
         d.close()
 

@@ -163,12 +163,15 @@ class ManagerMapping(SharedMapping):
         _unlink_quiet(_runtime.socket_path(name))
 
     def _handle(self) -> tuple[Any, ...]:
-        return (self._name, self._config, self._address, self._authkey, self._stem)
+        return (self._name, self._config, self._authkey, self._stem)
 
     @classmethod
     def _from_handle(cls, handle: tuple[Any, ...]) -> ManagerMapping:
-        name, config, address, authkey, stem = handle
-        return cls(name, config, address, authkey, stem)
+        # A handle carries no path: the server's address follows from the stem, in our
+        # own private runtime dir, as for every other backend.
+        name, config, authkey, stem = handle
+        stem = _runtime.check_stem(stem)
+        return cls(name, config, _runtime.socket_path(stem), authkey, stem)
 
     def _close(self) -> None:
         with self._links_lock:
