@@ -116,7 +116,7 @@ def test_hub_death_reaches_every_process_within_a_second(d) -> None:
     wait_until(lambda: proc_state(d._proc.pid) in (b"Z", b"X"), "hub death")
     go.set()
     started = time.monotonic()
-    with pytest.raises(shareit.BackendDiedError):
+    with pytest.raises(shareit.BackendDiedError, match="the queue hub of mapping"):
         d["x"] = 1
     assert time.monotonic() - started < 1.0
     p.join(TIMEOUT)
@@ -325,7 +325,8 @@ def test_a_stopped_hub_times_out_within_timeout(d) -> None:
     try:
         wait_until(lambda: proc_state(pid) == b"T", "hub stopped")
         started = time.monotonic()
-        with pytest.raises(shareit.BackendTimeoutError):
+        with pytest.raises(shareit.BackendTimeoutError,
+                           match=r"the queue hub of mapping .* did not answer"):
             d["b"] = 2
         elapsed = time.monotonic() - started
         assert 0.9 * 2.0 < elapsed < 1.2 * 2.0, f"waited {elapsed:.2f} s with timeout 2 s"

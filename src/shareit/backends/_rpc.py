@@ -425,7 +425,7 @@ def start_server(module: str, params: dict[str, Any], timeout: float) -> subproc
         proc.kill()
         proc.wait()
         raise BackendUnavailableError(
-            f"the manager server did not start (exit status {proc.returncode}); "
+            f"the server process ({module}) did not start (exit status {proc.returncode}); "
             f"see its error output above"
         )
     _started.append(proc)

@@ -90,6 +90,8 @@ class ManagerMapping(SharedMapping):
     )
     #: The module whose ``main()`` the server process runs (see ``_rpc.start_server``).
     server_module: ClassVar[str] = "shareit.backends._manager_server"
+    #: What errors call the server process.
+    server_title: ClassVar[str] = "manager server"
 
     def __init__(self, name: str | None, config: Config, address: str, authkey: bytes,
                  stem: str | None = None):
@@ -242,11 +244,11 @@ class ManagerMapping(SharedMapping):
     def _died(self, exc: BaseException) -> BackendDiedError:
         if isinstance(exc, (BlockingIOError, socket.timeout)):
             return BackendTimeoutError(
-                f"the manager server of mapping {self._label()} did not answer within "
+                f"the {self.server_title} of mapping {self._label()} did not answer within "
                 f"{_bound(self._config.timeout):g} s: it is stopped, hung or overloaded"
             )
         return BackendDiedError(
-            f"the manager server of mapping {self._label()} is gone "
+            f"the {self.server_title} of mapping {self._label()} is gone "
             f"({type(exc).__name__}); its data is lost. Create the mapping again"
         )
 
@@ -254,7 +256,7 @@ class ManagerMapping(SharedMapping):
         try:
             data = encode(req)
         except Exception as exc:
-            raise TypeError(f"cannot send this key to the manager server: {exc}") from None
+            raise TypeError(f"cannot send this key to the {self.server_title}: {exc}") from None
         self._end_prefetch()
         link: Link | None = getattr(self._tls, "link", None)
         if link is None or link.generation != _runtime.fork_generation:

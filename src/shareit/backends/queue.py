@@ -88,6 +88,7 @@ class QueueMapping(ManagerMapping):
     )
 
     server_module: ClassVar[str] = "shareit.backends._queue_hub"
+    server_title: ClassVar[str] = "queue hub"
 
     def __init__(self, name: str | None, config: Config, address: str, authkey: bytes,
                  stem: str | None = None):
