@@ -4,7 +4,8 @@ Features
 --------
 - One Redis hash per mapping, at ``PREFIX + NAME`` (``prefix`` option,
   default ``"shareit:"``), plus ``...:meta`` (its creator's options and
-  serializer, as JSON: never pickle) and ``...:lock``. Keys: str (stored as plain UTF-8, readable from any
+  serializer, as JSON: never pickle) and ``...:lock``. Keys: str (stored as plain UTF-8,
+  readable from any
   language), bytes and int (tagged). Values: ints and floats are stored as
   Redis numbers, so ``incr`` is ``HINCRBY``/``HINCRBYFLOAT``; other values
   by ``serializer``: ``pickle`` (default, any value) or ``json`` (for
@@ -70,14 +71,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import _records, _runtime
-from ..base import (
-    MISSING,
-    STRUCTURAL_OPTIONS,
-    Capabilities,
-    SharedMapping,
-    _check_number,
-    _LockContext,
-)
+from .._contract import MISSING, STRUCTURAL_OPTIONS, Capabilities, LockContext
+from .._opening import Opener, attach_checked
+from .._ops import check_number
+from ..base import SharedMapping
 from ..config import Config, redact_url
 from ..errors import (
     BackendDiedError,
@@ -85,9 +82,9 @@ from ..errors import (
     BackendUnavailableError,
     ConfigError,
     LockLostError,
-    LockTimeoutError,
     NotFoundError,
     RecordError,
+    lock_timeout,
 )
 
 try:
@@ -122,7 +119,9 @@ for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1"""
 _CLEAR = _CHECK + "redis.call('DEL', KEYS[1]) return 1"
 _INCR = _CHECK + """
-if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then redis.call('HSET', KEYS[1], ARGV[2], ARGV[4]) end
+if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[4])
+end
 if ARGV[5] == 'i' then return redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3]) end
 return redis.call('HINCRBYFLOAT', KEYS[1], ARGV[2], ARGV[3])"""
 _UNLOCK = """
@@ -142,10 +141,50 @@ return 1"""
 _NON_FINITE = {b"nan": math.nan, b"inf": math.inf, b"-inf": -math.inf}
 
 
+class RedisMeta(Opener):
+    """The redis open strategy: the record is the mapping's ``:meta`` hash in the server.
+
+    Claimed in one step (a script), so concurrent openers on any machine end with
+    one mapping; a found record is checked like a runtime-dir one
+    (:func:`shareit._opening.attach_checked`). No users are counted: a named redis
+    mapping lives until ``destroy()`` (its creator's exit destroys it unless
+    ``persist=True``).
+    """
+
+    def open_named(self, cls: type[SharedMapping], name: str, config: Config,
+                   create: bool) -> SharedMapping:
+        assert issubclass(cls, RedisMapping)
+        probe: RedisMapping | None = cls(name, config)  # becomes the mapping if it claims it
+        try:
+            deadline = time.monotonic() + config.timeout
+            while True:
+                assert probe is not None
+                record = probe._read_meta()
+                if record is not None:
+                    return attach_checked(cls, name, config, record)
+                if not create:
+                    raise NotFoundError(
+                        f"no shared mapping named {name!r} at {redact_url(probe._url)}"
+                    )
+                if probe._claim_meta():
+                    probe._become_owner()
+                    winner, probe = probe, None
+                    return winner
+                if time.monotonic() > deadline:  # claimed and destroyed again, over and over
+                    raise BackendDiedError(
+                        f"mapping {name!r} at {redact_url(probe._url)} kept being created and "
+                        f"destroyed by other processes for {config.timeout:g} s"
+                    )
+        finally:
+            if probe is not None:
+                probe._close()
+
+
 class RedisMapping(SharedMapping):
-    """A mapping in a Redis hash: shared by every process on every machine that reaches the server."""
+    """A mapping in a Redis hash: shared by every process on every machine reaching the server."""
 
     backend = "redis"
+    opener = RedisMeta()
     _prefetch_reads = True
     capabilities = Capabilities(
         attach_by_name=True,
@@ -163,8 +202,8 @@ class RedisMapping(SharedMapping):
         self._url = config.url or "redis://localhost:6379/0"
         self._client_pid = -1
         self._client: Any = None
-        self._scripts: dict = {}
-        self._held: dict = {}  # thread id -> _Hold, for this process
+        self._scripts: dict[str, Any] = {}
+        self._held: dict[int, _Hold] = {}  # thread id -> _Hold, for this process
         self._renewer: threading.Thread | None = None
         self._renew_lock = threading.Lock()
         self._seg = name
@@ -200,12 +239,13 @@ class RedisMapping(SharedMapping):
             return fn(*args, **kwargs)
         except _redis.exceptions.TimeoutError as exc:
             raise BackendTimeoutError(
-                f"Redis at {redact_url(self._url)} did not answer within {self._config.timeout:g} s ({exc})"
+                f"Redis at {redact_url(self._url)} did not answer within "
+                f"{self._config.timeout:g} s ({exc})"
             ) from None
         except _redis.exceptions.ConnectionError as exc:
-            raise BackendDiedError(f"Redis at {redact_url(self._url)} is unreachable ({exc})") from None
+            raise self._unreachable(exc) from None
 
-    def _script(self, name: str, field_args: list, keys: list | None = None) -> Any:
+    def _script(self, name: str, field_args: list[Any], keys: list[str] | None = None) -> Any:
         """A write: retried while another process holds lock(), up to ``timeout``."""
         self._r()
         hold = self._held.get(threading.get_ident())
@@ -216,7 +256,8 @@ class RedisMapping(SharedMapping):
         delay = 0.001
         while True:
             try:
-                return self._do(self._scripts[name], keys or [self._key, self._lock_key, self._meta_key],
+                return self._do(self._scripts[name],
+                                keys or [self._key, self._lock_key, self._meta_key],
                                 [token] + field_args)
             except _redis.exceptions.ResponseError as exc:
                 if "GONE" in str(exc):
@@ -227,50 +268,36 @@ class RedisMapping(SharedMapping):
                 if _LOCKED not in str(exc):
                     raise _response_error(exc) from None
             if time.monotonic() >= deadline:
-                raise LockTimeoutError(
-                    f"mapping {self._label()} is locked by another process and was not released "
-                    f"within {self._config.timeout:g} s; pass a larger timeout if that is expected"
-                )
+                raise lock_timeout(f"mapping {self._label()}", self._config.timeout,
+                                   "another process holds lock() and did not release it")
             time.sleep(delay)  # the holder is elsewhere, maybe on another machine
             delay = min(delay * 2, 0.05)
 
     # ------------------------------------------------------------------ lifetime
 
     @classmethod
-    def _open(cls, name: str | None, config: Config, create: bool = True) -> RedisMapping:
-        if name is None:
-            if not create:
-                raise ConfigError("create=False needs a name: an anonymous mapping can only be created")
-            self = cls(f"anon-{secrets.token_hex(8)}", config, anonymous=True)
-            self._claim_meta()
-            self._become_owner()
-            return self
-        self = cls(name, config)
-        deadline = time.monotonic() + config.timeout
-        while True:
-            record = self._read_meta()
-            if record is not None:
-                return cls._attach_checked(name, config, record)
-            if not create:
-                raise NotFoundError(f"no shared mapping named {name!r} at {redact_url(self._url)}")
-            if self._claim_meta():
-                self._become_owner()
-                return self
-            if time.monotonic() > deadline:  # claimed and destroyed again, over and over
-                raise BackendDiedError(
-                    f"mapping {name!r} at {redact_url(self._url)} kept being created and "
-                    f"destroyed by other processes for {config.timeout:g} s"
-                )
+    def _create(cls, name: str | None, config: Config) -> RedisMapping:
+        """A new mapping: its record claimed in the server (an anonymous one under a fresh
+        random name). The named path is :class:`RedisMeta`'s, which may attach instead."""
+        self = cls(name if name is not None else f"anon-{secrets.token_hex(8)}", config,
+                   anonymous=name is None)
+        if not self._claim_meta():
+            self._close()
+            raise BackendDiedError(
+                f"the record of mapping {self._label()} at {redact_url(self._url)} was created "
+                f"by another process meanwhile"
+            )
+        return self
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict) -> RedisMapping:
+    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> RedisMapping:
         # json is sticky: the record can turn pickle into json, never json into pickle.
         if record.get("serializer") == "json" and config.serializer != "json":
             config = Config({**config.as_dict(), "serializer": "json"},
                             {**config.sources, "serializer": "the mapping's record"})
         return cls(name, config)
 
-    def _read_meta(self) -> dict | None:
+    def _read_meta(self) -> dict[str, Any] | None:
         """The mapping's record, checked: ``backend``, ``options`` (decoded), ``fields``.
 
         Anything else in the hash is dropped. A record that is not what
@@ -299,11 +326,11 @@ class RedisMapping(SharedMapping):
         args = [x for kv in fields.items() for x in kv]
         return bool(self._do(self._scripts["claim"], [self._meta_key], args))
 
-    def _handle(self) -> tuple:
+    def _handle(self) -> tuple[str, Config, bool]:
         return (self._seg, self._config, self._name is None)
 
     @classmethod
-    def _from_handle(cls, handle: tuple) -> RedisMapping:
+    def _from_handle(cls, handle: tuple[str, Config, bool]) -> RedisMapping:
         return cls(*handle)
 
     def _close(self) -> None:
@@ -320,10 +347,10 @@ class RedisMapping(SharedMapping):
     def _enc_key(self, key: Any) -> bytes:
         t = type(key)
         if t is str:
-            b = key.encode("utf-8", "surrogatepass")
+            b: bytes = key.encode("utf-8", "surrogatepass")
             return b if not b.startswith(b"\x00") else b"\x00s" + b
         if t is bytes:
-            return b"\x00b" + key
+            return b"\x00b" + bytes(key)
         return b"\x00i" + str(key).encode()
 
     @staticmethod
@@ -341,7 +368,8 @@ class RedisMapping(SharedMapping):
         t = type(value)
         if t is int:
             return str(value).encode()
-        if t is float or (self._json and isinstance(value, float)):  # np.float64 reads back as float
+        # (np.float64 reads back as float)
+        if t is float or (self._json and isinstance(value, float)):
             return repr(float(value)).encode()
         if self._json:
             try:
@@ -429,7 +457,7 @@ class RedisMapping(SharedMapping):
         return iter([self._dec_key(k) for k in self._with_alive("hkeys")])
 
     def __len__(self) -> int:
-        return self._with_alive("hlen")
+        return int(self._with_alive("hlen"))
 
     def __contains__(self, key: Any) -> bool:
         try:
@@ -455,6 +483,9 @@ class RedisMapping(SharedMapping):
         if not self._do(self._r().exists, self._meta_key):
             raise self._gone()
 
+    def _unreachable(self, exc: Exception) -> BackendDiedError:
+        return BackendDiedError(f"Redis at {redact_url(self._url)} is unreachable ({exc})")
+
     def _gone(self) -> BackendDiedError:
         return BackendDiedError(
             f"mapping {self._label()} was destroyed (its key {self._key!r} is gone from "
@@ -463,7 +494,7 @@ class RedisMapping(SharedMapping):
 
     # ------------------------------------------------------------------ one round trip each
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[Any, Any]:
         raw = self._with_alive("hgetall")
         out = {self._dec_key(k): self._dec(v, k) for k, v in raw.items()}
         if self._vt is not None:
@@ -471,7 +502,7 @@ class RedisMapping(SharedMapping):
         return out
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
-        args: list = []
+        args: list[bytes] = []
         for k, v in items:
             args += [self._enc_key(k), self._enc(v)]
         if args:
@@ -482,18 +513,21 @@ class RedisMapping(SharedMapping):
 
     def incr(self, key: Any, delta: Any = 1, default: Any = 0) -> Any:
         key = self._check_key(key)
-        _check_number("delta", delta)
+        check_number("delta", delta)
         if self._vt is not None and self._vt.name not in ("int64", "float64"):
             return super().incr(key, delta, default)  # narrower types: checked under the lock
         if self._vt is not None and self._vt.kind == "int":
             self._vt.coerce(delta)  # a float delta into an int mapping: TypeError, nothing written
-        _check_number("default", default)  # the script writes it before adding: check it first
-        delta, default = _plain_number("delta", delta), _plain_number("default", self._coerce(default))
-        kind = "f" if isinstance(delta, float) or (self._vt is not None and self._vt.kind == "float") else "i"
+        check_number("default", default)  # the script writes it before adding: check it first
+        delta = _plain_number("delta", delta)
+        default = _plain_number("default", self._coerce(default))
+        floats = isinstance(delta, float) or (self._vt is not None and self._vt.kind == "float")
+        kind = "f" if floats else "i"
         field = self._enc_key(key)
         for attempt in (kind, "f"):
             try:
-                got = self._script("incr", [field, repr(float(delta)) if attempt == "f" else str(delta),
+                step = repr(float(delta)) if attempt == "f" else str(delta)
+                got = self._script("incr", [field, step,
                                             self._enc(default), attempt])
             except TypeError:
                 if attempt == "f":
@@ -543,18 +577,17 @@ class RedisMapping(SharedMapping):
                     f"Redis at {redact_url(self._url)} did not answer ({exc})"
                 ) from None
             except _redis.exceptions.ConnectionError as exc:
-                raise BackendDiedError(f"Redis at {redact_url(self._url)} is unreachable ({exc})") from None
+                raise self._unreachable(exc) from None
             if time.monotonic() >= deadline:
-                raise LockTimeoutError(
-                    f"transform() on mapping {self._label()} kept losing to other writers or to "
-                    f"a lock() holder for {self._config.timeout:g} s; pass a larger timeout"
-                )
+                raise lock_timeout(f"mapping {self._label()} for transform()",
+                                   self._config.timeout,
+                                   "it kept losing to other writers or to a lock() holder")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
     # ------------------------------------------------------------------ the lock
 
-    def lock(self, timeout: float | None = None) -> _LockContext:
+    def lock(self, timeout: float | None = None) -> LockContext:
         """One critical section across all processes: ``with d.lock(): ...``.
 
         Reentrant within a thread; while it is held, other processes' writes
@@ -630,7 +663,8 @@ class RedisMapping(SharedMapping):
         with self._renew_lock:
             if self._renewer is not None and self._renewer.is_alive():
                 return
-            self._renewer = threading.Thread(target=self._renew, daemon=True, name="shareit-redis-lock")
+            self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                             name="shareit-redis-lock")
             self._renewer.start()
 
     def _renew(self) -> None:
@@ -651,10 +685,10 @@ class RedisMapping(SharedMapping):
             renewed = self._scripts["renew"]([self._lock_key], [hold.token, int(LOCK_TTL * 1000)])
         except Exception:  # Redis unreachable for now: the lease may still be ours; writes check it
             return
-        if not renewed:  # expired, maybe taken since: the holder's next write fails without a round trip
+        if not renewed:  # expired, maybe taken since: the holder's next write fails at once
             hold.lost = True
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """Where the mapping lives and who holds its lock: ``lock_holder`` is the pid in
         the holder's token, or None when the lock key holds something else (anyone who
         can write to the server can put anything there)."""
@@ -674,7 +708,7 @@ class _Hold:
         self.token, self.depth, self.lost, self.told = token, 1, False, False
 
 
-class _RedisLockContext(_LockContext):
+class _RedisLockContext(LockContext):
     __slots__ = ()
 
     def __exit__(self, *exc: Any) -> None:
@@ -684,7 +718,9 @@ class _RedisLockContext(_LockContext):
 def _response_error(exc: Exception) -> Exception:
     msg = str(exc)
     if "not an integer" in msg or "not a float" in msg or "not a valid float" in msg:
-        return TypeError(f"incr() needs a number at this key ({msg}); use transform() for other values")
+        return TypeError(
+            f"incr() needs a number at this key ({msg}); use transform() for other values"
+        )
     if "overflow" in msg:
         return ValueError(f"incr() would overflow a 64-bit integer ({msg})")
     if "NaN or Infinity" in msg:
@@ -705,7 +741,9 @@ def _plain_number(what: str, x: Any) -> int | float:
     try:
         f = float(x)
     except (TypeError, ValueError):
-        raise TypeError(f"incr() {what} must be a real number, got {type(x).__name__} {x!r:.40}") from None
+        raise TypeError(
+            f"incr() {what} must be a real number, got {type(x).__name__} {x!r:.40}"
+        ) from None
     if not math.isfinite(f):
         raise ValueError(f"incr() {what} must be finite on the redis backend, got {f!r}")
     return f
@@ -726,7 +764,7 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _parse_meta(raw: dict) -> dict:
+def _parse_meta(raw: dict[bytes, bytes]) -> dict[str, Any]:
     """A ``:meta`` hash as ``_claim_meta`` writes it, checked field by field (RecordError)."""
     try:
         meta = {k.decode(): v.decode() for k, v in raw.items()}
