@@ -51,8 +51,9 @@ class AttachMismatch(reference.ReferenceMapping):
     opener = InheritOnly()  # but capabilities say attach_by_name=True
 
 
-def test_an_incomplete_backend_is_refused_at_load_naming_what_is_missing() -> None:
-    registry.register("incomplete", f"{__name__}:Incomplete", replace=True)
+def test_an_incomplete_backend_is_refused_at_load_naming_what_is_missing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry._registry, "incomplete", f"{__name__}:Incomplete")
     with pytest.raises(BackendUnavailableError, match="breaks the backend contract") as err:
         registry.load("incomplete")
     for hook in ("_attach_record", "_create", "_from_handle", "_handle"):
