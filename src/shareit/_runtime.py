@@ -114,18 +114,34 @@ def _check_base(base: str) -> None:
                                 f"{stat.S_IMODE(st.st_mode):04o}, not sticky)")
 
 
+#: (base, euid) whose ancestors :func:`_check_base` passed. Only their owners -- this user
+#: or root, as checked -- can change them since, so the walk is not repeated.
+_bases_checked: set[tuple[str, int]] = set()
+
+
 def runtime_dir() -> str:
-    """This user's private directory of shared objects, created and verified (see module doc)."""
-    base = base_dir()
+    """This user's private directory of shared objects, created and verified (see module doc).
+
+    The directory itself is checked at every call (one ``lstat``); the walk up its base's
+    ancestors once per process and base.
+    """
+    base, euid = base_dir(), os.geteuid()
+    d = os.path.join(base, f"shareit-{euid}")
+    if (base, euid) in _bases_checked:
+        try:
+            check_private(d, os.lstat(d), "dir")
+            return d
+        except FileNotFoundError:
+            pass
     if not os.path.lexists(base):
         os.makedirs(base, 0o700, exist_ok=True)
     _check_base(base)
-    d = os.path.join(base, f"shareit-{os.geteuid()}")
     try:
         os.mkdir(d, 0o700)
     except FileExistsError:
         pass
     check_private(d, os.lstat(d), "dir")
+    _bases_checked.add((base, euid))
     return d
 
 

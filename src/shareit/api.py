@@ -52,7 +52,8 @@ def open(
     kwargs = dict(options)
     if backend is not None:
         kwargs["backend"] = backend
-    chosen, where = config.pick_backend_where(name, kwargs)
+    below = config.layers(name)  # the file is read here, once per open
+    chosen, where = config.pick_backend_where(name, kwargs, below)
     if where == "default" and name is not None:
         # Nothing chose a backend: attach to the one this name exists with, if any.
         record = _runtime.read_meta_quiet(name)
@@ -65,7 +66,7 @@ def open(
         if where in ("keyword arguments", "default"):
             raise
         raise UnknownBackendError(f"{exc} (the name came from {where})") from None
-    cfg = config.resolve(name, kwargs, extra=cls.options)
+    cfg = config.resolve(name, kwargs, extra=cls.options, below=below)
     cls.check_config(cfg)
     return cls._open(name, cfg, create=create)
 
@@ -85,7 +86,7 @@ def destroy(name: str, **options: Any) -> None:
 
 
 def remove_local(name: str, timeout: float = 10.0, unused_only: bool = False,
-                 persistent: bool = True) -> dict | Exception | None:
+                 persistent: bool = True) -> dict[str, Any] | Exception | None:
     """Remove the local mapping ``name`` (record, segments, server) under its lock.
 
     With ``unused_only``, only if no user of it is alive, and a persistent one only

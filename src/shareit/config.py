@@ -22,7 +22,9 @@ from urllib.parse import unquote_plus
 from . import _codec
 from .errors import ConfigError
 
-__all__ = ["Config", "OPTIONS", "DEFAULT_BACKEND", "resolve", "did_you_mean", "redact_url"]
+__all__ = [
+    "Config", "OPTIONS", "DEFAULT_BACKEND", "resolve", "layers", "did_you_mean", "redact_url",
+]
 
 #: The backend used when nothing chooses one.
 DEFAULT_BACKEND = "shm"
@@ -84,16 +86,16 @@ def _value_type(name: str, v: Any) -> str | None:
         raise ConfigError(str(exc)) from None
 
 
-def _keys(name: str, v: Any) -> tuple | None:
+def _keys(name: str, v: Any) -> tuple[Any, ...] | None:
     if v is None:
         return None
     if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or isinstance(v, Mapping):
         raise ConfigError(
             f"option 'keys' must be a list of keys, e.g. keys=['ok', 'error'], got {v!r}"
         )
-    out: dict = {}
+    out: dict[Any, None] = {}
     for k in v:
-        if not isinstance(k, Hashable) or isinstance(k, list):
+        if isinstance(k, list) or not isinstance(k, Hashable):
             raise ConfigError(f"option 'keys' holds an unhashable key {k!r}")
         out[k] = None
     if not out:
@@ -104,7 +106,7 @@ def _keys(name: str, v: Any) -> tuple | None:
 def _serializer(name: str, v: Any) -> str:
     if v not in ("pickle", "json"):
         raise ConfigError(f"option 'serializer' must be 'pickle' or 'json', got {v!r}")
-    return v
+    return str(v)
 
 
 #: name -> (validator, default, one-line description). The union over all backends:
@@ -115,7 +117,8 @@ OPTIONS: dict[str, tuple[Callable[[str, Any], Any], Any, str]] = {
     "keys": (_keys, None, "declared, fixed set of keys"),
     "capacity": (_opt_positive_int, None, "sizing hint: expected number of keys"),
     "timeout": (_positive_number, 10.0, "seconds any blocking wait may take"),
-    "serializer": (_serializer, "pickle", "value encoding where a backend encodes ('pickle'/'json')"),
+    "serializer": (_serializer, "pickle",
+                   "value encoding where a backend encodes ('pickle'/'json')"),
     "persist": (_boolean, False, "keep the shared object after its owner exits"),
     "url": (_url, None, "server URL (redis)"),
     "prefix": (_opt_str, None, "server-side key prefix (redis)"),
@@ -161,7 +164,7 @@ class Config:
     def __hash__(self) -> int:
         return hash(tuple(sorted((k, repr(v)) for k, v in self._values.items())))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (Config, (self._values, self._sources))
 
     def as_dict(self) -> dict[str, Any]:
@@ -234,7 +237,8 @@ def redact_url(url: Any) -> str:
     return "".join(out)
 
 
-def validate_option(key: str, value: Any, where: str, extra: Mapping | None = None) -> Any:
+def validate_option(key: str, value: Any, where: str,
+                    extra: Mapping[str, Any] | None = None) -> Any:
     table = {**OPTIONS, **(extra or {})}
     if key not in table:
         raise ConfigError(
@@ -250,21 +254,22 @@ def validate_option(key: str, value: Any, where: str, extra: Mapping | None = No
 # --- the configuration file ----------------------------------------------------------
 
 
-def _load_toml(path: str) -> dict:
+def _load_toml(path: str) -> dict[str, Any]:
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - exercised on 3.10 only
-        import tomli as tomllib
+        import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            out: dict[str, Any] = tomllib.load(f)
+            return out
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path!r} is not valid TOML: {exc}") from None
 
 
-def find_file() -> tuple[str, dict] | None:
+def find_file() -> tuple[str, dict[str, Any]] | None:
     """The configuration file in force and its shareit table, or None."""
     env = os.environ.get("SHAREIT_CONFIG")
     if env:
@@ -278,7 +283,11 @@ def find_file() -> tuple[str, dict] | None:
     return None
 
 
-def _file_layers(name: str | None) -> list[tuple[str, Mapping]]:
+#: One layer of options and where it came from ("keyword arguments", a file's table, ...).
+Layer = tuple[str, Mapping[str, Any]]
+
+
+def _file_layers(name: str | None) -> list[Layer]:
     found = find_file()
     if found is None:
         return []
@@ -289,7 +298,7 @@ def _file_layers(name: str | None) -> list[tuple[str, Mapping]]:
             f"{path}: unknown table(s) {sorted(unknown)}; a shareit configuration has "
             f"[defaults] and [mappings.NAME] tables"
         )
-    layers = [(f"{path} [defaults]", table.get("defaults", {}))]
+    layers: list[Layer] = [(f"{path} [defaults]", table.get("defaults", {}))]
     mappings = table.get("mappings", {})
     if name is not None and name in mappings:
         layers.append((f"{path} [mappings.{name}]", mappings[name]))
@@ -299,13 +308,20 @@ def _file_layers(name: str | None) -> list[tuple[str, Mapping]]:
     return layers
 
 
-def _layers(name: str | None, kwargs: Mapping[str, Any]) -> list[tuple[str, Mapping]]:
-    layers: list[tuple[str, Mapping]] = _file_layers(name)
+def layers(name: str | None) -> list[Layer]:
+    """Every source below the keyword arguments, lowest first: the file's tables, then the
+    environment. Read once per open and passed to :func:`pick_backend_where` and
+    :func:`resolve` (the file is read here, and only here)."""
+    out = _file_layers(name)
     env_backend = os.environ.get("SHAREIT_BACKEND")
     if env_backend:
-        layers.append(("environment SHAREIT_BACKEND", {"backend": env_backend}))
-    layers.append(("keyword arguments", dict(kwargs)))
-    return layers
+        out.append(("environment SHAREIT_BACKEND", {"backend": env_backend}))
+    return out
+
+
+def _with_kwargs(name: str | None, kwargs: Mapping[str, Any],
+                 below: list[Layer] | None) -> list[Layer]:
+    return [*(layers(name) if below is None else below), ("keyword arguments", dict(kwargs))]
 
 
 def pick_backend(name: str | None, kwargs: Mapping[str, Any]) -> str:
@@ -313,24 +329,31 @@ def pick_backend(name: str | None, kwargs: Mapping[str, Any]) -> str:
     return pick_backend_where(name, kwargs)[0]
 
 
-def pick_backend_where(name: str | None, kwargs: Mapping[str, Any]) -> tuple[str, str]:
-    """The backend name and where it came from (``"default"`` when nothing chose it)."""
+def pick_backend_where(name: str | None, kwargs: Mapping[str, Any],
+                       below: list[Layer] | None = None) -> tuple[str, str]:
+    """The backend name and where it came from (``"default"`` when nothing chose it).
+
+    ``below``: the result of :func:`layers`, if the caller already has it.
+    """
     backend, where = DEFAULT_BACKEND, "default"
-    for where_, layer in _layers(name, kwargs):
+    for where_, layer in _with_kwargs(name, kwargs, below):
         if "backend" in layer:
             backend, where = layer["backend"], where_
     return validate_option("backend", backend, where), where
 
 
-def resolve(name: str | None, kwargs: Mapping[str, Any], extra: Mapping | None = None) -> Config:
+def resolve(name: str | None, kwargs: Mapping[str, Any],
+            extra: Mapping[str, Any] | None = None,
+            below: list[Layer] | None = None) -> Config:
     """Resolve the options of mapping ``name`` from every source (see module doc).
 
-    ``extra`` adds backend-specific options (name -> (validator, default, doc)).
+    ``extra`` adds backend-specific options (name -> (validator, default, doc));
+    ``below``: the result of :func:`layers`, if the caller already has it.
     """
     table = {**OPTIONS, **(extra or {})}
     values = {k: spec[1] for k, spec in table.items()}
     sources = dict.fromkeys(table, "default")
-    for where, layer in _layers(name, kwargs):
+    for where, layer in _with_kwargs(name, kwargs, below):
         for k, v in layer.items():
             values[k] = validate_option(k, v, where, extra)
             sources[k] = where

@@ -31,6 +31,8 @@ _INSTALL_HINTS: dict[str, str] = {
 }
 _registry: dict[str, str] = dict(_BUILTIN)
 _entry_points_loaded = False
+#: Classes :func:`shareit.base.check_backend` found complete (checked once each).
+_checked: set[type] = set()
 
 
 def register(name: str, target: str, *, replace: bool = False) -> None:
@@ -75,4 +77,18 @@ def load(name: str) -> type[SharedMapping]:
         raise BackendUnavailableError(
             f"backend {name!r} cannot be imported ({exc}); {hint}"
         ) from exc
-    return getattr(module, attr)
+    cls = getattr(module, attr, None)
+    from .base import SharedMapping, check_backend
+
+    if not (isinstance(cls, type) and issubclass(cls, SharedMapping)):
+        raise BackendUnavailableError(
+            f"backend {name!r} ({target}) is not a shareit.base.SharedMapping subclass"
+        )
+    problems = [] if cls in _checked else check_backend(cls)
+    if problems:
+        raise BackendUnavailableError(
+            f"backend {name!r} ({target}) breaks the backend contract: {'; '.join(problems)}. "
+            f"See shareit.base (Writing a backend) and shareit.testing.reference"
+        )
+    _checked.add(cls)
+    return cls

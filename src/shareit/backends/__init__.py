@@ -10,10 +10,11 @@ does what the function does.
 
 import sys
 import types
+from typing import Any
 
 
 class _CallableModule(types.ModuleType):
-    def __call__(self):
+    def __call__(self) -> dict[str, dict[str, Any]]:
         from ..api import backends
 
         return backends()

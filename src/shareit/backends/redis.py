@@ -4,7 +4,8 @@ Features
 --------
 - One Redis hash per mapping, at ``PREFIX + NAME`` (``prefix`` option,
   default ``"shareit:"``), plus ``...:meta`` (its creator's options and
-  serializer, as JSON: never pickle) and ``...:lock``. Keys: str (stored as plain UTF-8, readable from any
+  serializer, as JSON: never pickle) and ``...:lock``. Keys: str (stored as plain UTF-8,
+  readable from any
   language), bytes and int (tagged). Values: ints and floats are stored as
   Redis numbers, so ``incr`` is ``HINCRBY``/``HINCRBYFLOAT``; other values
   by ``serializer``: ``pickle`` (default, any value) or ``json`` (for
@@ -59,10 +60,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import operator
 import os
-import pickle
 import secrets
 import threading
 import time
@@ -70,14 +68,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import _records, _runtime
-from ..base import (
-    MISSING,
-    STRUCTURAL_OPTIONS,
-    Capabilities,
-    SharedMapping,
-    _check_number,
-    _LockContext,
-)
+from .._contract import MISSING, STRUCTURAL_OPTIONS, Capabilities, LockContext
+from .._opening import Opener, attach_checked
+from .._ops import check_number
+from ..base import SharedMapping
 from ..config import Config, redact_url
 from ..errors import (
     BackendDiedError,
@@ -85,9 +79,22 @@ from ..errors import (
     BackendUnavailableError,
     ConfigError,
     LockLostError,
-    LockTimeoutError,
     NotFoundError,
     RecordError,
+    lock_timeout,
+)
+from ._redis_wire import (
+    LOCKED,
+    LOST,
+    META_VERSION,
+    SCRIPTS,
+    ValueCodec,
+    dec_key,
+    enc_key,
+    parse_meta,
+    plain_number,
+    response_error,
+    token_pid,
 )
 
 try:
@@ -99,53 +106,52 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
         f"the redis backend needs redis-py ({exc}): pip install 'shareit[redis]'"
     ) from exc
 
-META_VERSION = 2  # of the :meta hash (JSON options; 'serializer' since this version)
 LOCK_TTL = 2.0  # seconds a dead holder can block the others; read at each use
-_LOCKED = "LOCKED"
-_LOST = "LOST"
 
-# ARGV[1] is the writer's lock() token, "" outside lock(). Without one a write
-# waits for any holder; with one it is fenced: it goes through only while the
-# lock key still holds that token, not after the lease lapsed (key expired,
-# maybe taken and released by someone else since).
-_CHECK = """
-if redis.call('EXISTS', KEYS[3]) == 0 then return redis.error_reply('GONE') end
-local o = redis.call('GET', KEYS[2])
-if ARGV[1] ~= '' then
-  if o ~= ARGV[1] then return redis.error_reply('LOST') end
-elseif o then return redis.error_reply('LOCKED') end
-"""
-_SET = _CHECK + "redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) return 1"
-_DEL = _CHECK + "return redis.call('HDEL', KEYS[1], ARGV[2])"
-_UPDATE = _CHECK + """
-for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-return 1"""
-_CLEAR = _CHECK + "redis.call('DEL', KEYS[1]) return 1"
-_INCR = _CHECK + """
-if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then redis.call('HSET', KEYS[1], ARGV[2], ARGV[4]) end
-if ARGV[5] == 'i' then return redis.call('HINCRBY', KEYS[1], ARGV[2], ARGV[3]) end
-return redis.call('HINCRBYFLOAT', KEYS[1], ARGV[2], ARGV[3])"""
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0"""
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0"""
-# The whole record in one step: a reader never sees a record without its options.
-_CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1"""
+class RedisMeta(Opener):
+    """The redis open strategy: the record is the mapping's ``:meta`` hash in the server.
 
-#: Top-level floats are Redis numbers, spelled as ``repr`` spells them; with
-#: ``serializer="json"`` these three are the only non-JSON spellings read back.
-_NON_FINITE = {b"nan": math.nan, b"inf": math.inf, b"-inf": -math.inf}
+    Claimed in one step (a script), so concurrent openers on any machine end with
+    one mapping; a found record is checked like a runtime-dir one
+    (:func:`shareit._opening.attach_checked`). No users are counted: a named redis
+    mapping lives until ``destroy()`` (its creator's exit destroys it unless
+    ``persist=True``).
+    """
+
+    def open_named(self, cls: type[SharedMapping], name: str, config: Config,
+                   create: bool) -> SharedMapping:
+        assert issubclass(cls, RedisMapping)
+        probe: RedisMapping | None = cls(name, config)  # becomes the mapping if it claims it
+        try:
+            deadline = time.monotonic() + config.timeout
+            while True:
+                assert probe is not None
+                record = probe._read_meta()
+                if record is not None:
+                    return attach_checked(cls, name, config, record)
+                if not create:
+                    raise NotFoundError(
+                        f"no shared mapping named {name!r} at {redact_url(probe._url)}"
+                    )
+                if probe._claim_meta():
+                    probe._become_owner()
+                    winner, probe = probe, None
+                    return winner
+                if time.monotonic() > deadline:  # claimed and destroyed again, over and over
+                    raise BackendDiedError(
+                        f"mapping {name!r} at {redact_url(probe._url)} kept being created and "
+                        f"destroyed by other processes for {config.timeout:g} s"
+                    )
+        finally:
+            if probe is not None:
+                probe._close()
 
 
 class RedisMapping(SharedMapping):
-    """A mapping in a Redis hash: shared by every process on every machine that reaches the server."""
+    """A mapping in a Redis hash: shared by every process on every machine reaching the server."""
 
     backend = "redis"
+    opener = RedisMeta()
     _prefetch_reads = True
     capabilities = Capabilities(
         attach_by_name=True,
@@ -159,12 +165,12 @@ class RedisMapping(SharedMapping):
         super().__init__(None if anonymous else name, config)
         self._key = f"{config.prefix or 'shareit:'}{name}"
         self._meta_key, self._lock_key = self._key + ":meta", self._key + ":lock"
-        self._json = config.serializer == "json"
+        self._codec = ValueCodec(config.serializer == "json", self._label(), self._json_why())
         self._url = config.url or "redis://localhost:6379/0"
         self._client_pid = -1
         self._client: Any = None
-        self._scripts: dict = {}
-        self._held: dict = {}  # thread id -> _Hold, for this process
+        self._scripts: dict[str, Any] = {}
+        self._held: dict[int, _Hold] = {}  # thread id -> _Hold, for this process
         self._renewer: threading.Thread | None = None
         self._renew_lock = threading.Lock()
         self._seg = name
@@ -185,9 +191,7 @@ class RedisMapping(SharedMapping):
                     f"option 'url' {redact_url(self._url)!r} is not a redis URL; expected "
                     f"redis://[[user]:password@]host[:port][/db], rediss://... or unix:///path"
                 ) from None
-            self._scripts = {n: self._client.register_script(s) for n, s in (
-                ("set", _SET), ("del", _DEL), ("update", _UPDATE), ("clear", _CLEAR),
-                ("incr", _INCR), ("unlock", _UNLOCK), ("renew", _RENEW), ("claim", _CLAIM))}
+            self._scripts = {n: self._client.register_script(s) for n, s in SCRIPTS.items()}
             self._client_pid = os.getpid()
             self._held = {}  # a forked child holds none of its parent's locks, nor its renewer
             self._renewer, self._renew_lock = None, threading.Lock()
@@ -200,12 +204,13 @@ class RedisMapping(SharedMapping):
             return fn(*args, **kwargs)
         except _redis.exceptions.TimeoutError as exc:
             raise BackendTimeoutError(
-                f"Redis at {redact_url(self._url)} did not answer within {self._config.timeout:g} s ({exc})"
+                f"Redis at {redact_url(self._url)} did not answer within "
+                f"{self._config.timeout:g} s ({exc})"
             ) from None
         except _redis.exceptions.ConnectionError as exc:
-            raise BackendDiedError(f"Redis at {redact_url(self._url)} is unreachable ({exc})") from None
+            raise self._unreachable(exc) from None
 
-    def _script(self, name: str, field_args: list, keys: list | None = None) -> Any:
+    def _script(self, name: str, field_args: list[Any], keys: list[str] | None = None) -> Any:
         """A write: retried while another process holds lock(), up to ``timeout``."""
         self._r()
         hold = self._held.get(threading.get_ident())
@@ -216,61 +221,48 @@ class RedisMapping(SharedMapping):
         delay = 0.001
         while True:
             try:
-                return self._do(self._scripts[name], keys or [self._key, self._lock_key, self._meta_key],
+                return self._do(self._scripts[name],
+                                keys or [self._key, self._lock_key, self._meta_key],
                                 [token] + field_args)
             except _redis.exceptions.ResponseError as exc:
                 if "GONE" in str(exc):
                     raise self._gone() from None
-                if str(exc) == _LOST and hold is not None:
+                if str(exc) == LOST and hold is not None:
                     hold.lost = True
                     raise self._lost_error(hold) from None
-                if _LOCKED not in str(exc):
-                    raise _response_error(exc) from None
+                if LOCKED not in str(exc):
+                    raise response_error(exc) from None
             if time.monotonic() >= deadline:
-                raise LockTimeoutError(
-                    f"mapping {self._label()} is locked by another process and was not released "
-                    f"within {self._config.timeout:g} s; pass a larger timeout if that is expected"
-                )
+                raise lock_timeout(f"mapping {self._label()}", self._config.timeout,
+                                   "another process holds lock() and did not release it")
             time.sleep(delay)  # the holder is elsewhere, maybe on another machine
             delay = min(delay * 2, 0.05)
 
     # ------------------------------------------------------------------ lifetime
 
     @classmethod
-    def _open(cls, name: str | None, config: Config, create: bool = True) -> RedisMapping:
-        if name is None:
-            if not create:
-                raise ConfigError("create=False needs a name: an anonymous mapping can only be created")
-            self = cls(f"anon-{secrets.token_hex(8)}", config, anonymous=True)
-            self._claim_meta()
-            self._become_owner()
-            return self
-        self = cls(name, config)
-        deadline = time.monotonic() + config.timeout
-        while True:
-            record = self._read_meta()
-            if record is not None:
-                return cls._attach_checked(name, config, record)
-            if not create:
-                raise NotFoundError(f"no shared mapping named {name!r} at {redact_url(self._url)}")
-            if self._claim_meta():
-                self._become_owner()
-                return self
-            if time.monotonic() > deadline:  # claimed and destroyed again, over and over
-                raise BackendDiedError(
-                    f"mapping {name!r} at {redact_url(self._url)} kept being created and "
-                    f"destroyed by other processes for {config.timeout:g} s"
-                )
+    def _create(cls, name: str | None, config: Config) -> RedisMapping:
+        """A new mapping: its record claimed in the server (an anonymous one under a fresh
+        random name). The named path is :class:`RedisMeta`'s, which may attach instead."""
+        self = cls(name if name is not None else f"anon-{secrets.token_hex(8)}", config,
+                   anonymous=name is None)
+        if not self._claim_meta():
+            self._close()
+            raise BackendDiedError(
+                f"the record of mapping {self._label()} at {redact_url(self._url)} was created "
+                f"by another process meanwhile"
+            )
+        return self
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict) -> RedisMapping:
+    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> RedisMapping:
         # json is sticky: the record can turn pickle into json, never json into pickle.
         if record.get("serializer") == "json" and config.serializer != "json":
             config = Config({**config.as_dict(), "serializer": "json"},
                             {**config.sources, "serializer": "the mapping's record"})
         return cls(name, config)
 
-    def _read_meta(self) -> dict | None:
+    def _read_meta(self) -> dict[str, Any] | None:
         """The mapping's record, checked: ``backend``, ``options`` (decoded), ``fields``.
 
         Anything else in the hash is dropped. A record that is not what
@@ -280,7 +272,7 @@ class RedisMapping(SharedMapping):
         if not raw:
             return None
         try:
-            return _parse_meta(raw)
+            return parse_meta(raw)
         except RecordError as exc:
             raise RecordError(
                 f"the record of mapping {self._label()} (redis key {self._meta_key!r} at "
@@ -299,11 +291,11 @@ class RedisMapping(SharedMapping):
         args = [x for kv in fields.items() for x in kv]
         return bool(self._do(self._scripts["claim"], [self._meta_key], args))
 
-    def _handle(self) -> tuple:
+    def _handle(self) -> tuple[str, Config, bool]:
         return (self._seg, self._config, self._name is None)
 
     @classmethod
-    def _from_handle(cls, handle: tuple) -> RedisMapping:
+    def _from_handle(cls, handle: tuple[str, Config, bool]) -> RedisMapping:
         return cls(*handle)
 
     def _close(self) -> None:
@@ -315,92 +307,11 @@ class RedisMapping(SharedMapping):
         self._do(self._r().delete, self._key, self._meta_key, self._lock_key)
         self._close()
 
-    # ------------------------------------------------------------------ encoding
-
-    def _enc_key(self, key: Any) -> bytes:
-        t = type(key)
-        if t is str:
-            b = key.encode("utf-8", "surrogatepass")
-            return b if not b.startswith(b"\x00") else b"\x00s" + b
-        if t is bytes:
-            return b"\x00b" + key
-        return b"\x00i" + str(key).encode()
-
-    @staticmethod
-    def _dec_key(b: bytes) -> Any:
-        if not b.startswith(b"\x00"):
-            return b.decode("utf-8", "surrogatepass")
-        tag, rest = b[1:2], b[2:]
-        if tag == b"b":
-            return rest
-        if tag == b"i":
-            return int(rest)
-        return rest.decode("utf-8", "surrogatepass")
-
-    def _enc(self, value: Any) -> bytes:
-        t = type(value)
-        if t is int:
-            return str(value).encode()
-        if t is float or (self._json and isinstance(value, float)):  # np.float64 reads back as float
-            return repr(float(value)).encode()
-        if self._json:
-            try:
-                return json.dumps(value, allow_nan=False).encode()
-            except TypeError as exc:
-                raise TypeError(
-                    f"serializer='json' stores JSON values only (dict, list, str, numbers, bool, "
-                    f"None); {exc}. {self._json_why()}"
-                ) from None
-            except ValueError as exc:  # NaN/infinity inside, or a circular reference
-                raise ValueError(
-                    f"serializer='json' cannot store this value: {exc} (JSON has no NaN or "
-                    f"infinity; only a float stored on its own may be one)"
-                ) from None
-        from .._codec import dumps
-
-        return dumps(value)
-
     def _json_why(self) -> str:
         if self._config.sources.get("serializer") == "the mapping's record":
             return (f"Mapping {self._label()} was created with serializer='json', which every "
                     f"handle on it uses; pick another name for other objects")
         return "Use serializer='pickle' for other objects"
-
-    def _dec(self, b: bytes, field: bytes) -> Any:
-        """The value stored as ``b`` at encoded key ``field`` (named in errors)."""
-        if self._json:
-            return self._dec_json(b, field)
-        if b[:1] == b"\x80":
-            return pickle.loads(b)
-        try:
-            return int(b)
-        except ValueError:
-            pass
-        try:
-            return float(b)
-        except ValueError:
-            raise self._bad_value(field, "neither a pickle nor a number") from None
-
-    def _dec_json(self, b: bytes, field: bytes) -> Any:
-        # Never pickle.loads here: json is the serializer for writers that are not trusted.
-        if b in _NON_FINITE:
-            return _NON_FINITE[b]
-        try:
-            return json.loads(b, parse_constant=_refuse_constant)
-        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError too
-            raise self._bad_value(
-                field, "not JSON (written by a serializer='pickle' writer, or not by shareit?)"
-            ) from None
-
-    def _bad_value(self, field: bytes, what: str) -> ValueError:
-        try:
-            key = self._dec_key(field)
-        except ValueError:  # a field no shareit wrote: name it as stored
-            key = field
-        return ValueError(
-            f"the value at key {key!r:.60} of mapping {self._label()} is {what}; "
-            f"it was left as it is"
-        )
 
     # ------------------------------------------------------------------ the five
 
@@ -409,34 +320,34 @@ class RedisMapping(SharedMapping):
         if value is not MISSING:
             return value
         key = self._check_key(key)
-        raw = self._do(self._r().hget, self._key, self._enc_key(key))
+        raw = self._do(self._r().hget, self._key, enc_key(key))
         if raw is None:
             self._check_alive()
             raise KeyError(key)
-        value = self._dec(raw, self._enc_key(key))
+        value = self._codec.dec(raw, enc_key(key))
         return self._vt.coerce(value) if self._vt is not None else value
 
     def __setitem__(self, key: Any, value: Any) -> None:
         key = self._check_key(key)
-        self._script("set", [self._enc_key(key), self._enc(self._coerce(value))])
+        self._script("set", [enc_key(key), self._codec.enc(self._coerce(value))])
 
     def __delitem__(self, key: Any) -> None:
         key = self._check_key(key)
-        if not self._script("del", [self._enc_key(key)]):
+        if not self._script("del", [enc_key(key)]):
             raise KeyError(key)
 
     def __iter__(self) -> Iterator[Any]:
-        return iter([self._dec_key(k) for k in self._with_alive("hkeys")])
+        return iter([dec_key(k) for k in self._with_alive("hkeys")])
 
     def __len__(self) -> int:
-        return self._with_alive("hlen")
+        return int(self._with_alive("hlen"))
 
     def __contains__(self, key: Any) -> bool:
         try:
             key = self._check_key(key)
         except KeyError:
             return False
-        if self._do(self._r().hexists, self._key, self._enc_key(key)):
+        if self._do(self._r().hexists, self._key, enc_key(key)):
             return True
         self._check_alive()
         return False
@@ -455,6 +366,9 @@ class RedisMapping(SharedMapping):
         if not self._do(self._r().exists, self._meta_key):
             raise self._gone()
 
+    def _unreachable(self, exc: Exception) -> BackendDiedError:
+        return BackendDiedError(f"Redis at {redact_url(self._url)} is unreachable ({exc})")
+
     def _gone(self) -> BackendDiedError:
         return BackendDiedError(
             f"mapping {self._label()} was destroyed (its key {self._key!r} is gone from "
@@ -463,17 +377,17 @@ class RedisMapping(SharedMapping):
 
     # ------------------------------------------------------------------ one round trip each
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[Any, Any]:
         raw = self._with_alive("hgetall")
-        out = {self._dec_key(k): self._dec(v, k) for k, v in raw.items()}
+        out = {dec_key(k): self._codec.dec(v, k) for k, v in raw.items()}
         if self._vt is not None:
             out = {k: self._vt.coerce(v) for k, v in out.items()}
         return out
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
-        args: list = []
+        args: list[bytes] = []
         for k, v in items:
-            args += [self._enc_key(k), self._enc(v)]
+            args += [enc_key(k), self._codec.enc(v)]
         if args:
             self._script("update", args)
 
@@ -482,19 +396,22 @@ class RedisMapping(SharedMapping):
 
     def incr(self, key: Any, delta: Any = 1, default: Any = 0) -> Any:
         key = self._check_key(key)
-        _check_number("delta", delta)
+        check_number("delta", delta)
         if self._vt is not None and self._vt.name not in ("int64", "float64"):
             return super().incr(key, delta, default)  # narrower types: checked under the lock
         if self._vt is not None and self._vt.kind == "int":
             self._vt.coerce(delta)  # a float delta into an int mapping: TypeError, nothing written
-        _check_number("default", default)  # the script writes it before adding: check it first
-        delta, default = _plain_number("delta", delta), _plain_number("default", self._coerce(default))
-        kind = "f" if isinstance(delta, float) or (self._vt is not None and self._vt.kind == "float") else "i"
-        field = self._enc_key(key)
+        check_number("default", default)  # the script writes it before adding: check it first
+        delta = plain_number("delta", delta)
+        default = plain_number("default", self._coerce(default))
+        floats = isinstance(delta, float) or (self._vt is not None and self._vt.kind == "float")
+        kind = "f" if floats else "i"
+        field = enc_key(key)
         for attempt in (kind, "f"):
             try:
-                got = self._script("incr", [field, repr(float(delta)) if attempt == "f" else str(delta),
-                                            self._enc(default), attempt])
+                step = repr(float(delta)) if attempt == "f" else str(delta)
+                got = self._script("incr", [field, step,
+                                            self._codec.enc(default), attempt])
             except TypeError:
                 if attempt == "f":
                     raise
@@ -512,7 +429,7 @@ class RedisMapping(SharedMapping):
             return super().transform(key, fn, default)
         self._end_prefetch()  # this path talks to the pipeline directly, not through _do
         r = self._r()
-        field = self._enc_key(key)
+        field = enc_key(key)
         deadline = time.monotonic() + self._config.timeout
         delay = 0.001
         while True:
@@ -524,14 +441,14 @@ class RedisMapping(SharedMapping):
                     if pipe.get(self._lock_key) is None:
                         raw = pipe.hget(self._key, field)
                         if raw is not None:
-                            current = self._dec(raw, field)
+                            current = self._codec.dec(raw, field)
                             current = self._vt.coerce(current) if self._vt is not None else current
                         elif default is MISSING:
                             raise KeyError(key)
                         else:
                             current = copy.deepcopy(default)
                         new = self._coerce(fn(current))
-                        encoded = self._enc(new)
+                        encoded = self._codec.enc(new)
                         pipe.multi()
                         pipe.hset(self._key, field, encoded)
                         pipe.execute()
@@ -543,18 +460,17 @@ class RedisMapping(SharedMapping):
                     f"Redis at {redact_url(self._url)} did not answer ({exc})"
                 ) from None
             except _redis.exceptions.ConnectionError as exc:
-                raise BackendDiedError(f"Redis at {redact_url(self._url)} is unreachable ({exc})") from None
+                raise self._unreachable(exc) from None
             if time.monotonic() >= deadline:
-                raise LockTimeoutError(
-                    f"transform() on mapping {self._label()} kept losing to other writers or to "
-                    f"a lock() holder for {self._config.timeout:g} s; pass a larger timeout"
-                )
+                raise lock_timeout(f"mapping {self._label()} for transform()",
+                                   self._config.timeout,
+                                   "it kept losing to other writers or to a lock() holder")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
     # ------------------------------------------------------------------ the lock
 
-    def lock(self, timeout: float | None = None) -> _LockContext:
+    def lock(self, timeout: float | None = None) -> LockContext:
         """One critical section across all processes: ``with d.lock(): ...``.
 
         Reentrant within a thread; while it is held, other processes' writes
@@ -630,7 +546,8 @@ class RedisMapping(SharedMapping):
         with self._renew_lock:
             if self._renewer is not None and self._renewer.is_alive():
                 return
-            self._renewer = threading.Thread(target=self._renew, daemon=True, name="shareit-redis-lock")
+            self._renewer = threading.Thread(target=self._renew, daemon=True,
+                                             name="shareit-redis-lock")
             self._renewer.start()
 
     def _renew(self) -> None:
@@ -651,17 +568,17 @@ class RedisMapping(SharedMapping):
             renewed = self._scripts["renew"]([self._lock_key], [hold.token, int(LOCK_TTL * 1000)])
         except Exception:  # Redis unreachable for now: the lease may still be ours; writes check it
             return
-        if not renewed:  # expired, maybe taken since: the holder's next write fails without a round trip
+        if not renewed:  # expired, maybe taken since: the holder's next write fails at once
             hold.lost = True
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """Where the mapping lives and who holds its lock: ``lock_holder`` is the pid in
         the holder's token, or None when the lock key holds something else (anyone who
         can write to the server can put anything there)."""
         r = self._r()
         holder = self._do(r.get, self._lock_key)
         return {"url": redact_url(self._url), "key": self._key, "keys": len(self),
-                "lock_held": holder is not None, "lock_holder": _token_pid(holder)}
+                "lock_held": holder is not None, "lock_holder": token_pid(holder)}
 
 
 class _Hold:
@@ -674,80 +591,10 @@ class _Hold:
         self.token, self.depth, self.lost, self.told = token, 1, False, False
 
 
-class _RedisLockContext(_LockContext):
+class _RedisLockContext(LockContext):
     __slots__ = ()
 
     def __exit__(self, *exc: Any) -> None:
         self._mapping._lock_release(exc[1])  # type: ignore[call-arg]  # the RedisMapping one
 
 
-def _response_error(exc: Exception) -> Exception:
-    msg = str(exc)
-    if "not an integer" in msg or "not a float" in msg or "not a valid float" in msg:
-        return TypeError(f"incr() needs a number at this key ({msg}); use transform() for other values")
-    if "overflow" in msg:
-        return ValueError(f"incr() would overflow a 64-bit integer ({msg})")
-    if "NaN or Infinity" in msg:
-        return ValueError(f"incr() would make the value NaN or infinite ({msg}); nothing changed")
-    return BackendDiedError(f"Redis refused the command: {msg}")
-
-
-def _plain_number(what: str, x: Any) -> int | float:
-    """``x`` as a built-in int or finite float, whose ``str`` Redis parses.
-
-    numpy scalars (``np.int64(3)``, ``np.float64(0.5)``) included: on numpy 2
-    their ``repr`` is ``np.int64(3)``, which no Redis command takes.
-    """
-    try:
-        return operator.index(x)
-    except TypeError:
-        pass
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"incr() {what} must be a real number, got {type(x).__name__} {x!r:.40}") from None
-    if not math.isfinite(f):
-        raise ValueError(f"incr() {what} must be finite on the redis backend, got {f!r}")
-    return f
-
-
-def _token_pid(token: Any) -> int | None:
-    """The pid in a ``lock()`` token (``PID:THREAD:HEX``), or None if it is not one."""
-    if not isinstance(token, bytes):
-        return None
-    head = token.split(b":", 1)[0]
-    if not 1 <= len(head) <= 10 or not head.isdigit():  # bytes.isdigit: ASCII digits only
-        return None
-    pid = int(head)
-    return pid if 0 < pid < (1 << 31) else None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _parse_meta(raw: dict) -> dict:
-    """A ``:meta`` hash as ``_claim_meta`` writes it, checked field by field (RecordError)."""
-    try:
-        meta = {k.decode(): v.decode() for k, v in raw.items()}
-    except UnicodeDecodeError:
-        raise RecordError("a field is not UTF-8") from None
-    for field in ("version", "backend", "options"):
-        if field not in meta:
-            raise RecordError(f"it has no {field!r} field")
-    if meta["version"] != str(META_VERSION):
-        raise RecordError(
-            f"it has format version {meta['version']!r:.20}, expected {META_VERSION} "
-            f"(written by another shareit version?)"
-        )
-    if not _records._BACKEND_RE.fullmatch(meta["backend"]):
-        raise RecordError(f"its backend {meta['backend']!r:.40} is not a backend name")
-    try:
-        options = json.loads(meta["options"], parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
-        raise RecordError("its 'options' field is not JSON") from None
-    serializer = meta.get("serializer")  # absent in records of older shareit versions
-    if serializer is not None and serializer not in ("pickle", "json"):
-        raise RecordError(f"its serializer {serializer!r:.40} is not 'pickle' or 'json'")
-    return {"backend": meta["backend"], "options": _records.options_from_json(options),
-            "serializer": serializer, "fields": {}}

@@ -24,8 +24,10 @@ Features
   deadlocks the rest, unlike ``Value.get_lock()``.
 - Sharing is by inheritance only: ``fork``, ``Process`` arguments,
   ``Pool(initializer=..., initargs=(d,))``. Anything else (a ``Pool`` task
-  argument, a queue, another interpreter) raises :class:`~shareit.ShareitError`
-  naming the initializer pattern. No attach by name.
+  argument, a queue, another interpreter) raises :class:`~shareit.ConfigError`
+  naming the initializer pattern. No attach by name: a named value mapping
+  only reserves its name while its creator lives (the ``InheritOnly`` open
+  strategy).
 - :meth:`ValueMapping.values_array` gives every value as numpy in one call.
 
 How reads stay consistent without waiting
@@ -62,7 +64,8 @@ word. A one-key read (``d[k]``) reads the word, the slot, and the word again:
 the same word without ``bulk`` means no bulk write touched the key in between
 (it sets ``bulk`` before it stores a value), and the value is stored before
 the word that makes it present -- three loads, no header, as cheap as before
-this scheme. ``k in d`` reads the word alone. A read of several keys (``snapshot``, ``len``, iteration,
+this scheme. ``k in d`` reads the word alone. A read of several keys (``snapshot``, ``len``,
+iteration,
 ``values_array``) collects the words, the slots, then the words again: equal
 collects with no ``writing`` bit mean that no key changed between them, so
 the copy is the state at one instant. A ``writing`` bit that stays put for
@@ -88,17 +91,19 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from multiprocessing.context import get_spawning_popen
 from multiprocessing.sharedctypes import RawArray
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from .. import _runtime
+from .._contract import unhashable
 from .._locks import OWNER_DIED, RobustMutex
-from ..base import Capabilities, SharedMapping, _add, _check_number
-from ..config import Config, ConfigError
-from ..errors import BackendDiedError, LockTimeoutError, ShareitError
+from .._opening import INHERIT_ONLY
+from .._ops import add, check_number
+from ..base import Capabilities, SharedMapping
+from ..config import Config
+from ..errors import BackendDiedError, ConfigError, lock_timeout
 
 _CTYPES = {"int8": "b", "uint8": "B", "int16": "h", "uint16": "H", "int32": "i", "uint32": "I",
            "int64": "q", "uint64": "Q", "float32": "f", "float64": "d", "bool": "?"}
@@ -127,7 +132,7 @@ def fault(step: str) -> None:
 def _initial(name: str, v: Any) -> str:
     if v not in ("zero", "absent"):
         raise ConfigError(f"option 'initial' must be 'zero' or 'absent', got {v!r}")
-    return v
+    return str(v)
 
 
 def _raw_array(code: str, n: int) -> Any:
@@ -135,9 +140,10 @@ def _raw_array(code: str, n: int) -> Any:
     return RawArray(ctypes.c_bool if code == "?" else code, n)
 
 
-def _view(array: Any, code: str) -> memoryview:
+def _view(array: Any, code: str) -> Any:
     """A plain-format memoryview of a RawArray: indexing it is cheaper than the ctypes array."""
-    return memoryview(array).cast("B").cast(code)
+    octets: Any = memoryview(array).cast("B")  # (cast() is typed for literal formats only)
+    return octets.cast(code)
 
 
 class ValueMapping(SharedMapping):
@@ -152,9 +158,12 @@ class ValueMapping(SharedMapping):
         ordered=False,  # iteration follows the declared keys, not insertion
         notes="shared by inheritance only (fork, Process args, Pool initializer)",
     )
-    options = {"initial": (_initial, "zero", "declared keys start 'zero' (present, 0) or 'absent'")}
+    opener = INHERIT_ONLY
+    options: ClassVar[dict[str, tuple[Any, Any, str]]] = {
+        "initial": (_initial, "zero", "declared keys start 'zero' (present, 0) or 'absent'"),
+    }
 
-    def __init__(self, name: str | None, config: Config, arrays: tuple):
+    def __init__(self, name: str | None, config: Config, arrays: tuple[Any, ...]):
         super().__init__(name, config)
         self._arrays = arrays
         values, words, header, mutex_buf, undo_v, undo_w = arrays
@@ -172,34 +181,13 @@ class ValueMapping(SharedMapping):
         self._index = {k: i for i, k in enumerate(config.keys)}
         self._keys = list(config.keys)
         self._numpy_dtype = config.value_type
+        assert self._vt is not None  # (_create declares int64 when nothing else was)
         self._cv = self._vt.coerce
 
     @classmethod
-    def _open(cls, name: str | None, config: Config, create: bool = True) -> ValueMapping:
+    def _create(cls, name: str | None, config: Config) -> ValueMapping:
         if config.value_type is None:
             config = Config({**config.as_dict(), "value_type": "int64"}, config.sources)
-        if not create:
-            raise ConfigError(
-                "the value backend cannot attach by name (create=False): share a value mapping "
-                "by inheritance -- fork, Process(args=(d,)) or Pool(initializer=f, initargs=(d,))"
-            )
-        if name is not None:
-            record = _runtime.read_meta(name)
-            if record is not None and not _runtime.record_is_stale(record, _runtime.meta_path(name)):
-                raise ShareitError(
-                    f"a value mapping named {name!r} already exists in process "
-                    f"{record['owner_pid']}; value mappings cannot be attached by name. Pass it to "
-                    f"child processes instead: Process(args=(d,)) or Pool(initializer=f, initargs=(d,))"
-                )
-            _runtime.remove_meta(name, expect=record)
-            if not _runtime.claim(name):
-                raise ShareitError(f"another process is creating a mapping named {name!r}")
-        obj = cls._create(name, config)
-        obj._become_owner()
-        return obj
-
-    @classmethod
-    def _create(cls, name: str | None, config: Config) -> ValueMapping:
         n = len(config.keys)
         code = _CTYPES[config.value_type]
         values = _raw_array(code, n)
@@ -221,20 +209,21 @@ class ValueMapping(SharedMapping):
 
     # ------------------------------------------------------------------ sharing
 
-    def __reduce__(self):
-        self._check_open()
-        if get_spawning_popen() is None:
-            raise ShareitError(
-                "a value mapping is shared by inheritance only (its memory cannot travel "
-                "through pickle): pass it when a process starts -- Process(target=f, args=(d,)) or "
-                "Pool(initializer=init, initargs=(d,)) with init storing it in a global -- not as "
-                "a Pool task argument, through a queue, or to another interpreter. Or use "
-                "backend='shm', which attaches by name"
-            )
-        return (type(self)._from_handle, ((self._name, self._config, self._arrays),))
+    @classmethod
+    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> ValueMapping:
+        raise ConfigError(
+            f"a value mapping named {name!r} already exists in process {record['owner_pid']}; "
+            f"value mappings cannot be attached by name. Pass it to child processes instead: "
+            f"Process(args=(d,)) or Pool(initializer=f, initargs=(d,))"
+        )
+
+    def _handle(self) -> tuple[str | None, Config, tuple[Any, ...]]:
+        # pickled only while a child process starts (capabilities.pickle_anytime=False):
+        # the RawArrays travel by inheritance
+        return (self._name, self._config, self._arrays)
 
     @classmethod
-    def _from_handle(cls, handle: tuple) -> ValueMapping:
+    def _from_handle(cls, handle: tuple[str | None, Config, tuple[Any, ...]]) -> ValueMapping:
         return cls(*handle)
 
     # ------------------------------------------------------------------ locking
@@ -281,10 +270,8 @@ class ValueMapping(SharedMapping):
             self._check_open()
             got = m.acquire(self._config.timeout)
             if not got:
-                raise LockTimeoutError(
-                    f"could not lock key {self._keys[i]!r} of value mapping {self._label()} within "
-                    f"{self._config.timeout:g} s; another process holds lock(). Pass a larger timeout"
-                )
+                raise lock_timeout(f"key {self._keys[i]!r} of value mapping {self._label()}",
+                                   self._config.timeout, "another process holds lock()")
             if got == OWNER_DIED:
                 self._abandoned(i)
         hdr = self._hdr
@@ -314,10 +301,8 @@ class ValueMapping(SharedMapping):
     def _wlock(self) -> None:
         self._check_open()
         if not self._lock_acquire(self._config.timeout):
-            raise LockTimeoutError(
-                f"could not lock value mapping {self._label()} within {self._config.timeout:g} s; "
-                f"another process holds lock(). Pass a larger timeout"
-            )
+            raise lock_timeout(f"value mapping {self._label()}", self._config.timeout,
+                               "another process holds lock()")
 
     def _died(self) -> BackendDiedError:
         return BackendDiedError(f"value mapping {self._label()} was destroyed by its owner")
@@ -381,8 +366,8 @@ class ValueMapping(SharedMapping):
         if raw:
             words, slots = words.cast("B"), slots.cast("B")
         get_w = words.tobytes if raw else words.tolist
-        get_v = (slots.tobytes if raw else slots.tolist) if values else None
-        stalled: tuple | None = None
+        get_v = slots.tobytes if raw else slots.tolist
+        stalled: tuple[Any, float] | None = None
         while True:
             ended = hdr[_ENDED]
             if hdr[_BEGUN] != ended:
@@ -422,12 +407,9 @@ class ValueMapping(SharedMapping):
         try:
             return self._index[key]
         except TypeError:
-            raise TypeError(f"unhashable key type: {type(key).__name__!r}") from None
+            raise unhashable(key) from None
         except KeyError:
-            raise KeyError(
-                f"{key!r} is not one of the declared keys of mapping {self._label()}: "
-                f"{self._keys}"
-            ) from None
+            raise self._undeclared(key) from None
 
     def __getitem__(self, key: Any) -> Any:
         try:
@@ -451,8 +433,9 @@ class ValueMapping(SharedMapping):
         except (KeyError, TypeError):
             i = self._slot(key)
         value = self._cv(value)
-        m = self._kmutex[i]
-        rc = m.trylock()
+        mutex = self._kmutex[i]
+        rc = mutex.trylock()
+        m: RobustMutex | None = mutex
         hdr = self._hdr
         if rc or hdr[1] != hdr[2]:
             m = self._key_acquire(i, rc)
@@ -470,8 +453,9 @@ class ValueMapping(SharedMapping):
 
     def __delitem__(self, key: Any) -> None:
         i = self._slot(key)
-        m = self._kmutex[i]
-        rc = m.trylock()
+        mutex = self._kmutex[i]
+        rc = mutex.trylock()
+        m: RobustMutex | None = mutex
         if rc or self._hdr[_BEGUN] != self._hdr[_ENDED]:
             m = self._key_acquire(i, rc)
         try:
@@ -498,7 +482,7 @@ class ValueMapping(SharedMapping):
         except KeyError:
             return False
         except TypeError:
-            raise TypeError(f"unhashable key type: {type(key).__name__!r}") from None
+            raise unhashable(key) from None
         if self._closed:
             self._check_open()
         w = self._w[i]  # presence changes in one store, which sets _BULK in a bulk write
@@ -515,9 +499,10 @@ class ValueMapping(SharedMapping):
         if i is None:
             i = self._slot(key)
         if type(delta) is not int and type(delta) is not float:
-            _check_number("delta", delta)
-        m = self._kmutex[i]
-        rc = m.trylock()
+            check_number("delta", delta)
+        mutex = self._kmutex[i]
+        rc = mutex.trylock()
+        m: RobustMutex | None = mutex
         hdr = self._hdr
         if rc or hdr[1] != hdr[2]:
             m = self._key_acquire(i, rc)
@@ -525,7 +510,7 @@ class ValueMapping(SharedMapping):
             words = self._w
             w = words[i]
             current = self._v[i] if w & 1 else self._cv(default)
-            new = self._cv(_add(key, current, delta))
+            new = self._cv(add(key, current, delta))
             words[i] = w | 2  # as in __setitem__
             self._vset[i] = new
             words[i] = ((w | 7) + 2) & _OK
@@ -536,7 +521,7 @@ class ValueMapping(SharedMapping):
                 m.release()
         return new
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[Any, Any]:
         """One consistent copy, taken without any lock (see the module docstring)."""
         self._check_open()
         words, values = self._collect(True)
@@ -591,9 +576,10 @@ class ValueMapping(SharedMapping):
         self._check_open()
         words, values = self._collect(True, raw=True)
         present = (np.frombuffer(words, dtype=np.int64) & _PRESENT).astype(bool)
-        return np.frombuffer(values, dtype=self._numpy_dtype)[present]
+        out: np.ndarray[Any, Any] = np.frombuffer(values, dtype=self._numpy_dtype)[present]
+        return out
 
-    def keys_list(self) -> list:
+    def keys_list(self) -> list[Any]:
         """The present keys, in the order of :meth:`values_array`."""
         return list(self)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -37,10 +38,11 @@ def shareit_files(name: str) -> list[str]:
 
 
 def run_children(
-    method: str, target: Callable, arglists: list[tuple], timeout: float = CHILD_TIMEOUT
+    method: str, target: Callable[..., Any], arglists: list[tuple[Any, ...]],
+    timeout: float = CHILD_TIMEOUT
 ) -> None:
     """Run ``target(*args)`` in one child per args under ``method``; all must exit 0 in time."""
-    ctx = mp.get_context(method)
+    ctx: Any = mp.get_context(method)
     procs = [ctx.Process(target=target, args=args) for args in arglists]
     for p in procs:
         p.start()
@@ -57,7 +59,11 @@ def _raised(fn: Callable[[Any], Any], m: Any) -> type | None:
     return None
 
 
-def join_all(procs: list, timeout: float = CHILD_TIMEOUT) -> list:
+def _constant(value: Any, _: Any) -> Any:
+    return value
+
+
+def join_all(procs: list[Any], timeout: float = CHILD_TIMEOUT) -> list[Any]:
     """Join every process within ``timeout``, killing any that hang (then failing); exit codes."""
     return linearizability.join_all(procs, timeout)
 
@@ -66,7 +72,7 @@ class SharedMappingSuite:
     """Subclass as ``TestX`` and set ``backend`` (and ``options``) to test a backend."""
 
     backend: str = ""
-    options: dict = {}
+    options: dict[str, Any] = {}  # noqa: RUF012  (a glue file's class attribute, read only)
 
     # ------------------------------------------------------------------ helpers
 
@@ -74,7 +80,7 @@ class SharedMappingSuite:
     def caps(self) -> shareit.Capabilities:
         return registry.load(self.backend).capabilities
 
-    def opts(self, **extra: Any) -> dict:
+    def opts(self, **extra: Any) -> dict[str, Any]:
         opts = dict(self.options)
         if self.caps.fixed_keys and "keys" not in extra and "keys" not in opts:
             opts["keys"] = KEYS
@@ -172,7 +178,8 @@ class SharedMappingSuite:
         keys = list(d.keys())  # may take a snapshot for dict(d); it must not outlive other calls
         d[keys[0]] = self.val(9)
         assert d[keys[0]] == self.val(9), "a read after keys() and a write returned the old value"
-        assert dict(d) == {keys[0]: self.val(9), keys[1]: self.val(2) if keys[1] == "b" else self.val(1)}
+        other = self.val(2) if keys[1] == "b" else self.val(1)
+        assert dict(d) == {keys[0]: self.val(9), keys[1]: other}
 
     def test_equality_with_any_mapping(self, d: SharedMapping) -> None:
         d.update(a=self.val(1), b=self.val(2))
@@ -240,10 +247,10 @@ class SharedMappingSuite:
         assert "closed" in repr(d)
 
     def test_name_backend_config(self, d: SharedMapping) -> None:
-        assert d.backend == self.backend and d.name.startswith("t-")
+        assert d.backend == self.backend and d.name is not None and d.name.startswith("t-")
         assert d.config.backend == self.backend and d.config["timeout"] > 0
         with pytest.raises(AttributeError):
-            d.config.timeout = 1  # type: ignore[misc]
+            d.config.timeout = 1
 
     # ------------------------------------------------------------------ atomic operations
 
@@ -265,7 +272,7 @@ class SharedMappingSuite:
 
     def test_transform(self, d: SharedMapping) -> None:
         d["n"] = self.val(2) if self.any_values else 2
-        fn = (lambda v: v + [0]) if self.any_values else (lambda v: v * 2)
+        fn: Callable[[Any], Any] = (lambda v: v + [0]) if self.any_values else (lambda v: v * 2)
         expected = fn(d["n"])
         assert d.transform("n", fn) == expected and d["n"] == expected
         with pytest.raises(KeyError):
@@ -319,7 +326,11 @@ class SharedMappingSuite:
         d["n"] = 0
         inside = threading.Event()
         with d.lock():
-            t = threading.Thread(target=lambda: (inside.set(), d.incr("n")))
+            def incr_once() -> None:
+                inside.set()
+                d.incr("n")
+
+            t = threading.Thread(target=incr_once)
             t.start()
             inside.wait(10)
             assert not self._joined(t, 0.2), "another thread's incr ran while lock() was held"
@@ -364,7 +375,7 @@ class SharedMappingSuite:
                 f"{what}: a dict raises {expected.__name__}, backend {self.backend!r} raised "
                 f"{got.__name__ if got else 'nothing'}")
             assert d.snapshot() == before, f"{what} changed the mapping"
-        empty = {}
+        empty: dict[str, Any] = {}
         assert _raised(lambda m: m.popitem(), empty) is KeyError
         d.clear()
         assert _raised(lambda m: m.popitem(), d) is KeyError
@@ -396,7 +407,7 @@ class SharedMappingSuite:
         assert d[1] == 5
         d[1] = 6  # (a repeated write of a number may take a fast path)
         assert d[1] == 6
-        bad: list = [1.0, True, np.int64(1)]
+        bad: list[Any] = [1.0, True, np.int64(1)]
         if tuple in allowed:
             d[(1, "a")] = 7
             assert d[(1, "a")] == 7
@@ -414,13 +425,14 @@ class SharedMappingSuite:
     def test_unpicklable_value_raises_and_changes_nothing(self, d: SharedMapping) -> None:
         self.need_any_values()
         d["a"] = 1
-        for bad in (threading.Lock(), lambda: 1):
+        unpicklable: list[Any] = [threading.Lock(), lambda: 1]
+        for bad in unpicklable:
             with pytest.raises(TypeError, match="pickle"):
                 d["a"] = bad
             with pytest.raises(TypeError, match="pickle"):
                 d.update({"b": 2, "c": bad})
             with pytest.raises(TypeError, match="pickle"):
-                d.transform("a", lambda v: bad)
+                d.transform("a", functools.partial(_constant, bad))
         assert dict(d) == {"a": 1}
 
     def test_declared_value_type_is_enforced(self, make: Callable[..., SharedMapping]) -> None:
@@ -500,6 +512,7 @@ class SharedMappingSuite:
     def test_destroy_by_another_handle(self, d: SharedMapping) -> None:
         self.need("attach_by_name", "cannot attach by name")
         d["a"] = self.val(1)
+        assert d.name is not None
         shareit.destroy(d.name, backend=self.backend, **self.options)
         assert shareit_files(d.name) == []
         with pytest.raises(shareit.BackendDiedError):
@@ -607,7 +620,7 @@ class SharedMappingSuite:
     def test_killed_lock_holder_does_not_block_others(self, d: SharedMapping, method: str) -> None:
         self.need_method(method)
         d["n"] = 0
-        ctx = mp.get_context(method)
+        ctx: Any = mp.get_context(method)
         acquired, never = ctx.Event(), ctx.Event()
         child = ctx.Process(target=_workers.hold_lock_forever, args=(d, acquired, never))
         child.start()

@@ -1,0 +1,381 @@
+"""The backend contract: what every mapping holds, and the hooks a backend provides.
+
+:class:`MappingBase` is the bottom layer of :class:`~shareit.base.SharedMapping`
+(``_ops`` -> ``_views`` -> ``_lifecycle`` -> ``base`` build on it). It declares
+
+- the state every mapping holds (name, frozen config, declared keys and value
+  type, owner, closed) -- set in ``__init__``, the only place;
+- the **abstract hooks**, which a backend must provide: the five methods of
+  ``MutableMapping`` (``__getitem__``, ``__setitem__``, ``__delitem__``,
+  ``__iter__``, ``__len__``) and ``_create``, ``_attach_record``,
+  ``_handle``, ``_from_handle``;
+- the **default hooks**, which a backend may replace: ``_cleanup_record``,
+  ``_close``, ``_destroy`` and the lock (``_lock_acquire``/``_lock_release``:
+  a crash-safe file lock in the runtime dir, with the undo journal that makes
+  the generic bulk writes all-or-nothing when a holder dies);
+- the input checks every backend applies the same way (``_check_key``,
+  ``_coerce``, :meth:`MappingBase.check_config`) and :meth:`MappingBase.lock`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from abc import abstractmethod
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from . import _codec, _runtime
+from ._locks import FileLock
+from .config import Config
+from .errors import BackendDiedError, ClosedError, ConfigError, lock_timeout
+
+__all__ = ["MappingBase", "Capabilities", "MISSING", "STRUCTURAL_OPTIONS", "LockContext"]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+#: Sentinel for "no default given".
+MISSING: Any = _Missing()
+
+#: Options fixed by a mapping's creator; an attacher gets the creator's values.
+STRUCTURAL_OPTIONS = ("value_type", "keys", "capacity", "persist")
+
+_ALL_START_METHODS = frozenset({"fork", "spawn", "forkserver"})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do. Tests and error messages read these, never class names."""
+
+    #: ``shareit.open(name)`` in an unrelated process reaches the same data.
+    attach_by_name: bool = True
+    #: Processes on other machines can share the mapping.
+    cross_machine: bool = False
+    #: ``keys=`` must be declared up front.
+    fixed_keys: bool = False
+    #: ``"any"`` (any picklable value) and/or ``"numeric"`` (declared numeric value_type).
+    value_kinds: frozenset[str] = frozenset({"any", "numeric"})
+    #: Allowed key types (tuples of them allowed if ``tuple`` is listed); None: any hashable.
+    key_types: tuple[type, ...] | None = None
+    #: Start methods under which child processes can use an inherited handle.
+    start_methods: frozenset[str] = _ALL_START_METHODS
+    #: The handle pickles at any time (Pool tasks, queues, other interpreters),
+    #: not only while a child process is being started.
+    pickle_anytime: bool = True
+    #: Iteration follows insertion order, like dict.
+    ordered: bool = True
+    #: A plain read always sees every write that completed before it, in any process.
+    fresh_reads: bool = True
+    #: Extra notes for ``shareit.backends()``.
+    notes: str = ""
+
+
+class LockContext:
+    """What :meth:`MappingBase.lock` returns: a context manager, also usable by hand."""
+
+    __slots__ = ("_mapping", "_timeout")
+
+    def __init__(self, mapping: MappingBase, timeout: float | None):
+        self._mapping, self._timeout = mapping, timeout
+
+    def acquire(self) -> None:
+        m = self._mapping
+        m._check_open()
+        timeout = m._config.timeout if self._timeout is None else self._timeout
+        if not m._lock_acquire(timeout):
+            raise lock_timeout(f"mapping {m._label()}", timeout)
+
+    def release(self) -> None:
+        self._mapping._lock_release()
+
+    def __enter__(self) -> Any:
+        self.acquire()
+        return self._mapping
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class MappingBase(MutableMapping[Any, Any]):
+    """State, identity, hooks, input checks and the lock (see the module docstring)."""
+
+    #: The registry name of the backend.
+    backend: ClassVar[str] = ""
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Backend-specific options: name -> (validator, default, description).
+    options: ClassVar[dict[str, tuple[Any, Any, str]]] = {}
+    #: Reads cost a round trip: ``dict(d)`` then reads one snapshot (see ``_views``).
+    _prefetch_reads: ClassVar[bool] = False
+    #: The backend's own fields in its record: name -> accepted JSON types. Checked
+    #: before use; a record's other fields are dropped (records are data, never paths).
+    record_fields: ClassVar[dict[str, tuple[type, ...]]] = {}
+
+    def __init__(self, name: str | None, config: Config, *, stem: str | None = None):
+        self._name = name
+        self._config = config
+        #: The stem of this mapping's files in the runtime dir (the name, or an anonymous
+        #: stem); only the default lock needs it.
+        self._stem = stem if stem is not None else name
+        self._closed = False
+        self._owner = 0  # the pid of the process that created it, in that process only
+        self._joined = False  # counted among the users of its named mapping (see _lifetime)
+        self._created = 0.0  # its record's creation time: which mapping of that name it is
+        vt = config.value_type
+        self._vt = _codec.VALUE_TYPES[vt] if vt else None
+        self._declared = frozenset(config.keys) if config.keys else None
+        self._filelock: FileLock | None = None
+
+    # ------------------------------------------------------------ abstract hooks
+
+    @classmethod
+    @abstractmethod
+    def _create(cls, name: str | None, config: Config) -> Any:
+        """Create the shared object and return a handle on it.
+
+        ``name`` is already claimed by the open strategy (or None: anonymous). A
+        named mapping publishes its record here (``self._publish(**fields)``) when
+        its backend uses runtime-dir records. If it fails, nothing may be left.
+        """
+
+    @classmethod
+    @abstractmethod
+    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> Any:
+        """Attach to the live object that ``record`` (checked, options merged) describes.
+
+        A backend that cannot attach by name raises here the error that names the
+        way that works (its open strategy calls it when the name is taken).
+        """
+
+    @abstractmethod
+    def _handle(self) -> Any:
+        """What a receiving process needs to re-attach: picklable, never the data."""
+
+    @classmethod
+    @abstractmethod
+    def _from_handle(cls, handle: Any) -> Any:
+        """A new handle from what :meth:`_handle` returned, in the receiving process."""
+
+    # ------------------------------------------------------------ default hooks
+
+    @classmethod
+    def _cleanup_record(cls, name: str, record: dict[str, Any]) -> None:
+        """Remove what a named mapping holds beside its record, once no user is left
+        (its last user left, or its owner died). Default: the default lock's files."""
+        for kind in _LOCK_FILES:
+            _unlink_quiet(_runtime.path(name, kind))
+
+    def _close(self) -> None:
+        """Release this process's resources (connections, mappings, descriptors)."""
+        if self._filelock is not None:
+            self._filelock.close()
+
+    def _destroy(self) -> None:
+        """Remove the shared object for everyone, then :meth:`_close`."""
+        if self._stem is not None:
+            for kind in _LOCK_FILES:
+                _unlink_quiet(_runtime.path(self._stem, kind))
+        if self._name is not None:
+            _runtime.remove_meta(self._name)
+        self._close()
+
+    def _lock_path(self) -> str:
+        if self._stem is None:
+            raise TypeError(
+                f"backend {self.backend!r} uses the default lock for an anonymous mapping: pass "
+                f"stem=_runtime.anon_stem() to SharedMapping.__init__, or override _lock_acquire"
+            )
+        return _runtime.path(self._stem, "mutex")
+
+    def _create_lock(self) -> None:
+        """Make the default lock's file: a backend that keeps the default lock calls this
+        in ``_create``, before the mapping can be reached. A handle never creates it, so
+        one used after ``destroy()`` raises BackendDiedError and leaves nothing behind."""
+        os.close(_runtime.open_private(self._lock_path(), os.O_RDWR, create=True))
+
+    def _lock_acquire(self, timeout: float) -> bool:
+        """Take the mapping's lock (reentrant per thread) within ``timeout`` seconds.
+
+        The default: ``flock`` on ``STEM@mutex`` (made by :meth:`_create_lock`),
+        released by the kernel when its holder dies; the first taker after a holder
+        died in a generic bulk write rolls that write back (:meth:`_rollback_journal`).
+        """
+        if self._filelock is None:
+            self._filelock = FileLock(self._lock_path(), create=False)
+        outermost = not self._filelock.held()
+        try:
+            if not self._filelock.acquire(timeout):
+                return False
+        except FileNotFoundError:
+            raise BackendDiedError(
+                f"mapping {self._label()} was destroyed (its lock file is gone); open it again"
+            ) from None
+        if outermost:
+            try:
+                self._rollback_journal()
+            except BaseException:
+                self._filelock.release()
+                raise
+        return True
+
+    def _lock_release(self) -> None:
+        if self._filelock is None:
+            raise RuntimeError("release of a lock this thread does not hold")
+        self._filelock.release()
+
+    # ------------------------------------------------------------ the undo journal
+
+    def _journal_path(self) -> str:
+        return _runtime.path(self._lock_path().rpartition(_runtime.SEP)[0], "undo")
+
+    def _write_journal(self, undo: list[tuple[Any, Any]]) -> None:
+        """Before a generic bulk write (lock held): what to restore if this process dies."""
+        path = self._journal_path()
+        tmp = path + ".tmp"
+        _unlink_quiet(tmp)  # left by a holder killed while writing it
+        data = pickle.dumps([(k, v is not MISSING, None if v is MISSING else v)
+                             for k, v in undo], _codec.PROTOCOL)
+        fd = _runtime.open_private(tmp, os.O_WRONLY, create=True)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def _end_journal(self) -> None:
+        _unlink_quiet(self._journal_path())
+
+    def _rollback_journal(self) -> None:
+        """Just after taking the default lock: undo a bulk write its dead holder left."""
+        path = self._journal_path()
+        try:
+            fd = _runtime.open_private(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        with os.fdopen(fd, "rb") as f:
+            undo = pickle.loads(f.read())  # (our own private file, written above)
+        for key, present, value in reversed(undo):  # idempotent: a rollback cut short reruns
+            if present:
+                self[key] = value
+            else:
+                self.pop(key, None)
+        _unlink_quiet(path)
+
+    # ------------------------------------------------------------ identity
+
+    @property
+    def name(self) -> str | None:
+        """The mapping's name, or None for an anonymous one."""
+        return self._name
+
+    @property
+    def config(self) -> Config:
+        """The resolved, frozen options."""
+        return self._config
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _label(self) -> str:
+        return repr(self._name) if self._name else f"<anonymous {self.backend}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(
+                f"mapping {self._label()} is closed in this process; "
+                + (
+                    f"open it again with shareit.open({self._name!r})"
+                    if self._name
+                    else "an anonymous mapping cannot be reopened after close()"
+                )
+            )
+
+    # ------------------------------------------------------------ input checks
+
+    @classmethod
+    def check_config(cls, config: Config) -> None:
+        """Reject a configuration this backend cannot honour (override to add rules)."""
+        caps = cls.capabilities
+        if caps.fixed_keys and not config.keys:
+            raise ConfigError(
+                f"backend {cls.backend!r} needs its keys declared up front, e.g. "
+                f"shareit.open(name, backend={cls.backend!r}, keys=['ok', 'error'])"
+            )
+        if config.keys and caps.key_types is not None:
+            for k in config.keys:
+                cls._check_key_type(k)
+
+    @classmethod
+    def _check_key_type(cls, key: Any) -> None:
+        allowed = cls.capabilities.key_types
+        if allowed is None:
+            return
+        if isinstance(key, tuple) and tuple in allowed:
+            for part in key:
+                cls._check_key_type(part)
+            return
+        if type(key) not in allowed:
+            names = ", ".join(t.__name__ for t in allowed if t is not tuple)
+            tail = " and tuples of these" if tuple in allowed else ""
+            raise TypeError(
+                f"backend {cls.backend!r} takes keys of type {names}{tail}; "
+                f"got {type(key).__name__} {key!r:.60}"
+            )
+
+    def _check_key(self, key: Any) -> Any:
+        """Validate ``key`` (hashable, allowed type, declared) and return it."""
+        try:
+            hash(key)
+        except TypeError:
+            raise unhashable(key) from None
+        if self.capabilities.key_types is not None:
+            self._check_key_type(key)
+        if self._declared is not None and key not in self._declared:
+            raise self._undeclared(key)
+        return key
+
+    def _undeclared(self, key: Any) -> KeyError:
+        return KeyError(
+            f"{key!r} is not one of the declared keys of mapping {self._label()}: "
+            f"{sorted(self._declared or (), key=repr)}"
+        )
+
+    def _coerce(self, value: Any) -> Any:
+        """Apply the declared ``value_type`` (TypeError/ValueError when it does not fit)."""
+        return value if self._vt is None else self._vt.coerce(value)
+
+    # ------------------------------------------------------------ the lock
+
+    def lock(self, timeout: float | None = None) -> LockContext:
+        """One critical section across all processes: ``with d.lock(): ...``.
+
+        Reentrant within a thread. While a process holds it, writes by every
+        other process (``d[k] = v``, ``incr``, ``update``, ...) wait; plain
+        reads do not on the built-in backends (a backend that keeps the generic
+        bulk writes makes its reads take it too). If the holder dies, the lock
+        is released. Raises :class:`~shareit.LockTimeoutError` after
+        ``timeout`` seconds (default: the ``timeout`` option).
+        """
+        return LockContext(self, timeout)
+
+
+#: The default lock's files: the lock, its undo journal, the journal being written.
+_LOCK_FILES = ("mutex", "undo", "undo.tmp")
+
+
+def unhashable(key: Any) -> TypeError:
+    """The error for an unhashable key, as a dict words it."""
+    return TypeError(f"unhashable key type: {type(key).__name__!r}")
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
