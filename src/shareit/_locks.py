@@ -18,8 +18,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from .errors import lock_timeout
-
 if TYPE_CHECKING:  # (ctypes is imported when a robust mutex is first used)
     import ctypes
 
@@ -92,18 +90,10 @@ class FileLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._mutex.release()
 
-    def held(self) -> bool:
-        return self._owner == threading.get_ident() and self._pid == os.getpid()
-
     def close(self) -> None:
         if self._fd >= 0 and self._pid == os.getpid():
             os.close(self._fd)
         self._fd, self._pid = -1, -1
-
-
-def acquire_or_raise(lock: FileLock, timeout: float, what: str) -> None:
-    if not lock.acquire(timeout):
-        raise lock_timeout(what, timeout)
 
 
 # --------------------------------------------------------------------------- robust mutex

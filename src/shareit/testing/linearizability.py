@@ -38,7 +38,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -273,7 +273,6 @@ class Result:
     ops: int
     groups: int
     failure: str = ""
-    checked: list = field(default_factory=list)
 
     def explain(self) -> str:
         if self.ok:
