@@ -62,11 +62,16 @@ class ValueType:
 
     def __init__(self, name: str, kind: str, lo: int | None = None, hi: int | None = None):
         self.name, self.kind, self.lo, self.hi = name, kind, lo, hi
-        self.coerce: Callable[[Any], Any] = {
-            "int": self._int,
-            "float": self._float,
-            "bool": self._bool,
-        }[kind]
+        self.coerce: Callable[[Any], Any]
+        if kind == "int":
+            if lo is None or hi is None:
+                raise ValueError(f"the int value type {name!r} needs its range")
+            self.coerce = self._int_in(lo, hi)
+        else:
+            self.coerce = {"float": self._float, "bool": self._bool}[kind]
+
+    def __reduce__(self) -> tuple[type[ValueType], tuple[str, str, int | None, int | None]]:
+        return ValueType, (self.name, self.kind, self.lo, self.hi)
 
     def _reject(self, value: Any) -> TypeError:
         want = {
@@ -79,18 +84,24 @@ class ValueType:
             f"got {type(value).__name__} {value!r:.60}, expected {want}"
         )
 
-    def _int(self, value: Any) -> int:
-        if isinstance(value, bool) or isinstance(value, float):
-            raise self._reject(value)
-        try:
-            v = operator.index(value)
-        except TypeError:
-            raise self._reject(value) from None
-        if not self.lo <= v <= self.hi:  # type: ignore[operator]
-            raise ValueError(
-                f"{v} does not fit value_type={self.name!r} (range {self.lo} .. {self.hi})"
-            )
-        return v
+    def _int_in(self, lo: int, hi: int) -> Callable[[Any], int]:
+        """The coercion to an int of ``lo .. hi`` (a closure: the range is two cell loads)."""
+        reject = self._reject
+
+        def _int(value: Any) -> int:
+            if isinstance(value, bool) or isinstance(value, float):
+                raise reject(value)
+            try:
+                v = operator.index(value)
+            except TypeError:
+                raise reject(value) from None
+            if not lo <= v <= hi:
+                raise ValueError(
+                    f"{v} does not fit value_type={self.name!r} (range {lo} .. {hi})"
+                )
+            return v
+
+        return _int
 
     def _float(self, value: Any) -> float:
         if isinstance(value, (bool, str, bytes)):
@@ -114,7 +125,7 @@ class ValueType:
 
 
 def _int_types() -> dict[str, ValueType]:
-    out = {}
+    out: dict[str, ValueType] = {}
     for bits in (8, 16, 32, 64):
         out[f"int{bits}"] = ValueType(f"int{bits}", "int", -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         out[f"uint{bits}"] = ValueType(f"uint{bits}", "int", 0, 2**bits - 1)
@@ -143,9 +154,8 @@ def value_type(spec: Any) -> str | None:
     elif isinstance(spec, str):
         name = spec
     else:
-        name = getattr(spec, "name", None) or getattr(spec, "__name__", None)
-        if not isinstance(name, str):
-            name = repr(spec)
+        found = getattr(spec, "name", None) or getattr(spec, "__name__", None)
+        name = found if isinstance(found, str) else repr(spec)
     name = _ALIASES.get(name, name)
     if name not in VALUE_TYPES:
         raise ValueError(
