@@ -399,7 +399,8 @@ def test_a_server_of_another_user_is_refused() -> None:
     try:
         assert parent_end.poll(TIMEOUT) and parent_end.recv() == "listening"
         victim = ManagerMapping(None, m.config, address, b"x" * 32)
-        with pytest.raises(shareit.PermissionDeniedError, match=f"belongs to uid {NOBODY}, not you"):
+        with pytest.raises(shareit.PermissionDeniedError,
+                           match=f"belongs to uid {NOBODY}, not you"):
             len(victim)
         victim.close()
     finally:
