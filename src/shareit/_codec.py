@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["ValueType", "VALUE_TYPES", "value_type", "dumps", "loads"]
@@ -18,7 +18,7 @@ __all__ = ["ValueType", "VALUE_TYPES", "value_type", "dumps", "loads"]
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-def dumps(value: Any) -> bytes:
+def dumps(value: object) -> bytes:
     """Pickle ``value``; an unpicklable value raises ``TypeError`` saying what would work."""
     try:
         return pickle.dumps(value, PROTOCOL)
@@ -36,12 +36,12 @@ loads = pickle.loads
 PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def all_plain(values: Any) -> bool:
+def all_plain(values: Iterable[object]) -> bool:
     """Whether every value is of a plain type (C loops only: for bulk paths)."""
     return set(map(type, values)) <= PLAIN_TYPES
 
 
-def pack(value: Any) -> Any:
+def pack(value: object) -> object:
     """A value as a server stores it: plain built-ins as themselves, others as ``(pickle,)``.
 
     A tuple in storage therefore always means "pickled" (tuple values are pickled).
@@ -51,7 +51,7 @@ def pack(value: Any) -> Any:
     return (dumps(value),)
 
 
-def unpack(stored: Any) -> Any:
+def unpack(stored: object) -> Any:
     return loads(stored[0]) if type(stored) is tuple else stored
 
 
@@ -73,7 +73,7 @@ class ValueType:
     def __reduce__(self) -> tuple[type[ValueType], tuple[str, str, int | None, int | None]]:
         return ValueType, (self.name, self.kind, self.lo, self.hi)
 
-    def _reject(self, value: Any) -> TypeError:
+    def _reject(self, value: object) -> TypeError:
         want = {
             "int": "an int",
             "float": "an int or a float",
@@ -111,7 +111,7 @@ class ValueType:
         except (TypeError, ValueError):
             raise self._reject(value) from None
 
-    def _bool(self, value: Any) -> bool:
+    def _bool(self, value: object) -> bool:
         if value is True or value is False or type(value).__name__ == "bool_":
             return bool(value)
         raise self._reject(value)
@@ -141,7 +141,7 @@ VALUE_TYPES: dict[str, ValueType] = {
 _ALIASES = {"int": "int64", "float": "float64", "double": "float64", "bool_": "bool"}
 
 
-def value_type(spec: Any) -> str | None:
+def value_type(spec: object) -> str | None:
     """Normalise a ``value_type`` option to one of :data:`VALUE_TYPES`' names, or ``None``.
 
     Accepts the names (``"int64"``), the Python types ``int``/``float``/``bool`` and

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypedDict
+from typing import NoReturn, TypedDict
 
 from . import _records
 from ._records import Proc, Record
@@ -130,7 +130,7 @@ def runtime_dir() -> str:
     return d
 
 
-def check_name(name: Any) -> str:
+def check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(
             f"invalid mapping name {name!r:.80}: use 1-120 characters of letters, digits, "
@@ -144,7 +144,7 @@ def anon_stem() -> str:
     return f"+anon-{os.getpid()}-{secrets.token_hex(6)}"
 
 
-def check_stem(stem: Any) -> str:
+def check_stem(stem: object) -> str:
     """A stem from a handle: a valid name or an anonymous stem, never a path."""
     if isinstance(stem, str) and (_NAME_RE.fullmatch(stem) or _ANON_RE.fullmatch(stem)):
         return stem
@@ -282,7 +282,7 @@ def read_meta(name: str) -> Record | None:
         raise RecordError(f"the record {meta_path(name)} is malformed: {exc}") from None
 
 
-def _no_constant(word: str) -> Any:
+def _no_constant(word: str) -> NoReturn:
     raise ValueError(f"{word} is not JSON")
 
 
@@ -306,7 +306,7 @@ def _write_atomic(p: str, record: Mapping[str, object]) -> None:
     os.replace(tmp, p)
 
 
-def rewrite(name: str, **fields: Any) -> None:
+def rewrite(name: str, **fields: object) -> None:
     """Rewrite some fields (users, parents, keeper) of ``name``'s record; the caller holds
     the name's lock."""
     data = _read_raw(name)
