@@ -6,7 +6,7 @@ and, for backends that declare ``ordered``, the same iteration order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from hypothesis import strategies as st
@@ -16,7 +16,7 @@ from ..base import SharedMapping
 
 
 def _strategies(mapping: SharedMapping,
-                keys: list[Hashable]) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
+                keys: Sequence[Hashable]) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
     caps = mapping.capabilities
     key_st: st.SearchStrategy[Any]
     value_st: st.SearchStrategy[Any]
@@ -49,7 +49,7 @@ def _strategies(mapping: SharedMapping,
 
 
 def mapping_state_machine(mapping: SharedMapping,
-                          keys: list[Hashable]) -> type[RuleBasedStateMachine]:
+                          keys: Sequence[Hashable]) -> type[RuleBasedStateMachine]:
     """A state machine class over ``mapping`` (cleared at the start of every example)."""
     key_st, value_st = _strategies(mapping, keys)
     numeric = bool(mapping.config.value_type) and mapping.config.value_type != "bool"
