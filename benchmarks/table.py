@@ -23,7 +23,8 @@ def fmt(x: float | None) -> str:
 def main(path: str) -> None:
     data = json.load(open(path))
     rows = data["results"]
-    subjects = list(dict.fromkeys(r["subject"] for r in rows if r["subject"] != "Manager().dict() no lock"))
+    subjects = list(dict.fromkeys(r["subject"] for r in rows
+                                  if r["subject"] != "Manager().dict() no lock"))
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     by = {(r["workload"], r["subject"]): r for r in rows}
     print("| workload | " + " | ".join(subjects) + " |")
@@ -45,8 +46,8 @@ def main(path: str) -> None:
         print(f"| {w} | " + " | ".join(cells) + " |")
     m = data["machine"]
     print(f"\nops/s, median of {data['params']['repeats']}; (N×) = times raw `Manager().dict()` "
-          f"in the same run. {m['cpus']} cores, Python {m['python']}, {m['platform']}, {m['when']}. "
-          f"Command: `{data['command']}`.")
+          f"in the same run. {m['cpus']} cores, Python {m['python']}, {m['platform']}, "
+          f"{m['when']}. Command: `{data['command']}`.")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@ machine, can neither fail it nor be disturbed by it.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
 
 import pytest
 
+from helpers import ATTACKER
 from shareit import _runtime
 
 _SESSION_DIR = tempfile.mkdtemp(
@@ -66,3 +69,22 @@ def no_leaks_after_session():
 def name() -> str:
     """A fresh mapping name for one test."""
     return f"ft-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def attacker():
+    """(uid, gid) of a second user, made for this module and removed after it."""
+    created = False
+    try:
+        pw = pwd.getpwnam(ATTACKER)
+    except KeyError:
+        useradd = shutil.which("useradd")
+        if useradd is None:
+            pytest.skip("useradd is not installed: cannot create a second user")
+        subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        ATTACKER], check=True, capture_output=True)
+        created = True
+        pw = pwd.getpwnam(ATTACKER)
+    yield pw.pw_uid, pw.pw_gid
+    if created:
+        subprocess.run(["userdel", ATTACKER], capture_output=True)

@@ -6,6 +6,9 @@ import time
 
 DEADLINE = 10.0
 
+#: The second user the security tests create (see ``conftest.attacker``).
+ATTACKER = "shareit-attacker"
+
 
 def wait_until(pred, what: str = "condition", timeout: float = DEADLINE) -> None:
     """Poll our own view of ``pred`` until it holds; fail after ``timeout`` seconds."""

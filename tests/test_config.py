@@ -69,7 +69,8 @@ def test_unknown_backend_lists_valid_names_with_did_you_mean() -> None:
 
 def test_value_type_spellings() -> None:
     for spec, name in [("int64", "int64"), (int, "int64"), (float, "float64"),
-                       (np.float64, "float64"), (np.dtype("int32"), "int32"), ("double", "float64")]:
+                       (np.float64, "float64"), (np.dtype("int32"), "int32"),
+                       ("double", "float64")]:
         assert config.resolve(None, {"value_type": spec}).value_type == name
 
 
@@ -135,7 +136,7 @@ def test_bad_files_are_config_errors(tmp_path) -> None:
     with pytest.raises(ConfigError, match="unknown table"):
         config.resolve(None, {})
     path.write_text("[defaults]\ntimeuot = 1\n")
-    with pytest.raises(ConfigError, match="shareit.toml") as err:
+    with pytest.raises(ConfigError, match=r"shareit\.toml") as err:
         config.resolve(None, {})
     assert "Did you mean 'timeout'" in str(err.value)
 

@@ -188,7 +188,7 @@ def test_workers_restarted_all_at_once_find_their_data_while_their_supervisor_li
     """A graceful reload: every worker leaves before the new ones open the name. The
     process that started them (this one: a gunicorn master) keeps the mapping."""
     out = FORK.Queue()
-    for generation in range(3):
+    for _generation in range(3):
         both_open = FORK.Barrier(2)
         workers = [FORK.Process(target=_open_incr_close, args=(name, backend, out, both_open))
                    for _ in range(2)]

@@ -116,12 +116,14 @@ def test_server_killed_then_restarted(tmp_path) -> None:
     persist = ("--appendonly", "yes", "--appendfsync", "always")
     proc = start_tcp_server(str(tmp_path), port, *persist)
     url = f"redis://127.0.0.1:{port}/0"
-    d = shareit.open(f"r-{uuid.uuid4().hex[:8]}", backend="redis", url=url, timeout=2.0, persist=True)
+    d = shareit.open(f"r-{uuid.uuid4().hex[:8]}", backend="redis", url=url, timeout=2.0,
+                     persist=True)
     try:
         d["a"] = 1
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        for op in (lambda: d["a"], lambda: d.__setitem__("b", 2), lambda: len(d), lambda: d.incr("a")):
+        for op in (lambda: d["a"], lambda: d.__setitem__("b", 2), lambda: len(d),
+                   lambda: d.incr("a")):
             started = time.monotonic()
             with pytest.raises(shareit.BackendDiedError):
                 op()

@@ -52,7 +52,8 @@ def hold_then_write_after_resume(d, held, go, conn) -> None:
             d["before"] = "A"  # written while the lease was good: kept
             held.set()
             go.wait(TIMEOUT)  # the parent stops us here, past the lease, then lets us go
-            for what, write in (("set", lambda: d.__setitem__("x", 1)), ("incr", lambda: d.incr("n"))):
+            for what, write in (("set", lambda: d.__setitem__("x", 1)),
+                                ("incr", lambda: d.incr("n"))):
                 try:
                     write()
                     report.append((what, "written"))
@@ -112,7 +113,8 @@ def test_every_write_in_a_lost_lock_is_refused_by_redis(d, monkeypatch) -> None:
         "set": lambda: d.__setitem__("x", 1), "incr": lambda: d.incr("a"),
         "float incr": lambda: d.incr("a", 0.5), "update": lambda: d.update(a=2, y=3),
         "clear": d.clear, "del": lambda: d.__delitem__("a"), "pop": lambda: d.pop("a"),
-        "setdefault": lambda: d.setdefault("z", 1), "transform": lambda: d.transform("a", lambda v: v + 1),
+        "setdefault": lambda: d.setdefault("z", 1),
+        "transform": lambda: d.transform("a", lambda v: v + 1),
         "edit": lambda: _edit_append(d, "b"),
     }
     for holder in (None, b"someone-else"):  # expired and free, or expired and taken since
@@ -121,7 +123,8 @@ def test_every_write_in_a_lost_lock_is_refused_by_redis(d, monkeypatch) -> None:
                 _raw().delete(d._lock_key)
                 if holder is not None:
                     _raw().set(d._lock_key, holder)
-                assert not _hold(d).lost, "the refusal below comes from Redis, not from this process"
+                assert not _hold(d).lost, (
+                    "the refusal below comes from Redis, not from this process")
                 with pytest.raises(shareit.LockLostError, match="nothing was written"):
                     write()
                 assert _hold(d).lost
@@ -147,9 +150,9 @@ def test_the_write_script_refuses_a_stale_token_and_lets_the_lockless_through(d)
         _raw().delete(d._lock_key)
         if lock_value:
             _raw().set(d._lock_key, lock_value)
-        with pytest.raises(redis.exceptions.ResponseError, match="^LOST$"):
+        with pytest.raises(redis.exceptions.ResponseError, match=r"^LOST$"):
             setter(keys, ["mine", b"k", b"1"])
-    with pytest.raises(redis.exceptions.ResponseError, match="^LOCKED$"):
+    with pytest.raises(redis.exceptions.ResponseError, match=r"^LOCKED$"):
         setter(keys, ["", b"k", b"1"])
     _raw().set(d._lock_key, "mine")
     assert setter(keys, ["mine", b"k", b"1"]) == 1

@@ -169,12 +169,14 @@ def test_one_child_reopening_a_name_does_not_make_its_parent_a_keeper(tmp_path):
         shareit.open("kp").close()                   # one child: open, close,
         e = shareit.open("kp")                       # and open again
         print("ready", flush=True); sys.stdin.readline(); e.close()
-        '''.replace("\\n        ", "\\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        '''.replace("\\n        ", "\\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         child.stdout.readline()
         d.close()                                    # the child is the last user
         child.stdin.write("\\n"); child.stdin.flush(); child.wait()
         rec = _runtime.read_meta_quiet("kp")
-        print("RECORD", None if rec is None else {"users": rec["users"], "keeper": rec.get("keeper"),
+        print("RECORD", None if rec is None else {"users": rec["users"],
+                                                   "keeper": rec.get("keeper"),
                                                    "parents": rec["parents"]})
     """)
     assert "RECORD None" in r.stdout, r.stdout + r.stderr

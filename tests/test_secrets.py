@@ -217,7 +217,8 @@ def test_dead_server_messages_hide_the_password(tmp_path, caplog) -> None:
     port = free_port()
     proc = start_tcp_server(str(tmp_path), port, "--requirepass", PASSWORD)
     try:
-        d = shareit.open(backend="redis", url=f"redis://:{PASSWORD}@127.0.0.1:{port}/0", timeout=0.5)
+        d = shareit.open(backend="redis", url=f"redis://:{PASSWORD}@127.0.0.1:{port}/0",
+                         timeout=0.5)
         d["a"] = 1
     finally:
         proc.send_signal(signal.SIGKILL)

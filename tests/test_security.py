@@ -20,7 +20,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import pwd
 import shutil
 import stat
 import subprocess
@@ -33,6 +32,7 @@ import uuid
 import pytest
 
 import shareit
+from helpers import ATTACKER
 from shareit import _runtime, cli
 from shareit.errors import NotFoundError, PermissionDeniedError, RecordError
 
@@ -40,7 +40,6 @@ pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: creates a second user and drops privileges to it"
 )
 
-ATTACKER = "shareit-attacker"
 CHILD_TIMEOUT = 60.0
 
 
@@ -59,29 +58,11 @@ def _touch(path: str) -> None:
         f.write("pwned")
 
 
-@pytest.fixture(scope="module")
-def attacker():
-    """(uid, gid) of a second user, made for this module and removed after it."""
-    created = False
-    try:
-        pw = pwd.getpwnam(ATTACKER)
-    except KeyError:
-        useradd = shutil.which("useradd")
-        if useradd is None:
-            pytest.skip("useradd is not installed: cannot create a second user")
-        subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        ATTACKER], check=True, capture_output=True)
-        created = True
-        pw = pwd.getpwnam(ATTACKER)
-    yield pw.pw_uid, pw.pw_gid
-    if created:
-        subprocess.run(["userdel", ATTACKER], capture_output=True)
-
-
 @pytest.fixture
 def shared_base(monkeypatch):
     """A base runtime dir like /dev/shm (mode 1777): every user may create entries in it."""
-    base = tempfile.mkdtemp(prefix="shareit-sec-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    base = tempfile.mkdtemp(prefix="shareit-sec-",
+                            dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     os.chmod(base, 0o1777)
     monkeypatch.setenv("SHAREIT_RUNTIME_DIR", base)
     yield base
@@ -179,7 +160,7 @@ def test_a_runtime_dir_made_by_another_user_is_refused(attacker, shared_base, ma
     target = os.path.join(shared_base, "attacker-own") if how == "symlink" else None
     as_user(attacker, _plant_dir, shared_base, os.geteuid(), marker, target)
     for backend in ("shm", "manager", "queue"):
-        with pytest.raises(PermissionDeniedError, match="refusing to use .*shareit-0") as err:
+        with pytest.raises(PermissionDeniedError, match=r"refusing to use .*shareit-0") as err:
             shareit.open("hits", backend=backend)
         assert ("symlink" in str(err.value)) if how == "symlink" else (ATTACKER in str(err.value))
     with pytest.raises(PermissionDeniedError):
@@ -374,7 +355,7 @@ def test_a_file_others_can_access_is_refused() -> None:
         d.close()
 
 
-# ---------------------------------------------------------------------------- several users, one CLI
+# ------------------------------------------------------------------------ several users, one CLI
 
 
 def _own_mappings(n: int) -> list:

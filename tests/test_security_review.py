@@ -23,14 +23,14 @@ from shareit import _runtime, cli
 from shareit.errors import PermissionDeniedError, RecordError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_security import _record, as_user, attacker  # noqa: F401  (attacker: fixture)
+from test_security import _record, as_user
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root: creates a second user and drops privileges to it"
 )
 
 
-# ------------------------------------------------------------------ 1. server started with cwd on sys.path
+# ---------------------------------------------------------- 1. server started with cwd on sys.path
 
 
 def _plant_package(directory: str, marker: str) -> None:
@@ -68,7 +68,7 @@ def test_server_never_imports_code_from_the_callers_cwd(attacker, backend, monke
         shutil.rmtree(marker_dir, ignore_errors=True)
 
 
-# ------------------------------------------------------------------ 2. redis: json is per handle, not per mapping
+# ------------------------------------------------ 2. redis: json is per handle, not per mapping
 
 
 class _Payload:
@@ -132,7 +132,8 @@ def _mkdir_open(path: str) -> None:
 
 
 @needs_root
-@pytest.mark.parametrize("how", ["base is another user's symlink", "base's parent is another user's"])
+@pytest.mark.parametrize("how", ["base is another user's symlink",
+                                 "base's parent is another user's"])
 def test_a_base_another_user_can_swap_is_refused(attacker, how, monkeypatch) -> None:
     """README: 'its parent cannot be used to swap it'. The base is checked with stat(),
     which follows a symlink, and its ancestors are not checked at all: the other user
@@ -157,7 +158,7 @@ def test_a_base_another_user_can_swap_is_refused(attacker, how, monkeypatch) -> 
         shutil.rmtree(good, ignore_errors=True)
 
 
-# ------------------------------------------------------------------ 4. records that are not RecordError
+# ------------------------------------------------------------- 4. records that are not RecordError
 
 
 def _plant_record(name: str, content: bytes) -> str:
@@ -186,7 +187,8 @@ def test_a_deeply_nested_record_is_a_record_error_and_gc_removes_it(capfd) -> No
             os.unlink(path)
 
 
-@pytest.mark.parametrize("created", [float("nan"), float("inf"), 1e300], ids=["nan", "inf", "1e300"])
+@pytest.mark.parametrize("created", [float("nan"), float("inf"), 1e300],
+                         ids=["nan", "inf", "1e300"])
 def test_a_record_with_an_absurd_creation_time_does_not_crash_ls_or_gc(created, capfd) -> None:
     """'created' is only type-checked; json.loads accepts NaN/Infinity, and
     time.localtime() then raises ValueError/OverflowError out of `shareit ls` and `gc`."""
@@ -201,7 +203,7 @@ def test_a_record_with_an_absurd_creation_time_does_not_crash_ls_or_gc(created, 
             os.unlink(path)
 
 
-# ------------------------------------------------------------------ 5. a FIFO where a record is opened
+# -------------------------------------------------------------- 5. a FIFO where a record is opened
 
 
 def test_a_fifo_in_place_of_a_record_is_refused_not_waited_on(tmp_path) -> None:
@@ -224,7 +226,7 @@ def test_a_fifo_in_place_of_a_record_is_refused_not_waited_on(tmp_path) -> None:
             os.unlink(p)
 
 
-# ------------------------------------------------------------------ 6. another user floods the server's socket
+# ------------------------------------------------------ 6. another user floods the server's socket
 
 
 def _flood(address: str, seconds: float) -> int:

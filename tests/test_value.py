@@ -1,5 +1,7 @@
 """The value backend: the conformance suite (capabilities decide its skips)."""
 
+from typing import Any, ClassVar
+
 from shareit.testing import SharedMappingSuite
 
 
@@ -9,4 +11,4 @@ class TestValue(SharedMappingSuite):
 
 class TestValueFloat(SharedMappingSuite):
     backend = "value"
-    options = {"value_type": "float64"}
+    options: ClassVar[dict[str, Any]] = {"value_type": "float64"}

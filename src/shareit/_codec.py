@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["ValueType", "VALUE_TYPES", "value_type", "dumps", "loads"]
@@ -18,7 +18,7 @@ __all__ = ["ValueType", "VALUE_TYPES", "value_type", "dumps", "loads"]
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-def dumps(value: Any) -> bytes:
+def dumps(value: object) -> bytes:
     """Pickle ``value``; an unpicklable value raises ``TypeError`` saying what would work."""
     try:
         return pickle.dumps(value, PROTOCOL)
@@ -36,12 +36,12 @@ loads = pickle.loads
 PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def all_plain(values: Any) -> bool:
+def all_plain(values: Iterable[object]) -> bool:
     """Whether every value is of a plain type (C loops only: for bulk paths)."""
     return set(map(type, values)) <= PLAIN_TYPES
 
 
-def pack(value: Any) -> Any:
+def pack(value: object) -> object:
     """A value as a server stores it: plain built-ins as themselves, others as ``(pickle,)``.
 
     A tuple in storage therefore always means "pickled" (tuple values are pickled).
@@ -51,7 +51,7 @@ def pack(value: Any) -> Any:
     return (dumps(value),)
 
 
-def unpack(stored: Any) -> Any:
+def unpack(stored: object) -> Any:
     return loads(stored[0]) if type(stored) is tuple else stored
 
 
@@ -62,13 +62,18 @@ class ValueType:
 
     def __init__(self, name: str, kind: str, lo: int | None = None, hi: int | None = None):
         self.name, self.kind, self.lo, self.hi = name, kind, lo, hi
-        self.coerce: Callable[[Any], Any] = {
-            "int": self._int,
-            "float": self._float,
-            "bool": self._bool,
-        }[kind]
+        self.coerce: Callable[[Any], Any]
+        if kind == "int":
+            if lo is None or hi is None:
+                raise ValueError(f"the int value type {name!r} needs its range")
+            self.coerce = self._int_in(lo, hi)
+        else:
+            self.coerce = {"float": self._float, "bool": self._bool}[kind]
 
-    def _reject(self, value: Any) -> TypeError:
+    def __reduce__(self) -> tuple[type[ValueType], tuple[str, str, int | None, int | None]]:
+        return ValueType, (self.name, self.kind, self.lo, self.hi)
+
+    def _reject(self, value: object) -> TypeError:
         want = {
             "int": "an int",
             "float": "an int or a float",
@@ -79,18 +84,24 @@ class ValueType:
             f"got {type(value).__name__} {value!r:.60}, expected {want}"
         )
 
-    def _int(self, value: Any) -> int:
-        if isinstance(value, bool) or isinstance(value, float):
-            raise self._reject(value)
-        try:
-            v = operator.index(value)
-        except TypeError:
-            raise self._reject(value) from None
-        if not self.lo <= v <= self.hi:  # type: ignore[operator]
-            raise ValueError(
-                f"{v} does not fit value_type={self.name!r} (range {self.lo} .. {self.hi})"
-            )
-        return v
+    def _int_in(self, lo: int, hi: int) -> Callable[[Any], int]:
+        """The coercion to an int of ``lo .. hi`` (a closure: the range is two cell loads)."""
+        reject = self._reject
+
+        def _int(value: Any) -> int:
+            if isinstance(value, bool) or isinstance(value, float):
+                raise reject(value)
+            try:
+                v = operator.index(value)
+            except TypeError:
+                raise reject(value) from None
+            if not lo <= v <= hi:
+                raise ValueError(
+                    f"{v} does not fit value_type={self.name!r} (range {lo} .. {hi})"
+                )
+            return v
+
+        return _int
 
     def _float(self, value: Any) -> float:
         if isinstance(value, (bool, str, bytes)):
@@ -100,7 +111,7 @@ class ValueType:
         except (TypeError, ValueError):
             raise self._reject(value) from None
 
-    def _bool(self, value: Any) -> bool:
+    def _bool(self, value: object) -> bool:
         if value is True or value is False or type(value).__name__ == "bool_":
             return bool(value)
         raise self._reject(value)
@@ -114,7 +125,7 @@ class ValueType:
 
 
 def _int_types() -> dict[str, ValueType]:
-    out = {}
+    out: dict[str, ValueType] = {}
     for bits in (8, 16, 32, 64):
         out[f"int{bits}"] = ValueType(f"int{bits}", "int", -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         out[f"uint{bits}"] = ValueType(f"uint{bits}", "int", 0, 2**bits - 1)
@@ -130,7 +141,7 @@ VALUE_TYPES: dict[str, ValueType] = {
 _ALIASES = {"int": "int64", "float": "float64", "double": "float64", "bool_": "bool"}
 
 
-def value_type(spec: Any) -> str | None:
+def value_type(spec: object) -> str | None:
     """Normalise a ``value_type`` option to one of :data:`VALUE_TYPES`' names, or ``None``.
 
     Accepts the names (``"int64"``), the Python types ``int``/``float``/``bool`` and
@@ -143,9 +154,8 @@ def value_type(spec: Any) -> str | None:
     elif isinstance(spec, str):
         name = spec
     else:
-        name = getattr(spec, "name", None) or getattr(spec, "__name__", None)
-        if not isinstance(name, str):
-            name = repr(spec)
+        found = getattr(spec, "name", None) or getattr(spec, "__name__", None)
+        name = found if isinstance(found, str) else repr(spec)
     name = _ALIASES.get(name, name)
     if name not in VALUE_TYPES:
         raise ValueError(

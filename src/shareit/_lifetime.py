@@ -34,16 +34,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from functools import partial
+from typing import TypeAlias, TypedDict
 
 from . import _runtime
+from ._records import Proc, Record
 from .errors import BackendDiedError, LockTimeoutError
 
 __all__ = ["name_lock", "live_users", "join", "leave", "leave_all_at_exit"]
 
 
+class NameLock(TypedDict):
+    """What :func:`name_lock` yields: set ``remove`` to remove the lock file on the way out."""
+
+    remove: bool
+
+
 @contextmanager
-def name_lock(name: str, timeout: float, create: bool = True) -> Iterator[dict]:
+def name_lock(name: str, timeout: float, create: bool = True) -> Iterator[NameLock]:
     """Hold the lock of ``name`` (waiting up to ``timeout`` s). The lock file is removed
     on the way out when the name has no record (or the yielded dict's ``"remove"`` was
     set): nothing is left behind by an open that failed or a mapping that is gone. With
@@ -84,7 +92,7 @@ def name_lock(name: str, timeout: float, create: bool = True) -> Iterator[dict]:
             break
         os.close(fd)
     _held.add(fd)
-    state = {"remove": False}
+    state: NameLock = {"remove": False}
     try:
         yield state
     finally:
@@ -103,26 +111,26 @@ def name_lock(name: str, timeout: float, create: bool = True) -> Iterator[dict]:
 _held: set[int] = set()
 
 
-def me() -> list:
+def me() -> Proc:
     pid = os.getpid()
     return [pid, _runtime.proc_start_time(pid)]
 
 
-def _parent() -> list | None:
+def _parent() -> Proc | None:
     """``[pid, start]`` of this process's parent, unless it is init (or unknown)."""
     ppid = os.getppid()
     start = _runtime.proc_start_time(ppid)
     return None if ppid <= 1 or start is None else [ppid, start]
 
 
-def my_parents() -> list:
+def my_parents() -> list[Proc]:
     """The ``parents`` of a record this process creates: its parent, with this process as
     the first child it started (``[ppid, start, first child's pid, several]``)."""
     parent = _parent()
     return [] if parent is None else [parent + [os.getpid(), 0]]
 
 
-def add_me(name: str, record: dict, **more: Any) -> None:
+def add_me(name: str, record: Record, **more: int) -> None:
     """With the name's lock held: add this process to ``record``'s users, and count it
     among the children of its parent (see :func:`leave`: a supervisor of several users
     keeps the mapping while it lives)."""
@@ -139,21 +147,24 @@ def add_me(name: str, record: dict, **more: Any) -> None:
     _runtime.rewrite(name, users=live_users(record) + [me()], parents=parents, **more)
 
 
-def live_users(record: dict) -> list:
+def live_users(record: Record) -> list[Proc]:
     """The users of ``record`` that are still alive (pid and start time match)."""
-    return [u for u in record.get("users", []) if _runtime.pid_alive(u[0], u[1])]
+    return [u for u in record["users"] if _runtime.pid_alive(u[0], u[1])]
 
 
 # --- this process's uses -------------------------------------------------------------
 
+#: Which mapping of a name: (name, its record's creation time).
+Use: TypeAlias = tuple[str, float]
+
 #: (name, created) -> how many handles of this process use it.
-_uses: dict[tuple, int] = {}
+_uses: dict[Use, int] = {}
 _uses_lock = threading.Lock()
 #: (name, created) -> the mapping's timeout: how long exit and fork may wait for its lock.
-_timeouts: dict[tuple, float] = {}
+_timeouts: dict[Use, float] = {}
 #: Every (name, created) this process ever used: at exit, one whose users have all died
 #: since (forked workers end with os._exit, a pool terminates its workers) is removed.
-_touched: set[tuple] = set()
+_touched: set[Use] = set()
 
 
 def _add_me(name: str, created: float, timeout: float, received: bool = False,
@@ -196,7 +207,7 @@ def join(name: str, created: float, timeout: float, registered: bool = False,
 
 #: (name, created) whose last use in this process was a handle dropped without close():
 #: left at the next open or close (a finalizer must not take locks), or at exit.
-_pending: list[tuple] = []
+_pending: list[Use] = []
 
 
 def dropped(name: str, created: float) -> None:
@@ -210,7 +221,7 @@ def dropped(name: str, created: float) -> None:
             _pending.append(key)
 
 
-def leave_pending(remove: Callable[[str, dict], None]) -> None:
+def leave_pending(remove: Callable[[str, Record], None]) -> None:
     """Leave the mappings whose last handle here was dropped unclosed."""
     if _pending and _dir_gone():
         _pending.clear()
@@ -218,13 +229,12 @@ def leave_pending(remove: Callable[[str, dict], None]) -> None:
         name, created = _pending.pop()
         if _uses.get((name, created)) == 1:
             try:
-                leave(name, created, _timeouts.get((name, created), 5.0),
-                      lambda record, n=name: remove(n, record))
+                leave(name, created, _timeouts.get((name, created), 5.0), partial(remove, name))
             except Exception:  # it will be pruned as a user once this process exits
                 pass
 
 
-def _supervisor(record: dict) -> list | None:
+def _supervisor(record: Record) -> Proc | None:
     """This process's parent, if it is alive and started at least two distinct users of
     the mapping -- a web server's or a pool's supervisor -- else None."""
     parent = _parent()
@@ -250,7 +260,7 @@ def in_transit(name: str, created: float, timeout: float) -> None:
         _runtime.rewrite(name, transit=time.time() + timeout, transit_n=n + 1, transit_by=me())
 
 
-def _receivers_may_come(record: dict) -> bool:
+def _receivers_may_come(record: Record) -> bool:
     """A handle is in transit (see :func:`in_transit`) to a process that may still take it:
     one sent by another process, or by this one while it has a live child (a handle sent
     by this process goes to a child it started; a child killed before it unpickled it,
@@ -287,7 +297,7 @@ def _has_live_children() -> bool:
 _HELPERS = (b"resource_tracker", b"forkserver", b"shareit.backends._manager_server")
 
 
-def _arrived(record: dict) -> dict:
+def _arrived(record: Record) -> dict[str, int]:
     """The transit fields of ``record`` with one handle fewer on its way."""
     return {"transit_n": max(0, record["transit_n"] - 1)}
 
@@ -302,7 +312,7 @@ def is_user(name: str, created: float) -> bool:
     return _uses.get((name, created), 0) > 0
 
 
-def leave(name: str, created: float, timeout: float, remove: Callable[[dict], None]) -> None:
+def leave(name: str, created: float, timeout: float, remove: Callable[[Record], None]) -> None:
     """This process uses ``name`` once less; when no longer at all, it leaves the list, and
     if no live user is left (and it is not persistent) ``remove(record)`` removes it."""
     key = (name, created)
@@ -358,7 +368,7 @@ def _dir_gone() -> bool:
     return not os.path.isdir(os.path.join(_runtime.base_dir(), f"shareit-{os.geteuid()}"))
 
 
-def leave_all_at_exit(remove_for: Callable[[str, dict], None]) -> None:
+def leave_all_at_exit(remove_for: Callable[[str, Record], None]) -> None:
     """At exit: leave every mapping this process still uses; remove those it used whose
     users have all died meanwhile. Each wait is bounded by its mapping's timeout."""
     if _dir_gone():
@@ -368,8 +378,7 @@ def leave_all_at_exit(remove_for: Callable[[str, dict], None]) -> None:
     for name, created in list(_uses):
         _uses[(name, created)] = 1
         try:
-            leave(name, created, _timeouts.get((name, created), 5.0),
-                  lambda record, n=name: remove_for(n, record))
+            leave(name, created, _timeouts.get((name, created), 5.0), partial(remove_for, name))
         except Exception:  # best effort at exit; the others prune us
             pass
     for name, created in list(_touched):

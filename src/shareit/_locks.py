@@ -15,8 +15,13 @@ import fcntl
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from .errors import lock_timeout
+if TYPE_CHECKING:  # (ctypes is imported when a robust mutex is first used)
+    import ctypes
+
+    from _typeshed import WriteableBuffer
 
 
 def _open_lockfile(path: str, create: bool) -> int:
@@ -85,23 +90,31 @@ class FileLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._mutex.release()
 
-    def held(self) -> bool:
-        return self._owner == threading.get_ident() and self._pid == os.getpid()
-
     def close(self) -> None:
         if self._fd >= 0 and self._pid == os.getpid():
             os.close(self._fd)
         self._fd, self._pid = -1, -1
 
 
-def acquire_or_raise(lock: FileLock, timeout: float, what: str) -> None:
-    if not lock.acquire(timeout):
-        raise lock_timeout(what, timeout)
-
-
 # --------------------------------------------------------------------------- robust mutex
 
 OWNER_DIED = "owner-died"
+
+
+class Mutex(Protocol):
+    """What a :class:`RobustMutex` and a :class:`FlockMutex` both offer."""
+
+    def trylock(self) -> int:
+        """0 (held now), 16 (EBUSY) or 130 (EOWNERDEAD: held now, repair first)."""
+        ...
+
+    def unlock(self) -> int: ...
+
+    def acquire(self, timeout: float) -> bool | str: ...
+
+    def release(self) -> None: ...
+
+    def make_consistent(self) -> None: ...
 
 
 class RobustMutex:
@@ -116,7 +129,7 @@ class RobustMutex:
 
     SIZE = 64  # >= sizeof(pthread_mutex_t) on every Linux ABI
 
-    def __init__(self, buffer: object, offset: int = 0):
+    def __init__(self, buffer: WriteableBuffer, offset: int = 0):
         import ctypes
         from functools import partial
 
@@ -132,11 +145,11 @@ class RobustMutex:
         #: GIL (PyDLL), without errno saving or argument conversion (the pointer is already
         #: a c_void_p; both return an int).
         fast = _pthread_fast()
-        self.trylock = partial(fast.pthread_mutex_trylock, self._ptr)
-        self.unlock = partial(fast.pthread_mutex_unlock, self._ptr)
+        self.trylock: Callable[[], int] = partial(fast.pthread_mutex_trylock, self._ptr)
+        self.unlock: Callable[[], int] = partial(fast.pthread_mutex_unlock, self._ptr)
 
     @staticmethod
-    def init(buffer: object, offset: int = 0) -> None:
+    def init(buffer: WriteableBuffer, offset: int = 0) -> None:
         import ctypes
 
         lib = _pthread()
@@ -155,14 +168,13 @@ class RobustMutex:
             raise OSError(rc, "pthread_mutex_init failed")
 
     def acquire(self, timeout: float) -> bool | str:
-        """True, :data:`OWNER_DIED` (held now; repair, then it is consistent), or False on timeout."""
+        """True, :data:`OWNER_DIED` (held now; repair, then it is consistent), or False on
+        timeout."""
         rc = self.trylock()
         if rc == 16:  # EBUSY: wait, with a deadline
             import ctypes
 
-            ts = _timespec()
-            deadline = time.time() + timeout
-            ts.tv_sec, ts.tv_nsec = int(deadline), int((deadline % 1) * 1e9)
+            ts = _timespec(time.time() + timeout)
             rc = self._timedlock(self._ptr, ctypes.byref(ts))
         if rc == 0:
             return True
@@ -238,10 +250,10 @@ class FlockMutex:
         os.close(self._fd)
 
 
-_lib = None
+_lib: ctypes.CDLL | None = None
 
 
-def _pthread():
+def _pthread() -> ctypes.CDLL:
     global _lib
     if _lib is None:
         import ctypes
@@ -257,10 +269,10 @@ def _pthread():
     return _lib
 
 
-_fast_lib = None
+_fast_lib: ctypes.PyDLL | None = None
 
 
-def _pthread_fast():
+def _pthread_fast() -> ctypes.PyDLL:
     global _fast_lib
     if _fast_lib is None:
         import ctypes
@@ -270,18 +282,20 @@ def _pthread_fast():
     return _fast_lib
 
 
-def _timespec():
+def _timespec(t: float) -> ctypes.Structure:
+    """A ``struct timespec`` holding the ``time.time()`` instant ``t``."""
     import ctypes
 
     class Timespec(ctypes.Structure):
         _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
-    return Timespec()
+    return Timespec(int(t), int((t % 1) * 1e9))
 
 
 def robust_mutex_available() -> bool:
     try:
         lib = _pthread()
-        return all(hasattr(lib, n) for n in ("pthread_mutexattr_setrobust", "pthread_mutex_consistent"))
+        return all(hasattr(lib, n)
+                   for n in ("pthread_mutexattr_setrobust", "pthread_mutex_consistent"))
     except OSError:
         return False

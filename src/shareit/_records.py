@@ -13,11 +13,15 @@ from __future__ import annotations
 import base64
 import math
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeAlias, TypedDict
 
 from .errors import ConfigError, RecordError
 
-__all__ = ["options_to_json", "options_from_json", "validate", "backend_fields", "VERSION"]
+__all__ = [
+    "options_to_json", "options_from_json", "validate", "backend_fields", "VERSION",
+    "Key", "Options", "Proc", "Record",
+]
 
 #: Version of the record format (2: JSON options, per-user runtime dir, NAME@kind files;
 #: 3: the list of users).
@@ -26,31 +30,71 @@ VERSION = 3
 _BACKEND_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
+#: A key a record can declare (see :func:`key_to_json`).
+Key: TypeAlias = "str | int | bytes | float | bool | tuple[Key, ...] | None"
+
+#: A process as a record names it: a JSON ``[pid, start time]`` pair (start None when it
+#: could not be read); ``parents`` entries are ``[pid, start, first child's pid, several]``.
+#: Lists, not tuples: they are compared with what JSON gives back, so the element type is
+#: what :func:`validate` checked (``_is_proc``), not something a list type can say.
+Proc: TypeAlias = list[Any]
+
+
+class Options(TypedDict):
+    """A record's structural options, as :func:`options_from_json` gives them back."""
+
+    value_type: str | None
+    keys: tuple[Key, ...] | None
+    capacity: int | None
+    persist: bool
+
+
+class Record(TypedDict):
+    """A local record (``NAME@meta``) as :func:`validate` gives it back: every field checked.
+
+    ``fields`` holds the backend's own fields, still unchecked (see :func:`backend_fields`).
+    """
+
+    version: int
+    backend: str
+    persist: bool
+    owner_pid: int
+    owner_start: int | None
+    created: float
+    options: Options
+    users: list[Proc]
+    transit_n: int
+    parents: list[Proc]
+    keeper: Proc | None
+    transit: float
+    transit_by: Proc | None
+    fields: dict[str, Any]
+
 
 # --------------------------------------------------------------------------- keys as JSON
 
 
-def key_to_json(key: Any) -> list:
+def key_to_json(key: object) -> list[object]:
     """A declared key as tagged JSON: ``["s", "x"]``, ``["i", 3]``, ``["b", base64]``, ...
 
     Raises ConfigError for a key type a record cannot carry.
     """
     t = type(key)
-    if t is str:
+    if type(key) is str:
         return ["s", key]
-    if t is int:
+    if type(key) is int:
         return ["i", key]
-    if t is bytes:
+    if type(key) is bytes:
         return ["b", base64.b64encode(key).decode()]
-    if t is bool:
+    if type(key) is bool:
         return ["T" if key else "F"]
     if key is None:
         return ["n"]
-    if t is float:
+    if type(key) is float:
         if not math.isfinite(key):
             raise ConfigError(f"declared key {key!r} is not finite; use a finite number or a str")
         return ["f", key]
-    if t is tuple:
+    if type(key) is tuple:
         return ["t", [key_to_json(k) for k in key]]
     raise ConfigError(
         f"a named mapping's declared keys must be str, int, bytes, float, bool, None or tuples "
@@ -58,7 +102,7 @@ def key_to_json(key: Any) -> list:
     )
 
 
-def key_from_json(obj: Any) -> Any:
+def key_from_json(obj: object) -> Key:
     if not isinstance(obj, list) or not obj or not isinstance(obj[0], str):
         raise RecordError(f"a declared key is not a tagged JSON list: {obj!r:.60}")
     tag, rest = obj[0], obj[1:]
@@ -86,7 +130,7 @@ def key_from_json(obj: Any) -> Any:
 # --------------------------------------------------------------------------- options
 
 
-def options_to_json(options: dict) -> dict:
+def options_to_json(options: Mapping[str, Any]) -> dict[str, object]:
     """The structural options (value_type, keys, capacity, persist) as a JSON object."""
     keys = options.get("keys")
     return {
@@ -97,39 +141,32 @@ def options_to_json(options: dict) -> dict:
     }
 
 
-def options_from_json(obj: Any) -> dict:
+def options_from_json(obj: object) -> Options:
     """The inverse of :func:`options_to_json`, validating every field (RecordError)."""
     from ._codec import VALUE_TYPES
 
     if not isinstance(obj, dict):
         raise RecordError(f"'options' is not a JSON object: {type(obj).__name__}")
-    out: dict[str, Any] = {}
     vt = obj.get("value_type")
     if vt is not None and (not isinstance(vt, str) or vt not in VALUE_TYPES):
         raise RecordError(f"'options.value_type' is not a known value type: {vt!r:.40}")
-    out["value_type"] = vt
     keys = obj.get("keys")
-    if keys is not None:
-        if not isinstance(keys, list) or not keys:
-            raise RecordError("'options.keys' is not a non-empty list")
-        out["keys"] = tuple(key_from_json(k) for k in keys)
-    else:
-        out["keys"] = None
+    if keys is not None and (not isinstance(keys, list) or not keys):
+        raise RecordError("'options.keys' is not a non-empty list")
+    declared = None if keys is None else tuple(key_from_json(k) for k in keys)
     cap = obj.get("capacity")
     if cap is not None and (type(cap) is not int or not 1 <= cap <= _INT64[1]):
         raise RecordError(f"'options.capacity' is not a positive int: {cap!r:.40}")
-    out["capacity"] = cap
     persist = obj.get("persist", False)
     if type(persist) is not bool:
         raise RecordError("'options.persist' is not true or false")
-    out["persist"] = persist
-    return out
+    return {"value_type": vt, "keys": declared, "capacity": cap, "persist": persist}
 
 
 # --------------------------------------------------------------------------- whole records
 
 #: Fields every local record has: name -> accepted types.
-_BASE_FIELDS: dict[str, tuple] = {
+_BASE_FIELDS: dict[str, tuple[type, ...]] = {
     "version": (int,),
     "backend": (str,),
     "persist": (bool,),
@@ -141,7 +178,8 @@ _BASE_FIELDS: dict[str, tuple] = {
 }
 
 
-def _check_fields(record: dict, schema: dict[str, tuple]) -> dict:
+def _check_fields(record: Mapping[str, object],
+                  schema: Mapping[str, tuple[type, ...]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field, types in schema.items():
         if field not in record:
@@ -156,7 +194,7 @@ def _check_fields(record: dict, schema: dict[str, tuple]) -> dict:
     return out
 
 
-def validate(record: Any) -> dict:
+def validate(record: object) -> Record:
     """Check a decoded record's common fields; return them, ``options`` decoded.
 
     The backend's own fields are kept aside, unchecked, under ``"fields"``:
@@ -193,26 +231,37 @@ def validate(record: Any) -> dict:
     transit_n = record.get("transit_n", 0)
     if type(transit_n) is not int or not 0 <= transit_n < (1 << 31):
         raise RecordError("the record's transit count is not a count")
-    out["transit_n"] = transit_n
     transit_by = record.get("transit_by")
     if transit_by is not None and not _is_proc(transit_by):
         raise RecordError("the record's transit_by is not a [pid, start time] pair")
-    out["parents"], out["keeper"], out["transit"] = parents, keeper, float(transit)
-    out["transit_by"] = transit_by
-    out["options"] = options_from_json(out["options"])
-    out["fields"] = {k: v for k, v in record.items()
-                     if k not in _BASE_FIELDS
-                     and k not in ("parents", "keeper", "transit", "transit_n", "transit_by")}
-    return out
+    return {
+        "version": out["version"],
+        "backend": out["backend"],
+        "persist": out["persist"],
+        "owner_pid": out["owner_pid"],
+        "owner_start": out["owner_start"],
+        "created": out["created"],
+        "options": options_from_json(out["options"]),
+        "users": out["users"],
+        "transit_n": transit_n,
+        "parents": parents,
+        "keeper": keeper,
+        "transit": float(transit),
+        "transit_by": transit_by,
+        "fields": {k: v for k, v in record.items()
+                   if k not in _BASE_FIELDS
+                   and k not in ("parents", "keeper", "transit", "transit_n", "transit_by")},
+    }
 
 
-def _is_proc(u: Any) -> bool:
+def _is_proc(u: object) -> bool:
     """A ``[pid, start time]`` pair (start None when it could not be read)."""
     return (type(u) is list and len(u) == 2 and type(u[0]) is int and 0 < u[0] < (1 << 31)
             and (u[1] is None or (type(u[1]) is int and 0 <= u[1] <= _INT64[1])))
 
 
-def backend_fields(record: dict, schema: dict[str, tuple]) -> dict:
+def backend_fields(record: Mapping[str, Any],
+                   schema: Mapping[str, tuple[type, ...]]) -> dict[str, Any]:
     """The backend's own fields of a :func:`validate`-d record, checked against ``schema``."""
     out = _check_fields(record["fields"], schema)
     for field in ("server_pid",):

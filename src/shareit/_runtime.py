@@ -12,8 +12,8 @@ that fails raises :class:`~shareit.errors.PermissionDeniedError`, naming the
 path and its owner: another user's object is never used.
 
 Names and files: a mapping's files are ``NAME@KIND`` (``@meta`` its record,
-``@ctl``, ``@gN``, ``@seq``, ``@lock``, ``@sock`` a server's socket); ``@`` never occurs in a name, so no
-name's files can equal or prefix another's. Anonymous objects use stems that
+``@ctl``, ``@gN``, ``@seq``, ``@lock``, ``@sock`` a server's socket); ``@`` never occurs
+in a name, so no name's files can equal or prefix another's. Anonymous objects use stems that
 start with ``+``, which no name does.
 
 Each named mapping has one record, ``NAME@meta`` (JSON, see
@@ -36,10 +36,11 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import NoReturn, TypedDict
 
 from . import _records
+from ._records import Proc, Record
 from .errors import ConfigError, PermissionDeniedError, RecordError
 
 LAYOUT_VERSION = _records.VERSION
@@ -145,7 +146,7 @@ def runtime_dir() -> str:
     return d
 
 
-def check_name(name: Any) -> str:
+def check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(
             f"invalid mapping name {name!r:.80}: use 1-120 characters of letters, digits, "
@@ -159,7 +160,7 @@ def anon_stem() -> str:
     return f"+anon-{os.getpid()}-{secrets.token_hex(6)}"
 
 
-def check_stem(stem: Any) -> str:
+def check_stem(stem: object) -> str:
     """A stem from a handle: a valid name or an anonymous stem, never a path."""
     if isinstance(stem, str) and (_NAME_RE.fullmatch(stem) or _ANON_RE.fullmatch(stem)):
         return stem
@@ -259,7 +260,15 @@ def is_own_process(pid: int, start: int | None, cmd_marker: bytes) -> bool:
     return bool(uids) and all(u == me for u in uids) and cmd_marker in cmdline.split(b"\0")
 
 
-def owner_fields() -> dict[str, Any]:
+class OwnerFields(TypedDict):
+    """The fields of a record that say which process created it, and when."""
+
+    owner_pid: int
+    owner_start: int | None
+    created: float
+
+
+def owner_fields() -> OwnerFields:
     pid = os.getpid()
     return {"owner_pid": pid, "owner_start": proc_start_time(pid), "created": time.time()}
 
@@ -273,7 +282,7 @@ def _read_raw(name: str) -> bytes | None:
         return f.read(1 << 20)
 
 
-def read_meta(name: str) -> dict | None:
+def read_meta(name: str) -> Record | None:
     """The validated record of ``name``, or None when there is none (or it is still being
     written). A record that is not valid JSON of the schema raises RecordError."""
     data = _read_raw(name)
@@ -289,11 +298,11 @@ def read_meta(name: str) -> dict | None:
         raise RecordError(f"the record {meta_path(name)} is malformed: {exc}") from None
 
 
-def _no_constant(word: str) -> Any:
+def _no_constant(word: str) -> NoReturn:
     raise ValueError(f"{word} is not JSON")
 
 
-def read_meta_quiet(name: str) -> dict | None:
+def read_meta_quiet(name: str) -> Record | None:
     """:func:`read_meta`, with a malformed record treated as no record (for comparisons)."""
     try:
         return read_meta(name)
@@ -301,7 +310,7 @@ def read_meta_quiet(name: str) -> dict | None:
         return None
 
 
-def _write_atomic(p: str, record: dict) -> None:
+def _write_atomic(p: str, record: Mapping[str, object]) -> None:
     tmp = f"{p}.tmp-{os.getpid()}-{threading.get_ident()}"
     try:
         os.unlink(tmp)  # left by a process of ours that was killed mid-write (our own dir)
@@ -313,7 +322,7 @@ def _write_atomic(p: str, record: dict) -> None:
     os.replace(tmp, p)
 
 
-def rewrite(name: str, **fields: Any) -> None:
+def rewrite(name: str, **fields: object) -> None:
     """Rewrite some fields (users, parents, keeper) of ``name``'s record; the caller holds
     the name's lock."""
     data = _read_raw(name)
@@ -334,18 +343,17 @@ def claim(name: str) -> bool:
     return True
 
 
-def publish(name: str, record: dict) -> None:
+def publish(name: str, record: Mapping[str, object]) -> None:
     """Fill in the record of a name this process has claimed."""
     _write_atomic(meta_path(name), {"version": LAYOUT_VERSION, **record})
 
 
-def remove_meta(name: str, expect: dict | None = None) -> None:
+def remove_meta(name: str, expect: Record | None = None) -> None:
     """Remove ``name``'s record; with ``expect``, only if it is still that record."""
     if expect is not None:
         current = read_meta_quiet(name)
-        if current is None or current.get("created") != expect.get("created") or current.get(
-            "owner_pid"
-        ) != expect.get("owner_pid"):
+        if (current is None or current["created"] != expect["created"]
+                or current["owner_pid"] != expect["owner_pid"]):
             return
     p = meta_path(name)
     try:
@@ -361,7 +369,7 @@ def remove_meta(name: str, expect: dict | None = None) -> None:
                 pass
 
 
-def record_is_stale(record: dict | None, p: str) -> bool:
+def record_is_stale(record: Record | None, p: str) -> bool:
     """A record whose owner is dead and that is not persistent, or an empty one left by a crash."""
     if record is None:
         try:  # empty: a creator died before publishing, or is publishing right now
@@ -372,19 +380,19 @@ def record_is_stale(record: dict | None, p: str) -> bool:
     return not in_use(record)
 
 
-def in_transit(record: dict) -> bool:
+def in_transit(record: Record) -> bool:
     """Whether a handle of ``record``'s mapping is on its way to a process not yet a user."""
     return record["transit_n"] > 0 and record["transit"] > time.time()
 
 
-def in_use(record: dict, exiting: list | None = None) -> bool:
+def in_use(record: Record, exiting: Proc | None = None) -> bool:
     """Persistent, or a user is alive, or a handle is in transit, or the keeper is alive
     (see ``shareit._lifetime``)."""
     if record["persist"] or any(pid_alive(pid, start) for pid, start in record["users"]):
         return True
     if in_transit(record) and record["transit_by"] != exiting:
         return True  # a handle on its way to another process (not from one that is exiting)
-    keeper = record.get("keeper")  # (the exiting process keeps nothing any more)
+    keeper = record["keeper"]  # (the exiting process keeps nothing any more)
     return keeper is not None and keeper != exiting and pid_alive(keeper[0], keeper[1])
 
 
@@ -400,9 +408,9 @@ def list_names() -> list[str]:
     return out
 
 
-def list_records() -> list[tuple[str, dict | RecordError | None]]:
+def list_records() -> list[tuple[str, Record | RecordError | None]]:
     """(name, record) for every record: None while being created, the RecordError if malformed."""
-    out: list[tuple[str, dict | RecordError | None]] = []
+    out: list[tuple[str, Record | RecordError | None]] = []
     for name in list_names():
         try:
             out.append((name, read_meta(name)))

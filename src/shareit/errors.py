@@ -87,7 +87,8 @@ class RecordError(ShareitError, ValueError):
     """A mapping's record (runtime-dir file or redis ``:meta`` hash) is not valid shareit data."""
 
 
-def lock_timeout(what: str, timeout: float, why: str = "another process holds it") -> LockTimeoutError:
+def lock_timeout(what: str, timeout: float,
+                 why: str = "another process holds it") -> LockTimeoutError:
     """The one way a lock wait that ran out is reported: what, how long, why, and the way out.
 
     ``what`` names the thing ("mapping 'hits'", "key 'a' of value mapping 'x'");

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # (a spawned child imports this module: only what it needs at run time)
+    from multiprocessing.synchronize import Event
+
+    from ..base import SharedMapping
 
 
-def read_then_write(d: Any, expected: dict, writes: dict) -> None:
+def read_then_write(d: SharedMapping, expected: Mapping[Hashable, Any],
+                    writes: Mapping[Hashable, Any]) -> None:
     got = d.snapshot()
     for k, v in expected.items():
         if got.get(k) != v:
@@ -20,14 +27,14 @@ def read_then_write(d: Any, expected: dict, writes: dict) -> None:
     d.update(writes)
 
 
-def incr_many(d: Any, key: Any, times: int, start: Any = None) -> None:
+def incr_many(d: SharedMapping, key: Hashable, times: int, start: Event | None = None) -> None:
     if start is not None:
         start.wait(60)
     for _ in range(times):
         d.incr(key)
 
 
-def transform_many(d: Any, key: Any, times: int) -> None:
+def transform_many(d: SharedMapping, key: Hashable, times: int) -> None:
     for _ in range(times):
         d.transform(key, _plus_one)
 
@@ -36,7 +43,8 @@ def _plus_one(v: Any) -> Any:
     return v + 1
 
 
-def locked_read_modify_write(d: Any, key: Any, times: int, start: Any = None) -> None:
+def locked_read_modify_write(d: SharedMapping, key: Hashable, times: int,
+                             start: Event | None = None) -> None:
     """Not atomic unless lock() really excludes the other processes."""
     if start is not None:
         start.wait(60)
@@ -45,37 +53,39 @@ def locked_read_modify_write(d: Any, key: Any, times: int, start: Any = None) ->
             d[key] = d[key] + 1
 
 
-def edit_append(d: Any, key: Any, tag: Any, times: int) -> None:
+def edit_append(d: SharedMapping, key: Hashable, tag: object, times: int) -> None:
     for i in range(times):
         with d.edit(key, default={"items": []}) as value:
             value["items"].append([tag, i])
 
 
-def hold_lock_forever(d: Any, acquired: Any, never: Any) -> None:
+def hold_lock_forever(d: SharedMapping, acquired: Event, never: Event) -> None:
     with d.lock():
         acquired.set()
         never.wait()  # the parent SIGKILLs us while we hold the lock
 
 
-def write_then_die(d: Any, key: Any, value: Any) -> None:
+def write_then_die(d: SharedMapping, key: Hashable, value: object) -> None:
     d[key] = value
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def pool_task(args: tuple) -> Any:
+def pool_task(args: tuple[SharedMapping, Hashable]) -> Any:
     d, key = args
     return d.incr(key)
 
 
-def pool_init(d: Any) -> None:
+def pool_init(d: SharedMapping) -> None:
     global _pool_mapping
     _pool_mapping = d
 
 
-_pool_mapping: Any = None
+_pool_mapping: SharedMapping | None = None
 
 
-def pool_task_inherited(key: Any) -> Any:
+def pool_task_inherited(key: Hashable) -> Any:
+    if _pool_mapping is None:
+        raise AssertionError("pool_task_inherited runs in a pool whose initializer is pool_init")
     return _pool_mapping.incr(key)
 
 

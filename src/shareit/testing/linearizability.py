@@ -37,9 +37,15 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
+    from multiprocessing.process import BaseProcess
+    from multiprocessing.synchronize import Event
 
 __all__ = [
     "Recorder", "Op", "Result", "load_dir", "check", "check_dir", "run_random_history",
@@ -48,6 +54,28 @@ __all__ = [
 
 ABSENT = "<absent>"  # what a read of a missing key returns (KeyError), in histories
 INF = float("inf")
+
+#: The model's store: what a plain ``dict`` would hold.
+State: TypeAlias = dict[Hashable, Any]
+
+
+class Target(Protocol):
+    """What a history runs on: a :class:`~shareit.SharedMapping`, or any mapping with these
+    (the workers receive it pickled)."""
+
+    def __getitem__(self, key: Any, /) -> Any: ...
+
+    def __setitem__(self, key: Any, value: Any, /) -> None: ...
+
+    def __delitem__(self, key: Any, /) -> None: ...
+
+    def incr(self, key: Any, delta: Any = ..., /) -> Any: ...
+
+    def transform(self, key: Any, fn: Callable[[Any], Any], /, default: Any = ...) -> Any: ...
+
+    def update(self, other: Any, /) -> None: ...
+
+    def snapshot(self) -> Mapping[Any, Any]: ...
 
 #: Functions a recorded ``transform`` may apply, by name (histories hold names, not code).
 TRANSFORMS: dict[str, Callable[[Any, Any], Any]] = {
@@ -68,10 +96,10 @@ class Recorder:
                            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self._n = 0
 
-    def _line(self, obj: dict) -> None:
+    def _line(self, obj: dict[str, object]) -> None:
         os.write(self._fd, (json.dumps(obj, separators=(",", ":")) + "\n").encode())
 
-    def run(self, d: Any, op: str, key: Any = None, arg: Any = None) -> Any:
+    def run(self, d: Target, op: str, key: Any = None, arg: Any = None) -> Any:
         """Perform ``op`` on mapping ``d``, recording its invocation and its outcome."""
         self._n += 1
         n = self._n
@@ -99,7 +127,7 @@ class Recorder:
         os.close(self._fd)
 
 
-def _perform(d: Any, op: str, key: Any, arg: Any) -> Any:
+def _perform(d: Target, op: str, key: Any, arg: Any) -> Any:
     if op == "get":
         return d[key]
     if op == "set":
@@ -136,7 +164,7 @@ class Op:
     result: Any = None
     known: bool = False  # the result was observed (else: may have happened, result unknown)
 
-    def keys(self) -> tuple:
+    def keys(self) -> tuple[Any, ...]:
         if self.op == "update":
             return tuple(self.arg)
         if self.op == "snapshot":
@@ -162,7 +190,7 @@ class Op:
 
 def load_dir(directory: str) -> list[Op]:
     """Every operation recorded in ``directory`` (rejected ones left out: they changed nothing)."""
-    ops: dict[tuple, Op] = {}
+    ops: dict[tuple[str, int], Op] = {}
     for fname in sorted(os.listdir(directory)):
         if not fname.endswith(".log"):
             continue
@@ -194,7 +222,7 @@ def load_dir(directory: str) -> list[Op]:
 # --------------------------------------------------------------------------- the model
 
 
-def _step(state: dict, o: Op) -> tuple[bool, dict]:
+def _step(state: State, o: Op) -> tuple[bool, State]:
     """Apply ``o`` to ``state`` (a dict); (whether its observed result fits, the new state)."""
     op, k = o.op, o.key
     if op == "get":
@@ -226,7 +254,7 @@ def _step(state: dict, o: Op) -> tuple[bool, dict]:
     raise ValueError(f"unknown operation {op!r}")
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same(a: object, b: object) -> bool:
     """Equal as a dict would hold them -- but True is not 1 (a store must not turn one
     into the other), while 5.0 may be 5 (a declared float value_type stores ints so)."""
     if isinstance(a, bool) != isinstance(b, bool):
@@ -234,7 +262,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _same_state(state: dict, pairs: Any) -> bool:
+def _same_state(state: State, pairs: object) -> bool:
     """``state`` against a recorded snapshot: ``[key, value]`` pairs (JSON keeps the keys'
     types, unlike a JSON object's string keys)."""
     if isinstance(pairs, dict):  # (a hand-written history)
@@ -248,21 +276,34 @@ def _same_state(state: dict, pairs: Any) -> bool:
     return True
 
 
-def _freeze(state: dict) -> tuple:
+def _freeze(state: State) -> tuple[tuple[Hashable, Any], ...]:
     return tuple(sorted(state.items(), key=repr))
 
 
 # --------------------------------------------------------------------------- the search
 
 
-@dataclass
 class _Entry:
-    op: int
-    is_call: bool
-    time: float
-    prev: _Entry | None = None
-    next: _Entry | None = None
-    match: _Entry | None = None
+    """An invocation or a return of ``ops[op]`` in the search's doubly linked list."""
+
+    __slots__ = ("op", "is_call", "time", "prev", "next", "match")
+
+    prev: _Entry  # set when linked in (the head's is never read)
+    match: _Entry  # an invocation's return (a return's is never read)
+
+    def __init__(self, op: int, is_call: bool, time: float) -> None:
+        self.op, self.is_call, self.time = op, is_call, time
+        self.next: _Entry | None = None
+
+
+@dataclass
+class _Deepest:
+    """The deepest point the search reached: what a person reads when it fails."""
+
+    depth: int = -1
+    order: list[int] = field(default_factory=list)  # indexes of the ops placed, in order
+    state: State = field(default_factory=dict)  # the model's state after them
+    blocked: int | None = None  # the index of the op that fits nowhere after them
 
 
 @dataclass
@@ -273,7 +314,6 @@ class Result:
     ops: int
     groups: int
     failure: str = ""
-    checked: list = field(default_factory=list)
 
     def explain(self) -> str:
         if self.ok:
@@ -288,9 +328,9 @@ def _groups(ops: list[Op]) -> list[list[Op]]:
     """Split by key groups no operation spans (P-compositionality)."""
     if any(o.op == "snapshot" for o in ops):
         return [ops]
-    parent: dict = {}
+    parent: dict[str, str] = {}
 
-    def find(x: Any) -> Any:
+    def find(x: str) -> str:
         while parent.setdefault(x, x) != x:
             parent[x] = parent[parent[x]]
             x = parent[x]
@@ -302,14 +342,14 @@ def _groups(ops: list[Op]) -> list[list[Op]]:
             parent[find(a)] = find(ks[0])
         for a in ks:
             find(a)
-    out: dict = {}
+    out: dict[str | None, list[Op]] = {}
     for o in ops:
-        ks = o.keys()
-        out.setdefault(find(json.dumps(ks[0])) if ks else None, []).append(o)
+        keys = o.keys()
+        out.setdefault(find(json.dumps(keys[0])) if keys else None, []).append(o)
     return list(out.values())
 
 
-def _search(ops: list[Op], initial: dict) -> tuple[bool, dict]:
+def _search(ops: list[Op], initial: State) -> tuple[bool, _Deepest]:
     """Wing–Gong–Lowe with a cache of (linearized set, state); diagnostics on failure."""
     entries: list[_Entry] = []
     for i, o in enumerate(ops):
@@ -338,9 +378,9 @@ def _search(ops: list[Op], initial: dict) -> tuple[bool, dict]:
                 x.next.prev = x
 
     state, linearized = initial, 0
-    cache: set = set()
-    stack: list[tuple[_Entry, dict]] = []
-    best: dict = {"depth": -1}
+    cache: set[tuple[int, tuple[tuple[Hashable, Any], ...]]] = set()
+    stack: list[tuple[_Entry, State]] = []
+    best = _Deepest()
     entry = head.next
     while finite:
         if entry is None:  # only calls of ops that may never happen are left, none fits
@@ -360,9 +400,8 @@ def _search(ops: list[Op], initial: dict) -> tuple[bool, dict]:
                     continue
             entry = entry.next
             continue
-        if len(stack) > best["depth"]:  # the deepest point reached: what a person reads
-            best = {"depth": len(stack), "order": [e.op for e, _ in stack], "state": state,
-                    "blocked": entry.op}
+        if len(stack) > best.depth:  # the deepest point reached: what a person reads
+            best = _Deepest(len(stack), [e.op for e, _ in stack], state, entry.op)
         if not stack:
             return False, best
         entry, state = stack.pop()
@@ -373,7 +412,7 @@ def _search(ops: list[Op], initial: dict) -> tuple[bool, dict]:
     return finite == 0, best
 
 
-def check(ops: Iterable[Op], initial: dict | None = None) -> Result:
+def check(ops: Iterable[Op], initial: Mapping[Hashable, Any] | None = None) -> Result:
     """Whether the history ``ops`` is linearizable against a plain ``dict`` model."""
     ops = list(ops)
     groups = _groups(ops)
@@ -385,19 +424,19 @@ def check(ops: Iterable[Op], initial: dict | None = None) -> Result:
     return Result(True, len(ops), len(groups))
 
 
-def check_dir(directory: str, initial: dict | None = None) -> Result:
+def check_dir(directory: str, initial: Mapping[Hashable, Any] | None = None) -> Result:
     return check(load_dir(directory), initial)
 
 
-def _explain(group: list[Op], best: dict) -> str:
+def _explain(group: list[Op], best: _Deepest) -> str:
     t0 = min(o.invoke for o in group)
     lines = ["NOT linearizable."]
-    if "blocked" not in best:
+    if best.blocked is None:
         lines.append("No order of these operations explains their results:")
         lines += ["  " + o.describe(t0) for o in group[:40]]
         return "\n".join(lines)
-    blocked = group[best["blocked"]]
-    order = best["order"]
+    blocked = group[best.blocked]
+    order = best.order
     lines.append(
         "The operation below marked '>>' cannot take effect anywhere: every order of the "
         "operations that completed before it leaves the store in a state that contradicts "
@@ -410,21 +449,21 @@ def _explain(group: list[Op], best: dict) -> str:
         mark = ">>" if o is blocked else (" +" if id(o) in placed else "  ")
         lines.append(f" {mark} {o.describe(t0)}")
     lines.append(f"State after the longest order found ({len(order)} operations): "
-                 f"{dict(sorted(best['state'].items(), key=repr))!r:.300}")
+                 f"{dict(sorted(best.state.items(), key=repr))!r:.300}")
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- workloads
 
 
-def _random_worker(d: Any, directory: str, worker: str, n: int, keys: list, seed: int,
-                   mix: tuple, start: Any) -> None:
+def _random_worker(d: Target, directory: str, worker: str, n: int, keys: Sequence[Hashable],
+                   seed: int, mix: Sequence[tuple[str, float]], start: Event | None) -> None:
     rnd = random.Random(seed)
     rec = Recorder(directory, worker)
     if start is not None:
         start.wait(60)
     ops, weights = zip(*mix)
-    for i in range(n):
+    for _ in range(n):
         op = rnd.choices(ops, weights)[0]
         k = rnd.choice(keys)
         try:
@@ -449,29 +488,34 @@ def _random_worker(d: Any, directory: str, worker: str, n: int, keys: list, seed
 
 
 #: The default operation mix: (name, weight).
-DEFAULT_MIX = (("get", 5), ("set", 3), ("incr", 2), ("del", 1), ("transform", 1),
-               ("update", 1), ("snapshot", 1))
+DEFAULT_MIX: tuple[tuple[str, float], ...] = (
+    ("get", 5), ("set", 3), ("incr", 2), ("del", 1), ("transform", 1), ("update", 1),
+    ("snapshot", 1),
+)
 
 
-def run_random_history(d: Any, workers: int = 3, ops_per_worker: int = 60, keys: list | None = None,
-                       method: str = "fork", kill: bool = False, seed: int | None = None,
-                       mix: tuple = DEFAULT_MIX, timeout: float = 60.0,
+def run_random_history(d: Target, workers: int = 3, ops_per_worker: int = 60,
+                       keys: Sequence[Hashable] | None = None, method: str = "fork",
+                       kill: bool = False, seed: int | None = None,
+                       mix: Sequence[tuple[str, float]] = DEFAULT_MIX, timeout: float = 60.0,
                        keep: str | None = None) -> Result:
     """Run random operations on ``d`` from ``workers`` processes, then check the history.
 
-    ``d``'s contents when called are the initial state. With ``kill``, one worker is SIGKILLed after it has
-    done some operations. ``keep`` names a directory to keep the logs in.
+    ``d``'s contents when called are the initial state. With ``kill``, one worker is
+    SIGKILLed after it has done some operations. ``keep`` names a directory to keep the
+    logs in.
     """
     keys = keys or ["a", "b", "c"]
     seed = random.randrange(1 << 30) if seed is None else seed
     initial = dict(d.snapshot())
     directory = keep or tempfile.mkdtemp(prefix="shareit-history-")
     os.makedirs(directory, exist_ok=True)
-    ctx = mp.get_context(method)
+    ctx = _context(method)
     start = ctx.Event()
     procs = [ctx.Process(target=_random_worker,
                          args=(d, directory, f"p{i}", ops_per_worker, keys, seed + i, mix, start))
              for i in range(workers)]
+    result: Result | None = None
     try:
         for p in procs:
             p.start()
@@ -493,11 +537,19 @@ def run_random_history(d: Any, workers: int = 3, ops_per_worker: int = 60, keys:
         join_all(procs, timeout)
         result = check_dir(directory, initial)
         if not result.ok:
-            result.failure += f"\n(seed {seed}, {workers} workers, method {method}, logs in {directory})"
+            result.failure += (f"\n(seed {seed}, {workers} workers, method {method}, "
+                               f"logs in {directory})")
         return result
     finally:
-        if keep is None and (not locals().get("result") or locals()["result"].ok):
+        if keep is None and (not result or result.ok):
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _context(method: str) -> ForkContext | SpawnContext | ForkServerContext:
+    """The ``multiprocessing`` context of start ``method`` (ValueError for another name)."""
+    # (typeshed types get_context(str) as BaseContext, which has no Process: every start
+    # method's own context has one)
+    return cast("ForkContext | SpawnContext | ForkServerContext", mp.get_context(method))
 
 
 def _lines(path: str) -> int:
@@ -505,7 +557,7 @@ def _lines(path: str) -> int:
         return f.read().count(b"\n")
 
 
-def join_all(procs: list, timeout: float = 60.0) -> list:
+def join_all(procs: Sequence[BaseProcess], timeout: float = 60.0) -> list[int | None]:
     """Join every process within ``timeout``, killing any that hang (then failing); exit codes."""
     deadline = time.monotonic() + timeout
     for p in procs:
@@ -520,8 +572,8 @@ def join_all(procs: list, timeout: float = 60.0) -> list:
     return [p.exitcode for p in procs]
 
 
-def _ring_worker(d: Any, directory: str, i: int, n: int, rounds: int, recv: Any, send: Any,
-                 key: Any) -> None:
+def _ring_worker(d: Target, directory: str, i: int, n: int, rounds: int, recv: Connection,
+                 send: Connection, key: Hashable) -> None:
     """Token ring: wait for the token, read what the previous process wrote, write, pass on."""
     rec = Recorder(directory, f"r{i}")
     for r in range(rounds):
@@ -535,13 +587,13 @@ def _ring_worker(d: Any, directory: str, i: int, n: int, rounds: int, recv: Any,
     rec.close()
 
 
-def run_token_ring(d: Any, workers: int = 3, rounds: int = 30, method: str = "fork",
-                   timeout: float = 60.0, key: Any = "tok") -> Result:
+def run_token_ring(d: Target, workers: int = 3, rounds: int = 30, method: str = "fork",
+                   timeout: float = 60.0, key: Hashable = "tok") -> Result:
     """Each process reads right after another's write returned, then writes: a stale read
     (a replica or cache that lags behind a completed write) is a violation."""
     directory = tempfile.mkdtemp(prefix="shareit-ring-")
     initial = dict(d.snapshot())
-    ctx = mp.get_context(method)
+    ctx = _context(method)
     pipes = [ctx.Pipe(duplex=False) for _ in range(workers)]  # pipe i: worker i-1 -> worker i
     procs = [ctx.Process(target=_ring_worker,
                          args=(d, directory, i, workers, rounds, pipes[i][0],
@@ -554,7 +606,8 @@ def run_token_ring(d: Any, workers: int = 3, rounds: int = 30, method: str = "fo
         join_all(procs, timeout)
         result = check_dir(directory, initial)
         if not result.ok:
-            result.failure += f"\n(token ring, {workers} workers, method {method}, logs in {directory})"
+            result.failure += (f"\n(token ring, {workers} workers, method {method}, "
+                               f"logs in {directory})")
         return result
     finally:
         if result is None or result.ok:

@@ -6,7 +6,7 @@ and, for backends that declare ``ordered``, the same iteration order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from hypothesis import strategies as st
@@ -15,12 +15,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from ..base import SharedMapping
 
 
-def _strategies(mapping: SharedMapping, keys: list) -> tuple[Any, Any]:
+def _strategies(mapping: SharedMapping,
+                keys: Sequence[Hashable]) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
     caps = mapping.capabilities
+    key_st: st.SearchStrategy[Any]
+    value_st: st.SearchStrategy[Any]
     if mapping.config.keys:
         key_st = st.sampled_from(list(mapping.config.keys))
     else:
-        choices = list(keys)
+        choices: list[Hashable] = list(keys)
         allowed = caps.key_types
         if allowed is None or int in allowed:
             choices += [1, 2, -7]
@@ -45,7 +48,8 @@ def _strategies(mapping: SharedMapping, keys: list) -> tuple[Any, Any]:
     return key_st, value_st
 
 
-def mapping_state_machine(mapping: SharedMapping, keys: list) -> type[RuleBasedStateMachine]:
+def mapping_state_machine(mapping: SharedMapping,
+                          keys: Sequence[Hashable]) -> type[RuleBasedStateMachine]:
     """A state machine class over ``mapping`` (cleared at the start of every example)."""
     key_st, value_st = _strategies(mapping, keys)
     numeric = bool(mapping.config.value_type) and mapping.config.value_type != "bool"
@@ -58,7 +62,7 @@ def mapping_state_machine(mapping: SharedMapping, keys: list) -> type[RuleBasedS
         def __init__(self) -> None:
             super().__init__()
             mapping.clear()
-            self.model: dict = {}
+            self.model: dict[Hashable, Any] = {}
 
         def coerce(self, v: Any) -> Any:
             return mapping._coerce(v)
@@ -98,7 +102,7 @@ def mapping_state_machine(mapping: SharedMapping, keys: list) -> type[RuleBasedS
             assert self.model.pop(k) == v
 
         @rule(items=st.dictionaries(key_st, value_st, max_size=4))
-        def update(self, items: dict) -> None:
+        def update(self, items: dict[Hashable, Any]) -> None:
             mapping.update(items)
             self.model.update({k: self.coerce(v) for k, v in items.items()})
 
