@@ -90,6 +90,10 @@ class FileLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             self._mutex.release()
 
+    def held(self) -> bool:
+        """Whether this thread of this process holds it (the lock is reentrant per thread)."""
+        return self._owner == threading.get_ident() and self._pid == os.getpid()
+
     def close(self) -> None:
         if self._fd >= 0 and self._pid == os.getpid():
             os.close(self._fd)
