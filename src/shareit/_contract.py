@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import pickle
 from abc import abstractmethod
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -147,7 +147,7 @@ class MappingBase(MutableMapping[Any, Any]):
 
     @classmethod
     @abstractmethod
-    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> Any:
+    def _attach_record(cls, name: str, config: Config, record: Mapping[str, Any]) -> Any:
         """Attach to the live object that ``record`` (checked, options merged) describes.
 
         A backend that cannot attach by name raises here the error that names the
@@ -166,7 +166,7 @@ class MappingBase(MutableMapping[Any, Any]):
     # ------------------------------------------------------------ default hooks
 
     @classmethod
-    def _cleanup_record(cls, name: str, record: dict[str, Any]) -> None:
+    def _cleanup_record(cls, name: str, record: Mapping[str, Any]) -> None:
         """Remove what a named mapping holds beside its record, once no user is left
         (its last user left, or its owner died). Default: the default lock's files."""
         for kind in _LOCK_FILES:

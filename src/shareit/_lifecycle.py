@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import os
 import weakref
+from collections.abc import Mapping
 from multiprocessing.context import get_spawning_popen
 from typing import Any
 
@@ -158,7 +159,7 @@ def attach_handle(cls: type[Lifecycle], handle: Any, name: str | None,
     return obj
 
 
-def remove_for(name: str, record: dict[str, Any]) -> None:
+def remove_for(name: str, record: Mapping[str, Any]) -> None:
     """Remove what the mapping of ``record`` holds (its last user is leaving)."""
     cls = backend_class(record["backend"])
     (MappingBase if cls is None else cls)._cleanup_record(name, record)

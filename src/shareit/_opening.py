@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import _lifetime, _records, _runtime
@@ -135,7 +136,7 @@ class InheritOnly(Opener):
 
 
 def attach_checked(cls: type[SharedMapping], name: str, config: Config,
-                   record: dict[str, Any]) -> SharedMapping:
+                   record: Mapping[str, Any]) -> SharedMapping:
     """``cls._attach_record`` for a found record: same backend, no conflicting option.
 
     The creator's structural options apply; one the caller set explicitly to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from . import _runtime, config, registry
@@ -86,7 +87,7 @@ def destroy(name: str, **options: Any) -> None:
 
 
 def remove_local(name: str, timeout: float = 10.0, unused_only: bool = False,
-                 persistent: bool = True) -> dict[str, Any] | Exception | None:
+                 persistent: bool = True) -> Mapping[str, Any] | Exception | None:
     """Remove the local mapping ``name`` (record, segments, server) under its lock.
 
     With ``unused_only``, only if no user of it is alive, and a persistent one only

@@ -47,7 +47,7 @@ import secrets
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -136,7 +136,7 @@ class ManagerMapping(SharedMapping):
         """Undo :meth:`_prepare_server` when the server did not start."""
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> ManagerMapping:
+    def _attach_record(cls, name: str, config: Config, record: Mapping[str, Any]) -> ManagerMapping:
         address, authkey = _runtime.socket_path(name), record["authkey"]  # (never from a record)
         if len(authkey) != 64:
             raise RecordError(f"the record of mapping {name!r} has a malformed auth key")
@@ -149,7 +149,7 @@ class ManagerMapping(SharedMapping):
         return self
 
     @classmethod
-    def _cleanup_record(cls, name: str, record: dict[str, Any]) -> None:
+    def _cleanup_record(cls, name: str, record: Mapping[str, Any]) -> None:
         """A dead owner's server normally exits by itself; one still running is stopped only
         once proven to be this user's shareit server (uid, start time, command line)."""
         try:

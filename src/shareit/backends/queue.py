@@ -45,7 +45,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from mmap import mmap
 from typing import Any, ClassVar
 
@@ -116,7 +116,7 @@ class QueueMapping(ManagerMapping):
         remove_words(stem)
 
     @classmethod
-    def _cleanup_record(cls, name: str, record: dict[str, Any]) -> None:
+    def _cleanup_record(cls, name: str, record: Mapping[str, Any]) -> None:
         super()._cleanup_record(name, record)
         remove_words(name)
 

@@ -64,7 +64,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import _records, _runtime
@@ -255,7 +255,7 @@ class RedisMapping(SharedMapping):
         return self
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> RedisMapping:
+    def _attach_record(cls, name: str, config: Config, record: Mapping[str, Any]) -> RedisMapping:
         # json is sticky: the record can turn pickle into json, never json into pickle.
         if record.get("serializer") == "json" and config.serializer != "json":
             config = Config({**config.as_dict(), "serializer": "json"},

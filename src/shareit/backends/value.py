@@ -90,7 +90,7 @@ import ctypes
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, ClassVar
 
@@ -210,7 +210,7 @@ class ValueMapping(SharedMapping):
     # ------------------------------------------------------------------ sharing
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> ValueMapping:
+    def _attach_record(cls, name: str, config: Config, record: Mapping[str, Any]) -> ValueMapping:
         raise ConfigError(
             f"a value mapping named {name!r} already exists in process {record['owner_pid']}; "
             f"value mappings cannot be attached by name. Pass it to child processes instead: "

@@ -47,7 +47,7 @@ from __future__ import annotations
 import os
 import pickle
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import _codec, _runtime
@@ -158,7 +158,7 @@ class ReferenceMapping(SharedMapping):
 
     @classmethod
     def _attach_record(cls, name: str, config: Config,
-                       record: dict[str, Any]) -> ReferenceMapping:
+                       record: Mapping[str, Any]) -> ReferenceMapping:
         return cls._attach(name, config, name)  # the path follows from the name, never a record
 
     @classmethod
@@ -185,7 +185,7 @@ class ReferenceMapping(SharedMapping):
     # ------------------------------------------------------------ removal
 
     @classmethod
-    def _cleanup_record(cls, name: str, record: dict[str, Any]) -> None:
+    def _cleanup_record(cls, name: str, record: Mapping[str, Any]) -> None:
         for kind in _FILES:
             _unlink_quiet(_runtime.path(name, kind))
         super()._cleanup_record(name, record)  # the default lock's files
