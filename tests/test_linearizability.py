@@ -9,6 +9,8 @@ run them in real processes, and require the checker to say so.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import time
 
 import pytest
@@ -152,9 +154,13 @@ def shm():
 
 
 def _caught(run) -> str:
+    """The explanation of the first failed history (its logs are kept, and removed here)."""
     for _ in range(ROUNDS):
         result = run()
         if not result.ok:
+            logs = re.search(r"logs in (\S+)\)", result.failure)
+            assert logs and os.path.isdir(logs[1]), "a failed history keeps its logs"
+            shutil.rmtree(logs[1])
             return result.explain()
     return ""
 

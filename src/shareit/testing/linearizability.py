@@ -541,7 +541,7 @@ def run_random_history(d: Target, workers: int = 3, ops_per_worker: int = 60,
                                f"logs in {directory})")
         return result
     finally:
-        if keep is None and (not result or result.ok):
+        if keep is None and (result is None or result.ok):  # a failed history keeps its logs
             shutil.rmtree(directory, ignore_errors=True)
 
 
