@@ -39,7 +39,7 @@ from typing import TypeAlias, TypedDict
 
 from . import _runtime
 from ._records import Proc, Record
-from .errors import BackendDiedError, LockTimeoutError
+from .errors import BackendDiedError, lock_timeout
 
 __all__ = ["name_lock", "live_users", "join", "leave", "leave_all_at_exit"]
 
@@ -77,10 +77,8 @@ def name_lock(name: str, timeout: float, create: bool = True) -> Iterator[NameLo
         except BlockingIOError:
             os.close(fd)
             if time.monotonic() >= deadline:
-                raise LockTimeoutError(
-                    f"mapping {name!r} is being opened or closed by another process that did "
-                    f"not finish within {timeout:g} s"
-                ) from None
+                raise lock_timeout(f"the name {name!r}", timeout,
+                                   "another process is opening or closing that mapping") from None
             time.sleep(pause)  # another process holds it for a few file operations
             pause = min(pause * 2, 0.01)
             continue
