@@ -14,14 +14,14 @@ import sys
 import time
 
 import shareit
-from shareit.backends import _shm_layout as L
+from shareit.backends.shm.segments import all_paths
 
 KEY_BYTES, VALUE_BYTES = 16, 8
 
 
 def footprint(d) -> dict:
     seg = d._seg
-    paths = [L.ctrl_path(seg)] + L.data_segments(seg)
+    paths = all_paths(seg)
     total = sum(os.stat(p).st_size for p in paths)
     n = len(d)
     return {"keys": n, "segment_bytes": total,

@@ -1,5 +1,7 @@
 """The shm backend: the conformance suite (its own fault tests are in test_shm_faults.py)."""
 
+from typing import Any, ClassVar
+
 from shareit.testing import SharedMappingSuite
 
 
@@ -11,4 +13,4 @@ class TestShmFloat(SharedMappingSuite):
     """The same contract with unboxed numeric values."""
 
     backend = "shm"
-    options = {"value_type": "float64"}
+    options: ClassVar[dict[str, Any]] = {"value_type": "float64"}

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import shareit
-from shareit.backends import _shm_layout as L
+from shareit.backends.shm import layout as L
 from shareit.errors import LockTimeoutError
 from shareit.testing import join_all
 from shareit.testing.linearizability import Recorder, check_dir, run_random_history

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import shareit
-from shareit.backends import _shm_layout as L
-from shareit.backends import shm
+from shareit.backends.shm import layout as L
+from shareit.backends.shm import mapping as shm_mapping
 from shareit.testing import join_all, shareit_files
 
 FORK = mp.get_context("fork")
@@ -198,7 +198,7 @@ def test_random_kills_over_many_rounds(d) -> None:
     assert d["k0"] == b"x"
 
 
-# ---------------------------------------------------------------------------- growth, collisions, churn
+# ------------------------------------------------------------------ growth, collisions, churn
 
 
 def grow_writer(d, total: int, progress) -> None:
@@ -239,8 +239,8 @@ def test_grow_from_one_to_200k_keys_while_another_process_reads(d) -> None:
 
 
 def test_forced_hash_collisions(d, monkeypatch) -> None:
-    monkeypatch.setattr(shm, "_crc32", lambda b, kind: 12345)
-    keys = [f"c{i}" for i in range(300)] + [i for i in range(100)] + [("t", i) for i in range(50)]
+    monkeypatch.setattr(shm_mapping, "_crc32", lambda b, kind: 12345)
+    keys = [f"c{i}" for i in range(300)] + list(range(100)) + [("t", i) for i in range(50)]
     for i, k in enumerate(keys):
         d[k] = i
     for i, k in enumerate(keys):
@@ -324,7 +324,8 @@ def test_attacher_exit_neither_unlinks_nor_warns(d, name) -> None:
     d["a"] = 1
     for _ in range(2):
         proc = subprocess.run([sys.executable, "-c", ATTACH_AND_EXIT, name], capture_output=True,
-                              text=True, timeout=TIMEOUT, env={**os.environ, "SHAREIT_BACKEND": "shm"})
+                              text=True, timeout=TIMEOUT,
+                              env={**os.environ, "SHAREIT_BACKEND": "shm"})
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert d["from_child"] == 2 and len(shareit_files(name)) == 4  # ctl, g1, lock, meta
 
@@ -355,10 +356,10 @@ def incr_and_hold(d, n, ready) -> None:
 
 
 def test_flock_fallback_where_robust_mutexes_are_missing(monkeypatch, name) -> None:
-    monkeypatch.setattr(shm, "robust_mutex_available", lambda: False)
+    monkeypatch.setattr(shm_mapping, "robust_mutex_available", lambda: False)
     d = shareit.open(name, backend="shm")
     try:
-        assert d._c[L.C_LOCKKIND] == L.LOCK_FLOCK
+        assert d._t.c[L.C_LOCKKIND] == L.LOCK_FLOCK
         d["n"] = 0
         readies = [FORK.Event() for _ in range(2)]
         procs = [FORK.Process(target=incr_and_hold, args=(d, 300, r)) for r in readies]

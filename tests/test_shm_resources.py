@@ -15,8 +15,8 @@ import pytest
 
 import shareit
 from shareit import _runtime
-from shareit.backends import _shm_layout as L
-from shareit.backends import shm
+from shareit.backends.shm import layout as L
+from shareit.backends.shm import mapping as shm_mapping
 from shareit.errors import CapacityError, ShareitError
 from shareit.testing import shareit_files
 
@@ -29,7 +29,7 @@ def fd_count() -> int:
 
 
 def mapped(stem: str) -> tuple[int, int]:
-    """(mappings of ``stem``'s segments, of those the ones whose file is deleted) in this process."""
+    """(mappings of ``stem``'s segments, of those whose file is deleted) in this process."""
     head = os.path.join(_runtime.runtime_dir(), stem + _runtime.SEP)
     lines = [ln for ln in open("/proc/self/maps") if head in ln]
     return len(lines), sum(1 for ln in lines if ln.rstrip().endswith("(deleted)"))
@@ -45,7 +45,7 @@ def segment_bytes(name: str) -> tuple[int, int]:
     return size, blocks
 
 
-# ---------------------------------------------------------------------------- handles received and dropped
+# ------------------------------------------------------------------ handles received and dropped
 
 
 def receive_and_drop(blob: bytes, rounds: int, write: bool) -> None:
@@ -61,7 +61,7 @@ def receive_and_drop(blob: bytes, rounds: int, write: bool) -> None:
 def test_handles_received_and_dropped_hold_no_descriptors_or_mappings(name, lock,
                                                                       monkeypatch) -> None:
     if lock == "flock":
-        monkeypatch.setattr(shm, "robust_mutex_available", lambda: False)
+        monkeypatch.setattr(shm_mapping, "robust_mutex_available", lambda: False)
     d = shareit.open(name, backend="shm")
     try:
         d["fixed"] = "v" * 100
@@ -207,9 +207,9 @@ def test_the_read_cache_is_bounded_in_bytes(name) -> None:
         for _ in range(2):
             for i in range(100):
                 assert e[f"v{i}"][:1] == bytes([i])
-                assert e._cache_bytes <= L.CACHE_BYTES
+                assert e._t.cache.nbytes <= L.CACHE_BYTES
         cached = sum(len(hit[2]) for hit in e._cache.values() if isinstance(hit[2], bytes))
-        assert cached == e._cache_bytes and 0 < cached <= L.CACHE_BYTES
+        assert cached == e._t.cache.nbytes and 0 < cached <= L.CACHE_BYTES
         assert e["v99"][:1] == bytes([99]) and e["v0"][:1] == bytes([0])  # evicted: read again
         big = b"z" * (L.CACHE_VALUE_MAX + 1)
         d["huge"] = big

@@ -1,9 +1,10 @@
-"""The ``shm`` backend's memory layout: segments, the table format, key and value encoding.
+"""The ``shm`` backend's memory layout: segments and the table format (keys and values
+are encoded by :mod:`.codec`).
 
 Two kinds of segment live in the user's private runtime dir (``/dev/shm/shareit-UID``), created with
 ``os.open`` + ``mmap`` (not ``SharedMemory``, whose resource tracker unlinks
 segments under their creator and prints warnings on 3.11/3.12; FACTS.md),
-allocated in full and mapped without a descriptor (``_shm_segments``):
+allocated in full and mapped without a descriptor (:mod:`.segments`):
 
 ``NAME@ctl`` -- the control segment, fixed size. Words (uint64):
 
@@ -18,7 +19,7 @@ allocated in full and mapped without a descriptor (``_shm_segments``):
     11 tseq: odd from the moment a journaled transaction may change data until its
       commit (or the rollback that repairs it) is complete. Lock-free readers that see it
       odd read the last committed state: the data with the journal's pre-images laid
-      over it (``_shm_read``).
+      over it (:mod:`.read`).
 
   then the undo journal: records of (offset, nbytes, old bytes) of the current
   generation's data segment, saved before a write changes them. Every record is
@@ -42,17 +43,18 @@ one aligned store, so they are atomic for readers and need no journal.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
-import struct
-import zlib
 from typing import Any
 
-from .. import _runtime
-from .._codec import dumps
-from ._shm_segments import bytes_view, create_file, open_file, release_quietly, unmap
-
-__all__ = ["bytes_view", "create_file", "open_file", "release_quietly", "unmap"]  # (as L.*)
+from .segments import (
+    bytes_view,
+    create_file,
+    data_path,
+    open_file,
+    release_quietly,
+    unlink_quiet,
+    unmap,
+)
 
 MAGIC = 0x5348415245495431  # "SHAREIT1"
 LAYOUT = 3  # 3: tseq (word 11); the epoch no longer marks multi-key writes
@@ -66,7 +68,7 @@ JOURNAL_WORDS = CTRL_SIZE // 8 - JOURNAL_WORD
 (C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER,
  C_LOCKKIND, C_TSEQ) = range(12)
 LOCK_ROBUST, LOCK_FLOCK = 1, 2
-J_NONE, J_JOURNAL, J_INLINE = 0, 1, 2
+J_JOURNAL, J_INLINE = 1, 2  # jstate: an undo journal is valid / one inline word in flight
 # data header words
 H_CAP, H_ISIZE, H_HEAPW, H_USED, H_LIVE, H_TOP, H_GARBAGE = range(7)
 HEADER_BYTES = 64
@@ -76,6 +78,7 @@ EMPTY, DELETED = -1, -2
 # value kinds (inline: INT, FLOAT, NONE, TRUE, FALSE; heap: STR, BYTES, PICKLE)
 V_INT, V_FLOAT, V_STR, V_BYTES, V_NONE, V_TRUE, V_FALSE, V_PICKLE = range(1, 9)
 HEAP_KINDS = frozenset({V_STR, V_BYTES, V_PICKLE})
+IMMUTABLE_KINDS = frozenset({V_INT, V_FLOAT, V_STR, V_BYTES, V_NONE, V_TRUE, V_FALSE})
 LIVE = 1 << 16
 
 # key kinds
@@ -84,6 +87,7 @@ K_STR, K_BYTES, K_INT, K_TUPLE = range(1, 5)
 _ENTRY_FIELDS = [("ver", "<u8"), ("hash", "<u4"), ("klen", "<u4"), ("koff", "<u4"),
                  ("meta", "<u4"), ("val", "<i8")]
 _np: Any = None  # numpy, imported by the first typed or bulk access (not at import: spawn cost)
+ENTRY_DTYPE: Any = None  # set by numpy()
 
 
 def numpy() -> Any:
@@ -97,10 +101,6 @@ def numpy() -> Any:
         _np = np
     return _np
 
-
-ENTRY_DTYPE: Any = None  # set by numpy()
-
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 #: Per-process bounds of the read cache (entries, and bytes of cached heap values; the
 #: oldest entries go first) and of the slot cache (cleared when full). A value larger than
@@ -122,124 +122,6 @@ class Grow(Exception):
     """The current generation has no room: rebuild, then retry."""
 
 
-# --------------------------------------------------------------------------- keys
-
-
-def encode_key(key: Any) -> tuple[int, bytes]:
-    """(kind, bytes) of a key: the same in every interpreter (never ``hash()``)."""
-    t = type(key)
-    if t is str:
-        return K_STR, key.encode("utf-8", "surrogatepass")
-    if t is bytes:
-        return K_BYTES, key
-    if t is int:
-        return K_INT, key.to_bytes(max(8, (key.bit_length() + 8) // 8), "little", signed=True)
-    if t is tuple:
-        parts = []
-        for part in key:
-            kind, b = encode_key(part)
-            parts.append(struct.pack("<BI", kind, len(b)) + b)
-        return K_TUPLE, b"".join(parts)
-    raise TypeError(f"shm keys are str, bytes, int or tuples of these; got {t.__name__}")
-
-
-def decode_key(kind: int, b: bytes) -> Any:
-    if kind == K_STR:
-        return b.decode("utf-8", "surrogatepass")
-    if kind == K_BYTES:
-        return bytes(b)
-    if kind == K_INT:
-        return int.from_bytes(b, "little", signed=True)
-    parts, i = [], 0
-    while i < len(b):
-        k, n = struct.unpack_from("<BI", b, i)
-        i += 5
-        parts.append(decode_key(k, b[i : i + n]))
-        i += n
-    return tuple(parts)
-
-
-def key_hash(kind: int, b: bytes) -> int:
-    return zlib.crc32(b, kind)
-
-
-# --------------------------------------------------------------------------- values
-
-
-def encode_value(value: Any) -> tuple[int, int, bytes | None]:
-    """(kind, inline int64 bits, heap bytes or None)."""
-    t = type(value)
-    if t is int and _INT64_MIN <= value <= _INT64_MAX:
-        return V_INT, value, None
-    if t is float:
-        return V_FLOAT, _f2i(value), None
-    if t is str:
-        return V_STR, 0, value.encode("utf-8", "surrogatepass")
-    if t is bytes:
-        return V_BYTES, 0, value
-    if value is None:
-        return V_NONE, 0, None
-    if value is True:
-        return V_TRUE, 0, None
-    if value is False:
-        return V_FALSE, 0, None
-    return V_PICKLE, 0, dumps(value)
-
-
-_PACK_Q, _UNPACK_D = struct.Struct("<q").pack, struct.Struct("<d").unpack
-_PACK_D, _UNPACK_Q = struct.Struct("<d").pack, struct.Struct("<q").unpack
-
-
-def _f2i(x: float) -> int:
-    return _UNPACK_Q(_PACK_D(x))[0]
-
-
-def _i2f(i: int) -> float:
-    return _UNPACK_D(_PACK_Q(i))[0]
-
-
-INLINE_CONST = {V_NONE: None, V_TRUE: True, V_FALSE: False}
-IMMUTABLE_KINDS = frozenset({V_INT, V_FLOAT, V_STR, V_BYTES, V_NONE, V_TRUE, V_FALSE})
-
-
-def decode_value(kind: int, inline: int, raw: bytes | None) -> Any:
-    if kind == V_INT:
-        return inline
-    if kind == V_FLOAT:
-        return _i2f(inline)
-    if kind == V_STR:
-        return raw.decode("utf-8", "surrogatepass")  # type: ignore[union-attr]
-    if kind == V_BYTES:
-        return bytes(raw)  # type: ignore[arg-type]
-    if kind == V_PICKLE:
-        return pickle.loads(raw)  # type: ignore[arg-type]
-    return INLINE_CONST[kind]
-
-
-# --------------------------------------------------------------------------- segments
-
-
-def ctrl_path(stem: str) -> str:
-    return _runtime.path(stem, "ctl")
-
-
-def data_path(stem: str, gen: int) -> str:
-    return _runtime.path(stem, f"g{gen}")
-
-
-def unlink_quiet(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def data_segments(stem: str) -> list[str]:
-    head = f"{stem}{_runtime.SEP}g"
-    return [p for p in _runtime.files_of(stem)
-            if os.path.basename(p).startswith(head) and os.path.basename(p)[len(head):].isdigit()]
-
-
 def sizes_for(cap: int, heap_bytes: int) -> tuple[int, int, int]:
     """(cap, isize, heap words) of a generation that holds ``cap`` entries."""
     cap = max(cap, 8)
@@ -259,6 +141,22 @@ class Generation:
 
     __slots__ = ("gen", "mm", "mv", "q", "qs", "i32", "u32", "cap", "isize", "heapw",
                  "eoff", "hoff", "ew", "hw", "size", "path")
+    gen: int
+    mm: Any
+    mv: memoryview
+    q: memoryview  # uint64 words
+    qs: memoryview  # the same words, int64
+    i32: memoryview
+    u32: memoryview
+    cap: int
+    isize: int
+    heapw: int
+    eoff: int  # byte offset of the entries
+    hoff: int  # byte offset of the heap
+    ew: int  # entry base, in words
+    hw: int  # heap base, in words
+    size: int
+    path: str
 
     def __init__(self, gen: int, mm: Any, path: str):
         self.gen, self.mm, self.path = gen, mm, path
@@ -269,7 +167,7 @@ class Generation:
         self.u32 = self.mv.cast("I")
         self.cap, self.isize, self.heapw = self.q[H_CAP], self.q[H_ISIZE], self.q[H_HEAPW]
         self.eoff, self.hoff = layout_offsets(self.cap, self.isize)
-        self.ew, self.hw = self.eoff // 8, self.hoff // 8  # entry / heap base, in words
+        self.ew, self.hw = self.eoff // 8, self.hoff // 8
         self.size = len(mm)
 
     @classmethod
@@ -310,4 +208,3 @@ class Generation:
         release_quietly(self.q, self.qs, self.i32, self.u32, self.mv)
         unmap(self.mm)
         self.mm = None
-

@@ -21,9 +21,35 @@ import threading
 import weakref
 from typing import Any
 
-from .. import _runtime
-from .._locks import FlockMutex
-from ..errors import CapacityError
+from ... import _runtime
+from ..._locks import FlockMutex
+from ...errors import CapacityError
+
+
+def ctrl_path(stem: str) -> str:
+    return _runtime.path(stem, "ctl")
+
+
+def data_path(stem: str, gen: int) -> str:
+    return _runtime.path(stem, f"g{gen}")
+
+
+def data_segments(stem: str) -> list[str]:
+    """Paths of every generation segment of ``stem`` there is."""
+    head = f"{stem}{_runtime.SEP}g"
+    return [p for p in _runtime.files_of(stem)
+            if os.path.basename(p).startswith(head) and os.path.basename(p)[len(head):].isdigit()]
+
+
+def all_paths(stem: str) -> list[str]:
+    return [ctrl_path(stem), *data_segments(stem)]
+
+
+def unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _free_bytes(directory: str) -> int:
@@ -42,7 +68,7 @@ def no_room(path: str, need: int, free: int | None = None) -> CapacityError:
     )
 
 
-def create_file(path: str, size: int) -> mmap.mmap:
+def create_file(path: str, size: int) -> Any:
     """Create a segment exclusively (mode 0600, never through a symlink), allocate all of
     it, and map it; :class:`CapacityError` (nothing left behind) when there is no room."""
     free = _free_bytes(os.path.dirname(path))
@@ -152,7 +178,10 @@ class Maps:
     __slots__ = ("cmm", "cmv", "c", "g", "flock")
 
     def __init__(self, cmm: Any, cmv: memoryview, c: memoryview):
-        self.cmm, self.cmv, self.c, self.g, self.flock = cmm, cmv, c, None, None
+        self.cmm: Any = cmm
+        self.cmv, self.c = cmv, c
+        self.g: Any = None  # the mapped Generation
+        self.flock: tuple[int, int] | None = None  # (see flock_get)
 
 
 def release(maps: Maps) -> None:
@@ -170,7 +199,7 @@ def release(maps: Maps) -> None:
 
 # The flock fallback needs a descriptor to lock: one per process and control file, shared
 # by every handle of it (key: device, inode), counted, closed with the last handle.
-_flocks: dict[tuple[int, int], list] = {}  # key -> [FlockMutex, handles, fork generation]
+_flocks: dict[tuple[int, int], list[Any]] = {}  # key -> [FlockMutex, handles, fork generation]
 _flocks_lock = threading.Lock()
 
 

@@ -1,5 +1,5 @@
-"""Vectorised work on whole ``shm`` generations: rebuilding (growth, compaction, clear)
-and decoding every key and value at once (snapshot, iteration, numpy bulk reads).
+"""Building a whole new ``shm`` generation, vectorised: growth, compaction, ``clear`` and
+bulk numeric writes (which :meth:`~.table.Table.switch` then publishes).
 
 A rebuild copies only live entries, in order, packs their heap bytes, and
 builds the new index with a round-based parallel linear probe, all in numpy:
@@ -12,26 +12,27 @@ from typing import Any
 
 import numpy as np
 
-from . import _shm_layout as L
+from . import layout as L
 
 _HEAP_KINDS = np.array(sorted(L.HEAP_KINDS), dtype=np.uint32)
 MIN_HEAP = 1 << 16
 
 
-def _exclusive_cumsum(a: np.ndarray) -> np.ndarray:
+def exclusive_cumsum(a: np.ndarray) -> np.ndarray:
     out = np.zeros(len(a), dtype=np.int64)
     if len(a) > 1:
         np.cumsum(a[:-1], out=out[1:])
     return out
 
 
-def _gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Indices of the concatenated ranges [starts[i], starts[i] + lengths[i])."""
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(0, dtype=np.int64)
-    shift = np.repeat(starts - _exclusive_cumsum(lengths), lengths)
-    return np.arange(total, dtype=np.int64) + shift
+    shift = np.repeat(starts - exclusive_cumsum(lengths), lengths)
+    out: np.ndarray = np.arange(total, dtype=np.int64) + shift
+    return out
 
 
 def build_index(index: np.ndarray, hashes: np.ndarray, first: int = 0) -> None:
@@ -63,7 +64,7 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
                      changes: Any = None) -> L.Generation:
     """A new, not yet published generation holding ``old``'s live entries and room to spare.
 
-    ``changes`` -- ``(found, batch, vkind, inline)`` from :mod:`._shm_many` -- also sets
+    ``changes`` -- ``(found, batch, vkind, inline)`` from :mod:`.many` -- also sets
     the keys of ``batch`` to inline values (``found``: each key's entry in ``old``, or
     -1 for a key to append), all in numpy.
     """
@@ -105,12 +106,12 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
         old_heap = np.frombuffer(old.mm, dtype=np.uint64, count=old.heapw, offset=old.hoff)
         new_heap = np.frombuffer(new.mm, dtype=np.uint64, count=new.heapw, offset=new.hoff)
         kstart = live["koff"].astype(np.int64)
-        new_koff = _exclusive_cumsum(kwords)
+        new_koff = exclusive_cumsum(kwords)
         ktotal = int(kwords.sum())
-        new_heap[:ktotal] = old_heap[_gather_ranges(kstart, kwords)]
+        new_heap[:ktotal] = old_heap[gather_ranges(kstart, kwords)]
         hv = np.nonzero(on_heap)[0]
-        new_voff = ktotal + _exclusive_cumsum(vwords[hv])
-        new_heap[ktotal:used_words] = old_heap[_gather_ranges(voff[hv], vwords[hv])]
+        new_voff = ktotal + exclusive_cumsum(vwords[hv])
+        new_heap[ktotal:used_words] = old_heap[gather_ranges(voff[hv], vwords[hv])]
         out = new.entries()
         out[:n] = live
         out["koff"][:n] = new_koff
@@ -132,7 +133,8 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
 
 
 def _apply_changes(new: L.Generation, n: int, top: int, livepos: Any, ctrl: Any,
-                   found: np.ndarray, batch: Any, vkind: int, inline: np.ndarray) -> tuple[int, int]:
+                   found: np.ndarray, batch: Any, vkind: int,
+                   inline: np.ndarray) -> tuple[int, int]:
     """Overwrite the values of keys already in ``new`` and append the others after its ``n``
     entries (their key bytes after heap word ``top``); the new entry count and heap top."""
     out = new.entries()
@@ -145,10 +147,10 @@ def _apply_changes(new: L.Generation, n: int, top: int, livepos: Any, ctrl: Any,
     m = len(add)
     if m:
         kwords = (batch.lens[add] + 7) // 8
-        koff = top + _exclusive_cumsum(kwords)
+        koff = top + exclusive_cumsum(kwords)
         total = int(kwords.sum())
         heap = np.frombuffer(new.mm, dtype=np.uint64, count=new.heapw, offset=new.hoff)
-        heap[top:top + total] = batch.blob.view(np.uint64)[_gather_ranges(batch.wstart[add], kwords)]
+        heap[top:top + total] = batch.blob.view(np.uint64)[gather_ranges(batch.wstart[add], kwords)]
         tail = out[n:n + m]
         stamp = ctrl[L.C_STAMP] + 1
         ctrl[L.C_STAMP] = stamp
@@ -160,38 +162,3 @@ def _apply_changes(new: L.Generation, n: int, top: int, livepos: Any, ctrl: Any,
         tail["val"] = inline[add]
         top += total
     return n + m, top
-
-
-def decode_keys(ents: np.ndarray, heap: np.ndarray) -> list:
-    if len(ents) == 0:
-        return []
-    kkinds = (ents["meta"] >> 8) & 0xFF
-    koff, klen = ents["koff"], ents["klen"]
-    if (kkinds == L.K_INT).all() and (klen == 8).all():
-        return heap.view("<i8")[koff].tolist()
-    hb = heap.tobytes()
-    out = []
-    for kind, off, n in zip(kkinds.tolist(), koff.tolist(), klen.tolist()):
-        b = hb[off * 8 : off * 8 + n]
-        out.append(b.decode("utf-8", "surrogatepass") if kind == L.K_STR else L.decode_key(kind, b))
-    return out
-
-
-def decode_values(ents: np.ndarray, heap: np.ndarray, vt: Any = None) -> list:
-    if len(ents) == 0:
-        return []
-    kinds = ents["meta"] & 0xFF
-    raw = ents["val"]
-    if (kinds == L.V_FLOAT).all():
-        return raw.view("<f8").tolist()
-    if (kinds == L.V_INT).all():
-        return raw.tolist()
-    hb = heap.tobytes() if heap is not None else b""  # no heap copy when no value is on it
-    out = []
-    for kind, inline in zip(kinds.tolist(), raw.tolist()):
-        data = None
-        if kind in L.HEAP_KINDS:
-            off = (inline & 0xFFFFFFFF) * 8
-            data = hb[off : off + (inline >> 32)]
-        out.append(L.decode_value(kind, inline, data))
-    return out

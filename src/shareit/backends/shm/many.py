@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _shm_layout as L
-from ._shm_rebuild import _exclusive_cumsum, _gather_ranges
+from . import layout as L
+from .build import exclusive_cumsum, gather_ranges
+from .codec import encode_key
 
 
 def _crc_table() -> np.ndarray:
@@ -34,7 +35,8 @@ def crc32_rows(rows: np.ndarray, start: int) -> np.ndarray:
     crc = np.full(len(rows), start ^ 0xFFFFFFFF, dtype=np.uint32)
     for i in range(rows.shape[1]):
         crc = _CRC[(crc ^ rows[:, i]) & 0xFF] ^ (crc >> 8)
-    return crc ^ np.uint32(0xFFFFFFFF)
+    out: np.ndarray = crc ^ np.uint32(0xFFFFFFFF)
+    return out
 
 
 class KeyBatch:
@@ -46,7 +48,8 @@ class KeyBatch:
     def __init__(self, keys: Any, kinds: np.ndarray, hashes: np.ndarray, blob: np.ndarray,
                  wstart: np.ndarray, lens: np.ndarray):
         self.keys, self.n = keys, len(kinds)
-        self.kinds, self.hashes, self.blob, self.wstart, self.lens = kinds, hashes, blob, wstart, lens
+        self.kinds, self.hashes, self.blob = kinds, hashes, blob
+        self.wstart, self.lens = wstart, lens
 
     def key(self, i: int) -> Any:
         k = self.keys[i]
@@ -76,10 +79,10 @@ def _encode_ints(ints: np.ndarray, keys: Any) -> KeyBatch:
                     rows.reshape(-1), np.arange(n, dtype=np.int64), np.full(n, 8, dtype=np.int64))
 
 
-def _encode_each(keys: list) -> KeyBatch:
+def _encode_each(keys: list[Any]) -> KeyBatch:
     kinds, hashes, lens, parts = [], [], [], []
     for key in keys:
-        kind, kb = L.encode_key(key)
+        kind, kb = encode_key(key)
         kinds.append(kind)
         hashes.append(zlib.crc32(kb, kind))
         lens.append(len(kb))
@@ -87,7 +90,7 @@ def _encode_each(keys: list) -> KeyBatch:
     lens_a = np.array(lens, dtype=np.int64)
     words = (lens_a + 7) // 8
     return KeyBatch(keys, np.array(kinds, dtype=np.int64), np.array(hashes, dtype=np.uint32),
-                    np.frombuffer(b"".join(parts), dtype=np.uint8), _exclusive_cumsum(words),
+                    np.frombuffer(b"".join(parts), dtype=np.uint8), exclusive_cumsum(words),
                     lens_a)
 
 
@@ -139,11 +142,12 @@ def _same_words(a: np.ndarray, astart: np.ndarray, b: np.ndarray, bstart: np.nda
     """For each i: a[astart[i]:+words[i]] == b[bstart[i]:+words[i]] (keys are zero-padded
     to whole 8-byte words on the heap and in a batch, so words compare like bytes)."""
     if (words == 1).all():  # ints, and str/bytes keys of up to 8 bytes
-        return a[astart] == b[bstart]
+        eq: np.ndarray = a[astart] == b[bstart]
+        return eq
     same = np.ones(len(words), dtype=bool)
     nonempty = words > 0
     if nonempty.any():
         w = words[nonempty]
-        differ = a[_gather_ranges(astart[nonempty], w)] != b[_gather_ranges(bstart[nonempty], w)]
-        same[nonempty] = np.add.reduceat(differ, _exclusive_cumsum(w), dtype=np.int64) == 0
+        differ = a[gather_ranges(astart[nonempty], w)] != b[gather_ranges(bstart[nonempty], w)]
+        same[nonempty] = np.add.reduceat(differ, exclusive_cumsum(w), dtype=np.int64) == 0
     return same

@@ -1,0 +1,492 @@
+"""The ``shm`` table: one process's view of it, and every step taken with the writer lock.
+
+A :class:`Table` owns the control segment's views, the mapped generation, the
+writer lock (:mod:`.lock`) and this process's caches of the generation (the
+read cache and the key -> entry slots), and does every locked step: find, put,
+delete, the inline numeric store, the undo journal (begin, save, commit,
+rollback, recover), and the one generation switch that growth, compaction,
+``clear`` and bulk builds all end with. A write journals what it changes
+(:mod:`.journal`); a writer killed mid-write is rolled back by the next one
+(:meth:`Table.recover`).
+
+Rebuilds build a whole new generation out of sight (``grow`` set while they
+run) and publish it with one aligned store (:meth:`Table.switch`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ...errors import BackendDiedError, CapacityError, lock_timeout
+from . import layout as L
+from .cache import ReadCache
+from .codec import f2i, i2f
+from .journal import Journal
+from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, C_TSEQ, J_INLINE, LIVE, V_FLOAT, V_INT
+from .lock import WriterLock
+from .read import Got, probe
+from .segments import Maps, bytes_view, data_path, data_segments, unlink_quiet
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+Encoded = tuple[Any, int, bytes, int, int, int, "bytes | None"]  # key, kkind, kb, hash, value
+
+
+class Table:
+    """One process's handle on an shm table (see the module docstring)."""
+
+    __slots__ = ("seg", "label", "timeout", "cap_hint", "cmm", "cmv", "c", "maps", "lock",
+                 "g", "gen", "epoch", "q", "slots", "cache", "over", "journal")
+
+    find = staticmethod(probe)  # (entry, index slot) of a key, or (-1, where it would go)
+
+    def __init__(self, seg: str, cmm: Any, label: str, timeout: float, cap_hint: int):
+        self.seg, self.cmm, self.label = seg, cmm, label
+        self.timeout, self.cap_hint = timeout, cap_hint
+        self.cmv: Any = bytes_view(cmm)  # (None once closed, like the rest)
+        self.c: Any = self.cmv.cast("Q")
+        self.maps = Maps(cmm, self.cmv, self.c)
+        self.lock = WriterLock(seg, cmm, self.c, self.maps)
+        self.g: Any = None  # the mapped generation (an L.Generation), None once closed
+        self.gen = self.epoch = -1
+        self.q: Any = None  # the generation's words
+        self.slots: dict[Any, int] = {}  # key -> its entry's data word (the fast write path)
+        self.cache = ReadCache()
+        self.over: Any = None  # the journal overlay last built (:mod:`.read`)
+        self.journal = Journal(self.c, self.cmv)
+        # (the caller maps the current generation: map_current)
+
+    # ------------------------------------------------------------------ generations mapped
+
+    def died(self) -> BackendDiedError:
+        return BackendDiedError(
+            f"shm mapping {self.label} was destroyed by another process; open it again")
+
+    def map_current(self, want: int | None = None) -> None:
+        """Map the generation the control segment names (following growth), or ``want``."""
+        for _ in range(1000):
+            gen = self.c[L.C_GEN] if want is None else want
+            if gen == L.DESTROYED or self.c[L.C_GEN] == L.DESTROYED:
+                raise self.died()
+            if self.g is not None and self.g.gen == gen:
+                return
+            try:
+                g = L.Generation.open(self.seg, gen)
+            except FileNotFoundError:
+                if want is not None:
+                    return  # replaced meanwhile: the caller reads the epoch again
+                continue  # replaced by a newer generation meanwhile
+            if self.g is not None:
+                self.g.close()
+            self._adopt(g)
+            return
+        raise self.died()
+
+    def _adopt(self, g: L.Generation) -> None:
+        self.g, self.gen, self.epoch, self.q = g, g.gen, g.gen * 2, g.q
+        self.maps.g = g
+        self.forget()
+
+    def remember(self, key: Any, got: Got) -> None:
+        """Cache a validated read (and the key's entry, for the fast write path)."""
+        _, value, w, ver, kind, raw = got
+        kt = type(key)
+        if kt is tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
+            return
+        if self.lock.ready():  # (the fast write path's key: it trusts the lock is set up)
+            if len(self.slots) >= L.CACHE_MAX:
+                self.slots.clear()
+            self.slots[key] = w
+        self.cache.remember(key, kt, w, ver, value, kind, raw)
+
+    def forget(self) -> None:
+        """Drop what this process cached of the current generation."""
+        self.cache.clear()
+        self.slots.clear()
+
+    # ------------------------------------------------------------------ the writer lock
+
+    def acquire(self, timeout: float) -> bool:
+        lk = self.lock
+        if not lk.ready():
+            try:
+                lk.setup()
+            except FileNotFoundError:
+                raise self.died() from None
+        if not lk.acquire(timeout):
+            return False
+        if lk.depth == 1:
+            try:
+                self._after_acquire()  # repairs whatever a dead writer left
+            except BaseException:
+                lk.release()
+                raise
+        return True
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def wlock(self) -> None:
+        """Take the lock within ``timeout``, or raise ``LockTimeoutError``."""
+        if not self.acquire(self.timeout):
+            raise self.timed_out()
+
+    def timed_out(self) -> Exception:
+        return lock_timeout(f"shm mapping {self.label}", self.timeout,
+                            "another process holds lock()")
+
+    def _after_acquire(self) -> None:
+        c = self.c
+        if c[L.C_GEN] == L.DESTROYED:
+            raise self.died()
+        if c[C_JSTATE] or c[C_GROW] or c[C_GSEQ] != c[L.C_GEN] * 2 or c[C_TSEQ] & 1:
+            self.recover()
+        if c[L.C_GEN] != self.gen:
+            self.map_current()
+        c[L.C_WRITER] = os.getpid()
+
+    # ------------------------------------------------------------------ transactions
+
+    def recover(self) -> None:
+        """Repair what a writer killed mid-write left: roll back its journal, finish growth."""
+        c = self.c
+        target = c[C_GROW]
+        if target:
+            if c[L.C_GEN] == target:  # switched; the old generation may still be linked
+                for path in data_segments(self.seg):
+                    if path != data_path(self.seg, target):
+                        unlink_quiet(path)
+            else:  # died while building: the half-built generation is garbage
+                unlink_quiet(data_path(self.seg, target))
+            c[C_GROW] = 0
+        self.map_current()
+        if c[C_JSTATE] == L.J_JOURNAL:  # (J_INLINE carries the entry's word offset)
+            self.journal.rollback(self.g)
+        elif c[C_JSTATE] & 3 == J_INLINE:  # one value word, old or new: end the write
+            w = c[C_JSTATE] >> 2
+            if self.g.q[w] & 1:
+                stamp = c[C_STAMP] + 1
+                c[C_STAMP] = stamp
+                self.g.q[w] = 2 * stamp + 2
+        c[C_JSTATE] = 0
+        if c[C_TSEQ] & 1:
+            c[C_TSEQ] += 1  # readers stop laying the (now empty) journal over the data
+        c[C_GSEQ] = c[L.C_GEN] * 2  # right after a switch cut short
+        self.epoch = c[L.C_GEN] * 2
+        self.forget()
+
+    def begin(self) -> None:
+        self.journal.begin()
+
+    def commit(self) -> None:
+        self.journal.commit()
+
+    def abort(self) -> None:
+        """Roll back the open transaction (the lock is held: readers never saw it)."""
+        self.journal.rollback(self.g)
+        self.journal.finish()
+        self.forget()
+
+    # ------------------------------------------------------------------ entries
+
+    def alloc(self, g: L.Generation, data: bytes) -> int:
+        """Append ``data`` to the heap; its offset in words. Header must be journaled."""
+        q = g.q
+        top = q[L.H_TOP]
+        words = (len(data) + 7) // 8
+        if top + words > g.heapw:
+            raise L.Grow
+        q[L.H_TOP] = top + words
+        if len(data) & 7:
+            q[g.hw + top + words - 1] = 0  # zero padding: bulk lookups compare whole words
+        b = g.hoff + top * 8
+        g.mv[b : b + len(data)] = data
+        return top
+
+    def write_entry(self, g: L.Generation, e: int, h: int, klen: int, koff: int, meta: int,
+                    val: int) -> None:
+        c = self.c
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        w = g.ew + e * 4
+        g.q[w] = 2 * stamp + 1  # odd: being written
+        u = w * 2
+        g.u32[u + 2] = h
+        g.u32[u + 3] = klen
+        L.fault("mid_entry")
+        g.u32[u + 4] = koff
+        g.u32[u + 5] = meta
+        g.qs[w + 3] = val
+        g.q[w] = 2 * stamp + 2
+
+    def put(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
+            vraw: bytes | None) -> None:
+        """Set one key; the writer lock is held and a transaction is open."""
+        g = self.g
+        w = self.slots.get(key, -1)
+        e = (w - g.ew) // 4 if w >= 0 and g.u32[w * 2 + 5] & LIVE else -1
+        if e < 0:
+            e, slot = probe(g, kkind, kb, h)
+        j = self.journal
+        if e >= 0:  # overwrite in place (entry keeps its position: dict order)
+            u = (g.ew + e * 4) * 2
+            old_meta = g.u32[u + 5]
+            j.save(g, g.eoff + e * L.ENTRY_BYTES, L.ENTRY_BYTES)
+            if vraw is not None or (old_meta & 0xFF) in L.HEAP_KINDS:
+                j.save_header(g)
+            if (old_meta & 0xFF) in L.HEAP_KINDS:
+                g.q[L.H_GARBAGE] += (g.u32[u + 7] + 7) // 8
+            if vraw is not None:
+                vinl = self.alloc(g, vraw) | (len(vraw) << 32)
+            self.write_entry(g, e, h, g.u32[u + 3], g.u32[u + 4], vkind | (kkind << 8) | LIVE,
+                             vinl)
+        else:  # insert at the end
+            q = g.q
+            used = q[L.H_USED]
+            if used >= g.cap or slot < 0:
+                raise L.Grow
+            j.save_header(g)
+            j.save(g, L.HEADER_BYTES + (slot * 4 & ~7), 8)
+            koff = self.alloc(g, kb)
+            if vraw is not None:
+                vinl = self.alloc(g, vraw) | (len(vraw) << 32)
+            e = used
+            self.write_entry(g, e, h, len(kb), koff, vkind | (kkind << 8) | LIVE, vinl)
+            q[L.H_USED] = used + 1
+            q[L.H_LIVE] += 1
+            g.i32[L.HEADER_BYTES // 4 + slot] = e
+        L.fault("after_write")
+        if len(self.slots) >= L.CACHE_MAX:
+            self.slots.clear()
+        self.slots[key] = g.ew + e * 4
+
+    def delete(self, g: L.Generation, e: int, slot: int) -> None:
+        """Delete entry ``e`` (at index ``slot``); the lock is held, a transaction open."""
+        u = (g.ew + e * 4) * 2
+        meta = g.u32[u + 5]
+        j = self.journal
+        j.save_header(g)
+        j.save(g, g.eoff + e * L.ENTRY_BYTES, L.ENTRY_BYTES)
+        j.save(g, L.HEADER_BYTES + (slot * 4 & ~7), 8)
+        garbage = (g.u32[u + 3] + 7) // 8
+        if (meta & 0xFF) in L.HEAP_KINDS:
+            garbage += (g.u32[u + 7] + 7) // 8
+        self.write_entry(g, e, g.u32[u + 2], g.u32[u + 3], g.u32[u + 4], meta & ~LIVE,
+                         g.qs[(g.ew + e * 4) + 3])
+        g.i32[L.HEADER_BYTES // 4 + slot] = L.DELETED
+        g.q[L.H_LIVE] -= 1
+        g.q[L.H_GARBAGE] += garbage
+
+    def write_one(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
+                  vraw: bytes | None) -> None:
+        """Set one key as one transaction, growing the table if it has no room."""
+        for _ in range(3):
+            self.begin()
+            try:
+                self.put(key, kkind, kb, h, vkind, vinl, vraw)
+            except L.Grow:
+                self.abort()
+                words = (len(kb) + 7) // 8 + (len(vraw or b"") + 7) // 8
+                self.rebuild(extra_entries=1, extra_heap=words * 8 + 8)
+                continue
+            except BaseException:
+                self.abort()
+                raise
+            self.commit()
+            return
+        raise AssertionError("shm: no room after growing")  # pragma: no cover
+
+    def remove(self, key: Any, kkind: int, kb: bytes, h: int) -> bool:
+        """Delete one key as one transaction; False if it is absent."""
+        g = self.g
+        e, slot = probe(g, kkind, kb, h)
+        if e < 0:
+            return False
+        self.begin()
+        try:
+            self.delete(g, e, slot)
+        except BaseException:
+            self.abort()
+            raise
+        self.commit()
+        self.slots.pop(key, None)
+        self.maybe_compact()
+        return True
+
+    def put_many(self, encoded: list[Encoded]) -> None:
+        """Apply many puts as one transaction; too big for the journal: in a new generation."""
+        if len(encoded) <= 256:
+            self.begin()
+            try:
+                for item in encoded:
+                    self.put(*item)
+            except L.Grow:
+                self.abort()
+            except BaseException:
+                self.abort()
+                raise
+            else:
+                self.commit()
+                return
+        heap = sum((len(kb) + 7) // 8 + (len(v or b"") + 7) // 8 + 1
+                   for _, _, kb, _, _, _, v in encoded)
+        self.rebuild_with(encoded, heap * 8)
+
+    # ------------------------------------------------------------------ the inline numeric store
+
+    def store_inline(self, w: int, inline: int) -> None:
+        """With the lock held: the inline value word of the entry at data word ``w`` changes
+        in place (``ShmMapping.__setitem__`` repeats this, for speed; a test pins the two).
+
+        Only one aligned 8-byte word changes, which is atomic, so no undo journal
+        is needed: the entry is marked in flight (``J_INLINE``), and a writer
+        killed here leaves the old or the new value with an odd version, which
+        the next writer makes even again.
+        """
+        c = self.c
+        c[C_JSTATE] = (w << 2) | J_INLINE
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        q = self.g.q
+        q[w] = 2 * stamp + 1
+        if L.FAULT:
+            L.fault("mid_entry")
+        self.g.qs[w + 3] = inline
+        q[w] = 2 * stamp + 2
+        if L.FAULT:
+            L.fault("before_commit")
+        c[C_JSTATE] = 0
+
+    def fast_store(self, key: Any, kind: int, inline: int, delta: Any, vt: Any) -> Any:
+        """``d[k] = number`` and ``incr`` without a transaction: the key's entry in this
+        generation holds a number inline and gets another of the same kind in place
+        (:meth:`store_inline`). Returns False, having changed nothing, whenever anything
+        is unusual (key not yet placed, repair pending, growth, a kind change, another
+        thread inside ``lock()``) and the caller takes the general path. With ``delta``
+        (``incr``), adds it (coerced by ``vt`` if given) and returns the new value."""
+        w = self.slots.get(key, -1)  # filled only once this process's lock is set up
+        if w < 0:
+            return False
+        lk = self.lock
+        rc = lk.trylock()
+        if rc:
+            got = lk.contended(rc, self.timeout)
+            if got is None:
+                raise self.timed_out()  # (the general path must not wait a second timeout)
+            if not got:
+                return False
+        try:
+            c = self.c
+            if c[C_GSEQ] != self.epoch or c[C_JSTATE] or c[C_GROW]:
+                return False
+            g = self.g
+            meta = g.u32[w * 2 + 5]
+            if delta is not None:  # incr: the new value from the current one
+                old_kind = meta & 0xFF
+                if old_kind == V_INT:
+                    new = g.qs[w + 3] + delta
+                elif old_kind == V_FLOAT:
+                    new = i2f(g.qs[w + 3]) + delta
+                else:
+                    return False
+                if vt is not None:
+                    new = vt.coerce(new)
+                if type(new) is int and _INT64_MIN <= new <= _INT64_MAX:
+                    kind, inline = V_INT, new
+                elif type(new) is float:
+                    kind, inline = V_FLOAT, f2i(new)
+                else:
+                    return False
+            if meta & (LIVE | 0xFF) != LIVE | kind:
+                return False
+            self.store_inline(w, inline)
+        finally:
+            lk.unlock()
+        return True if delta is None else new
+
+    # ------------------------------------------------------------------ new generations
+
+    def build(self, target: int, extra_entries: int = 0, extra_heap: int = 0,
+              empty: bool = False, changes: Any = None) -> L.Generation:
+        """``build_generation`` with ``grow`` set while it runs; on any failure (no room in
+        the runtime dir, above all) nothing of the new generation is left behind."""
+        from .build import build_generation  # (numpy: imported by the first rebuild only)
+
+        c = self.c
+        c[C_GROW] = target
+        try:
+            return build_generation(self.seg, self.g, target, extra_entries, extra_heap,
+                                    empty, self.cap_hint, c, changes)
+        except BaseException:
+            unlink_quiet(data_path(self.seg, target))  # (its mapping: with its frame)
+            c[C_GROW] = 0
+            raise
+
+    def switch(self, old: L.Generation, new: L.Generation) -> None:
+        """Publish ``new`` (built out of sight while ``grow`` names it) in place of ``old``:
+        one aligned store of the epoch makes readers follow, then ``old`` goes. A writer
+        killed at any point here is finished by the next one (:meth:`recover`)."""
+        c = self.c
+        L.fault("mid_grow")
+        c[L.C_GEN] = new.gen
+        L.fault("mid_switch")
+        c[C_GSEQ] = new.gen * 2  # one aligned store publishes the new generation
+        L.fault("after_switch")
+        unlink_quiet(old.path)
+        c[C_GROW] = 0
+        old.close()
+        self._adopt(new)
+
+    def rebuild(self, extra_entries: int = 0, extra_heap: int = 0, empty: bool = False,
+                changes: Any = None) -> None:
+        """Copy the live entries into a new generation with room to spare (and with
+        ``changes``: see ``build_generation``), then switch to it. If the new generation
+        cannot be built (``CapacityError``: no room for it), the old one stays, unchanged."""
+        old = self.g
+        self.switch(old, self.build(old.gen + 1, extra_entries, extra_heap, empty, changes))
+
+    def rebuild_with(self, encoded: list[Encoded], heap_bytes: int) -> None:
+        """Build a new generation holding the current data plus ``encoded``, then switch.
+
+        Nobody else can see the new generation until the switch, so the puts need
+        no journal, and readers see all of them or none.
+        """
+        old = self.g
+        new = self.build(old.gen + 1, len(encoded), heap_bytes)
+        self.g, self.q = new, new.q  # write into the unpublished generation (epoch: old's)
+        self.slots.clear()
+        self.journal.on = False
+        try:
+            for item in encoded:
+                self.put(*item)
+        except BaseException:
+            self.g, self.q = old, old.q
+            new.close()
+            unlink_quiet(new.path)
+            self.c[C_GROW] = 0
+            self.slots.clear()
+            raise
+        finally:
+            self.journal.on = True
+        self.switch(old, new)
+
+    def maybe_compact(self) -> None:
+        """Rebuild when deleted entries or dead heap bytes dominate, so lookups stay short.
+        Optional: with no room for the compacted copy, the table stays as it is."""
+        q = self.g.q
+        used, live = q[L.H_USED], q[L.H_LIVE]
+        if (used > 64 and live < used // 4) or (q[L.H_GARBAGE] > 4096
+                                                and q[L.H_GARBAGE] * 2 > q[L.H_TOP]):
+            try:
+                self.rebuild()
+            except CapacityError:
+                pass
+
+    def close(self) -> None:
+        """Drop every view (``release`` in :mod:`.segments` unmaps what ``maps`` holds)."""
+        self.g = self.q = None
+        self.lock.close()
+        self.cache.close()
+        self.slots = {}
+        self.journal.close()
+        self.cmm = self.cmv = self.c = None  # (a closed handle pins nothing)

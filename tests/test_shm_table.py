@@ -1,0 +1,111 @@
+"""The shm ``Table`` driven directly: a writer killed between its locked steps, and the
+one hot path that ``ShmMapping.__setitem__`` inlines pinned to ``Table.store_inline``."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import zlib
+
+import pytest
+
+import shareit
+from shareit.backends.shm import layout as L
+from shareit.backends.shm.codec import encode_key, encode_value, f2i
+from shareit.backends.shm.table import Table
+from shareit.testing import join_all, shareit_files
+
+FORK = mp.get_context("fork")
+OLD = {"n": 1, "s": "old", "keep": [1, 2]}
+
+
+def _encoded(key: str, value: object) -> tuple:
+    kkind, kb = encode_key(key)
+    return (key, kkind, kb, zlib.crc32(kb, kkind), *encode_value(value))
+
+
+def steps_then_die(d, steps: str) -> None:
+    """Take the lock and run ``steps`` of the table by hand, then die holding the lock."""
+    t: Table = d._t
+    t.wlock()
+    if steps == "put":  # open transaction: rolled back
+        t.begin()
+        t.put(*_encoded("s", "new" * 10))
+        t.put(*_encoded("fresh", "new"))
+    elif steps == "put+commit":  # committed, lock still held: kept
+        t.begin()
+        t.put(*_encoded("s", "new" * 10))
+        t.commit()
+    elif steps == "delete":
+        _, kkind, kb, h, *_ = _encoded("s", None)
+        e, slot = t.find(t.g, kkind, kb, h)
+        t.begin()
+        t.delete(t.g, e, slot)
+    elif steps == "build":  # a whole new generation built, never switched to
+        t.build(t.g.gen + 1, extra_entries=10, extra_heap=1000)
+    elif steps == "store_inline":  # the in-flight mark set, the word not yet written
+        _, kkind, kb, h, *_ = _encoded("n", None)
+        w = t.g.ew + t.find(t.g, kkind, kb, h)[0] * 4  # (the child's slots start empty)
+        t.c[L.C_JSTATE] = (w << 2) | L.J_INLINE
+        t.g.q[w] += 1  # odd: being written
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("steps, s_after", [
+    ("put", "old"), ("put+commit", "new" * 10), ("delete", "old"), ("build", "old"),
+    ("store_inline", "old"),
+])
+def test_a_writer_killed_between_table_steps_is_repaired(name, steps: str, s_after: str) -> None:
+    d = shareit.open(name, backend="shm")
+    try:
+        d.update(OLD)
+        child = FORK.Process(target=steps_then_die, args=(d, steps))
+        child.start()
+        assert join_all([child]) == [-signal.SIGKILL]
+        assert d.snapshot() == {**OLD, "s": s_after}, "read without the lock: the committed state"
+        assert d.verify() == [], "the next writer repaired the table"
+        assert d.snapshot() == {**OLD, "s": s_after}
+        d["n"] = 2
+        assert d.incr("n") == 3
+        gen = d.info()["generation"]
+        assert shareit_files(name) == [f"{name}@ctl", f"{name}@g{gen}", f"{name}@lock",
+                                       f"{name}@meta"], "a half-built generation leaked"
+    finally:
+        d.close()
+
+
+def _state(d) -> tuple[bytes, bytes]:
+    """The control segment (but the mutex's bytes) and the data segment, as bytes."""
+    t: Table = d._t
+    ctl = bytes(t.cmv)
+    return ctl[: L.MUTEX_OFFSET] + ctl[L.MUTEX_OFFSET + 64 :], bytes(t.g.mv)
+
+
+@pytest.mark.parametrize("value", [7, -(2**63), 2**63 - 1, 2.5, -0.0, float("inf")])
+def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
+    """``d[k] = number`` for a key this process has placed runs a copy of
+    ``Table.store_inline`` inline (a call costs as much as the store): both must leave
+    the same bytes in the control and the data segment."""
+    kind = L.V_FLOAT if type(value) is float else L.V_INT
+    a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
+    try:
+        for m in (a, b):  # the same history: the same bytes
+            m.update({"pad": "x" * 20, "n": 0.5 if kind == L.V_FLOAT else 1, "z": 3})
+            m["n"] = 1.5 if kind == L.V_FLOAT else 2  # (now placed: the hot path applies)
+        assert _state(a) == _state(b)
+        tseq = a._t.c[L.C_TSEQ]
+        a["n"] = value  # the inlined copy
+        assert a._t.c[L.C_TSEQ] == tseq, "the hot path ran (it opens no transaction)"
+        t: Table = b._t
+        t.wlock()
+        try:
+            t.store_inline(t.slots["n"], f2i(value) if kind == L.V_FLOAT else value)
+        finally:
+            t.release()
+        assert _state(a) == _state(b)
+        assert a["n"] == b["n"] == value or value != value
+        assert a._t.c[L.C_JSTATE] == 0 and a._t.c[L.C_STAMP] == b._t.c[L.C_STAMP]
+    finally:
+        a.close()
+        b.close()
