@@ -72,7 +72,7 @@ def test_handles_received_and_dropped_hold_no_descriptors_or_mappings(name, lock
             receive_and_drop(blob, 100, write=True)
             for i in range(300):  # the owner grows: the generations dropped handles saw go away
                 d[f"grow{round_}-{i}"] = "x" * 64
-        assert fd_count() == fds, "no descriptor per handle (the flock fallback: one per process)"
+        assert fd_count() <= fds, "no descriptor per handle (the flock fallback: one per process)"
         now_maps, now_deleted = mapped(name)
         assert now_maps <= maps and now_deleted == 0 == deleted, open("/proc/self/maps").read()
         assert d["fixed"] == "v" * 100 and d.verify() == []
