@@ -17,7 +17,7 @@ import sys
 import time
 
 import shareit
-from shareit._bench import _parallel
+from shareit.bench.timing import parallel as _parallel
 
 FORK = mp.get_context("fork")
 N_GETSET = 20_000
