@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     ours = _usable(backends, args.url, notes)
     subjects: list[Subject] = baselines() + ([] if args.no_peers else _peers(notes)) + list(ours)
     cells = runner.plan([WORKLOADS[k] for k in keys], subjects, p)
-    for note in notes:
-        print(note, file=sys.stderr)
+    if notes:  # said once, before the run, on stdout with the results
+        print("Not run here:\n" + "\n".join(f"  {n}" for n in notes) + "\n", flush=True)
     print(f"shareit bench{' --quick' if p.quick else ''}: {len(cells)} measurements on "
           f"{os.cpu_count()} cores, median of {p.repeats} each", file=sys.stderr)
     progress = present.Progress(len(cells))
@@ -92,8 +92,6 @@ def run(args: argparse.Namespace) -> int:
 
     shareit = {s.name for s in ours}
     vs = verdict.verdicts(results, shareit, p.procs)
-    if notes:
-        print("Not run here:\n" + "\n".join(f"  {n}" for n in notes) + "\n")
     print(present.results_table(results, p.procs))
     scaling = present.scaling_table(results)
     if scaling:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .subjects import FORK, Cap, ShareitSubject, Subject
-from .timing import calibrate, median, parallel, rate, timed
+from .timing import calibrate, median, parallel, per_process, rate, timed
 
 if TYPE_CHECKING:
     from .workloads import Params
@@ -169,7 +169,7 @@ def w_mixed(s: Subject, p: Params, n: int, procs: int) -> Measured:
             else:
                 m[k]
     try:
-        ops = calibrate(lambda k: loop(0, k), p.min_time)
+        ops = per_process(calibrate(lambda k: loop(0, k), p.min_time), procs)
         samples = [ops * procs / parallel(procs, lambda i: loop(i, ops)) for _ in range(p.repeats)]
         return _rate(samples)
     finally:
@@ -188,7 +188,7 @@ def _counters(s: Subject, p: Params, procs: int, own_key: bool) -> Measured:
         def incrs(key: str, k: int) -> None:
             for _ in range(k):
                 s.incr(m, key)
-        ops = calibrate(lambda k: incrs(keys[0], k), p.min_time)
+        ops = per_process(calibrate(lambda k: incrs(keys[0], k), p.min_time), procs)
         for _ in range(p.repeats):
             reset()
             dt = parallel(procs, lambda i: incrs(keys[i], ops))

@@ -33,7 +33,7 @@ class UltraDictSubject(PeerSubject):
     def make(self, n_hint: int = 0, **opts: Any) -> Any:
         from UltraDict import UltraDict
 
-        size = max(1 << 20, n_hint * 96)
+        size = max(64 << 20, n_hint * 96)  # its full dump must hold the whole dict, or it raises
         return UltraDict(buffer_size=size, full_dump_size=size)
 
     def close(self, m: Any) -> None:

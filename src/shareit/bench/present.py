@@ -178,10 +178,10 @@ def scaling_table(results: list[Result]) -> str | None:
                                else f"{number(r.value or 0)} LOSSY")
                 else:
                     x = ratio(r, baseline_of(r, results))
-                    row.append(number(r.value or 0) + (f" ({times(x)})" if x else ""))
+                    row.append(cell(r) + (f" ({times(x)})" if x else ""))
             sec.append(row)
         sections.append(sec)
-    return render(f"Scaling: total ops/s with 1 to {procs[-1]} processes on {os.cpu_count()} "
+    return render(f"Scaling: all processes together, 1 to {procs[-1]} of them on {os.cpu_count()} "
                   f"cores; (N×) = times raw Manager().dict() with as many processes",
                   ["workload", "subject"] + [f"{q} proc{'s' if q > 1 else ''}" for q in procs],
                   sections, right=tuple(range(2, 2 + len(procs))))
@@ -192,11 +192,11 @@ def verdict_text(vs: list[Verdict], results: list[Result], main_procs: int,
     lines = ["Recommendation (shareit backends; correct results only):"]
     for v in vs:
         if v.backend is None:
-            lines.append(f"  {v.label}: — ({v.why})")
+            lines.append(f"  {v.label}: none ({v.why})")
             continue
         peer = _fastest_other(v, results, main_procs, shareit)
-        lines.append(f"  {v.label}: use {v.backend} — {v.why}"
-                     + (f"; {v.caveat}" if v.caveat else "") + (f". {peer}" if peer else "."))
+        lines.append(f"  {v.label}: use {v.backend}")
+        lines += [f"      {x[0].upper()}{x[1:]}." for x in (v.why, v.caveat, peer) if x]
     return "\n".join(lines)
 
 
@@ -234,45 +234,48 @@ def chart(results: list[Result], vs: list[Verdict], main_procs: int, path: str) 
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     rows = [r for r in results if _main(r, main_procs)]
     titles = list(dict.fromkeys(r.title for r in rows))
     names = list(dict.fromkeys(r.subject for r in rows))
     rec = {v.group: v.backend for v in vs}
+    palette = plt.get_cmap("tab20")  # 20 distinct colours: one per subject, none repeated
+    color = {n: palette(j % 20) for j, n in enumerate(names)}
     fig, ax = plt.subplots(figsize=(max(10, 0.9 * len(titles)), 6.5))
     width = 0.85 / max(len(names), 1)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for j, name in enumerate(names):
-        color = colors[j % len(colors)]
-        ax.bar([], [], width, color=color, label=name)
-        for i, title in enumerate(titles):
-            r = next((x for x in rows if x.title == title and x.subject == name), None)
-            if r is None:
-                continue
-            x0 = i + j * width
+    for i, title in enumerate(titles):
+        here = [r for r in rows if r.title == title]
+        for j, r in enumerate(here):  # only the subjects this row ran, centred on its tick
+            x0 = i + (j - (len(here) - 1) / 2) * width
             base = baseline_of(r, results)
-            if r.failed:
-                ax.text(x0, 1, "×", ha="center", va="bottom", color=color, fontsize=9)
+            if r.failed or r.skipped:
+                ax.text(x0, 1, "×", ha="center", va="bottom", color=color[r.subject], fontsize=9)
                 continue
             if r.value is None or base is None or base.value is None:
                 continue
             raw = (r.value / base.value if WORKLOADS[r.workload].higher_is_better
                    else base.value / r.value)
             lossy = r.exact is False
-            ax.bar(x0, raw, width, color=color, hatch="///" if lossy else None,
-                   edgecolor="black" if lossy else color, alpha=0.45 if lossy else 1.0)
+            ax.bar(x0, raw, width, color=color[r.subject], hatch="///" if lossy else None,
+                   edgecolor="black" if lossy else color[r.subject], alpha=0.5 if lossy else 1.0)
             if lossy:
-                ax.text(x0, raw, "lossy", rotation=90, ha="center", va="bottom", fontsize=7)
-            if rec.get(r.group) == name:
-                ax.plot(x0, raw * 1.35, marker="*", color="black", markersize=9)
-    ax.plot([], [], marker="*", color="black", linestyle="", label="recommended for its class")
-    ax.bar([], [], color="white", edgecolor="black", hatch="///", label="lossy: loses updates")
+                ax.text(x0, raw * 1.1, "lossy", rotation=90, ha="center", va="bottom", fontsize=7)
+            if rec.get(r.group) == r.subject:
+                ax.plot(x0, raw * 1.5, marker="*", color="black", markersize=9)
+    handles: list[Any] = [Patch(color=color[n], label=n) for n in names]
+    handles += [Line2D([], [], marker="*", color="black", linestyle="",
+                       label="recommended for its class"),
+                Patch(facecolor="white", edgecolor="black", hatch="///",
+                      label="lossy: loses updates"),
+                Line2D([], [], marker="$×$", color="grey", linestyle="", label="failed / not run")]
     ax.set_yscale("log")
     ax.axhline(1, color="grey", linewidth=0.8)
-    ax.set_xticks([i + 0.425 - width / 2 for i in range(len(titles))], titles, rotation=35,
-                  ha="right", fontsize=8)
+    ax.set_xticks(range(len(titles)), titles, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("× the row's baseline (log; higher is better)")
     ax.set_title("shareit bench: each subject against the row's baseline, this run")
-    ax.legend(fontsize=7, ncol=3, loc="upper right")
+    ax.legend(handles=handles, fontsize=7, ncol=4, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

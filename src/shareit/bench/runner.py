@@ -9,6 +9,7 @@ Every failure is one :class:`Result` with ``failed`` set; the run goes on.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import select
@@ -75,10 +76,14 @@ def _reason(exc: BaseException) -> str:
 def measure(cell: Cell, p: Params) -> Result:
     """One cell in this process; an exception becomes the row's reason."""
     t0 = time.perf_counter()
-    try:
+    gc.collect()
+    gc.disable()  # as timeit does: a collection over a 1M-key build would land in one subject's
+    try:          # figures and not another's
         m = cell.workload.fn(cell.subject, p, cell.n, cell.procs)
     except Exception as exc:
         return cell.result(failed=_reason(exc), seconds=time.perf_counter() - t0)
+    finally:
+        gc.enable()
     return cell.result(value=m.value, exact=m.exact, note=m.note, samples=m.samples,
                        seconds=time.perf_counter() - t0)
 

@@ -8,6 +8,7 @@ wrong rather than "exit code 1".
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import traceback
@@ -52,6 +53,13 @@ def calibrate(work: Callable[[int], object], target: float) -> int:
         if dt >= min(0.02, target / 2) or n >= MAX_OPS:
             return max(64, int(n * target / max(dt, 1e-9)))
         n *= 4
+
+
+def per_process(ops: int, procs: int) -> int:
+    """Ops for each of ``procs`` processes so that a parallel run lasts about as long as
+    ``ops`` in one process: with more processes than cores they take turns."""
+    cores = os.cpu_count() or 1
+    return max(64, ops * cores // procs) if procs > cores else ops
 
 
 class ChildFailed(RuntimeError):

@@ -60,16 +60,14 @@ def _scores(rows: dict[str, list[Result]], shareit: set[str]) -> dict[str, float
     rel: dict[str, list[float]] = defaultdict(list)
     need = 0
     for rs in rows.values():
-        ours = [r for r in rs if r.subject in shareit and ok(r)]
-        if not ours:
+        best = _best(rs, shareit)
+        if best is None:
             continue
         need += 1
-        pick = max if WORKLOADS[ours[0].workload].higher_is_better else min
-        best = pick(ours, key=lambda r: r.value or 0.0)
-        for r in ours:
-            rel[r.subject].append(ratio(r, best) or 0.0)
-    return {b: math.exp(sum(map(math.log, xs)) / len(xs))
-            for b, xs in rel.items() if len(xs) == need and all(xs)}
+        for r in rs:
+            if r.subject in shareit and ok(r):
+                rel[r.subject].append(ratio(r, best) or 0.0)
+    return {b: _geomean(xs) or 0.0 for b, xs in rel.items() if len(xs) == need and all(xs)}
 
 
 def verdicts(results: list[Result], shareit: set[str], main_procs: int) -> list[Verdict]:
@@ -86,14 +84,30 @@ def verdicts(results: list[Result], shareit: set[str], main_procs: int) -> list[
             out.append(Verdict(g, label, None, "no shareit backend ran every workload of it"))
             continue
         ranked = sorted(sc, key=lambda b: -sc[b])
-        win = ranked[0]
-        why = f"best on {len(by_group[g])} workload(s)" if sc[win] == 1 else \
-            f"within {1 / sc[win]:.2g}× of the best on each, on average"
+        win, rows = ranked[0], by_group[g]
+        mine = [r for rs in rows.values() for r in rs if r.subject == win]
+        firsts = sum(1 for r in mine if ratio(r, _best(rows[r.title], shareit)) == 1.0)
+        vs_base = _geomean([x for r in mine if (x := ratio(r, baseline_of(r, results)))])
+        why = f"fastest shareit backend on {firsts} of {len(mine)} workloads"
+        if vs_base:
+            why += f", {vs_base:.3g}× the baselines on average"
         if len(ranked) > 1:
-            why += f"; next: {ranked[1]} at {sc[win] / sc[ranked[1]]:.2g}× slower"
+            why += f"; next best: {ranked[1]}, {sc[win] / sc[ranked[1]]:.2g}× slower on average"
         out.append(Verdict(g, label, win, why, _caveat(win, g, by_group.get("writes", {}),
                                                          scores.get("writes", {}))))
     return out
+
+
+def _best(rs: list[Result], shareit: set[str]) -> Result | None:
+    ours = [r for r in rs if r.subject in shareit and ok(r)]
+    if not ours:
+        return None
+    pick = max if WORKLOADS[ours[0].workload].higher_is_better else min
+    return pick(ours, key=lambda r: r.value or 0.0)
+
+
+def _geomean(xs: list[float]) -> float | None:
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else None
 
 
 def _caveat(backend: str, group: str, writes: dict[str, list[Result]],
