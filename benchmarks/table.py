@@ -60,7 +60,7 @@ def main(path: str) -> None:
             for s in dict.fromkeys(r.subject for r in scaled if r.workload == key):
                 cells = [_cell(next((r for r in scaled if r.workload == key and r.subject == s
                                      and r.procs == q), None), results) for q in procs]
-                name = WORKLOADS[key].title_for(0, 0).split(",")[0]
+                name = WORKLOADS[key].title.replace(", {procs}", "")
                 print(f"| {name} | {s} | " + " | ".join(cells) + " |")
     m = data["machine"]
     print(f"\nMedian of {data['params']['repeats']}; (N×) = times the row's baseline in the same "

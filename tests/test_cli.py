@@ -44,6 +44,15 @@ def test_bench_quick_subset_writes_parsable_results(tmp_path) -> None:
     assert "--no-peers" not in proc.stderr and "not installed" not in proc.stdout
 
 
+def test_bench_says_once_that_a_server_backend_has_no_server() -> None:
+    proc = run_cli("bench", "--quick", "--workloads", "get", "--backends", "redis", "--no-peers",
+                   "--repeats", "1", "--url", "redis://127.0.0.1:1/0")
+    assert proc.returncode == 0, proc.stderr
+    said = (proc.stdout + proc.stderr).count("redis: not run")
+    assert said == 1 and "pass --url URL" in proc.stdout
+    assert "get, hot key" in proc.stdout  # the baselines still ran
+
+
 def test_bench_rejects_unknown_names_with_valid_ones() -> None:
     proc = run_cli("bench", "--backends", "manger")
     assert proc.returncode == 2 and "Did you mean 'manager'" in proc.stderr

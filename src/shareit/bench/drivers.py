@@ -140,7 +140,7 @@ def w_del(s: Subject, p: Params, n: int, procs: int) -> Measured:
             for key in keys:
                 del m[key]
             return time.perf_counter() - t0
-        return _rate(rate(step, p.min_time, p.repeats))
+        return _rate(rate(step, p.min_time, p.repeats, max_ops=100_000))
     finally:
         s.close(m)
 

@@ -167,7 +167,7 @@ def scaling_table(results: list[Result]) -> str | None:
         w = WORKLOADS[key]
         sec: list[list[str]] = []
         for subject in dict.fromkeys(r.subject for r in scaled if r.workload == key):
-            row = [w.title_for(0, 0).split(",")[0] if not sec else "", subject]
+            row = [w.title.replace(", {procs}", "") if not sec else "", subject]
             for q in procs:
                 r = next((x for x in scaled if x.workload == key and x.subject == subject
                           and x.procs == q), None)

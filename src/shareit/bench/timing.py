@@ -19,15 +19,17 @@ from .subjects import FORK
 MAX_OPS = 1 << 24
 
 
-def rate(step: Callable[[int], float], min_time: float, repeats: int) -> list[float]:
+def rate(step: Callable[[int], float], min_time: float, repeats: int,
+         max_ops: int = MAX_OPS) -> list[float]:
     """Rates (ops/s) of ``repeats`` runs of ``step(n)``, which does ``n`` ops and returns the
-    seconds they took; ``n`` grows until one run lasts ``min_time``."""
+    seconds they took; ``n`` grows until one run lasts ``min_time`` (or reaches ``max_ops``,
+    for a step whose untimed setup grows with ``n``)."""
     n = 4  # a slow subject (a few ops/s at 100k keys) must not take seconds to calibrate
     while True:
         dt = step(n)
-        if dt >= min_time or n >= MAX_OPS:
+        if dt >= min_time or n >= max_ops:
             break
-        n = int(n * max(2.0, min(min_time / max(dt, 1e-9) * 1.2, 100.0)))
+        n = min(max_ops, int(n * max(2.0, min(min_time / max(dt, 1e-9) * 1.2, 100.0))))
     samples = [n / dt]
     for _ in range(repeats - 1):
         samples.append(n / step(n))
