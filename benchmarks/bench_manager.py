@@ -40,8 +40,8 @@ def main(repeats: int = 5) -> None:
     raw, lock = manager.dict(), FORK.Lock()
     ours = shareit.open(backend="manager")
     raw["k"] = ours["k"] = 1
-    samples: dict[str, list[float]] = {k: [] for k in
-                                       ("raw get", "ours get", "raw set", "ours set", "raw incr", "ours incr")}
+    names = ("raw get", "ours get", "raw set", "ours set", "raw incr", "ours incr")
+    samples: dict[str, list[float]] = {k: [] for k in names}
 
     def raw_get(n):
         for _ in range(n):
@@ -81,9 +81,12 @@ def main(repeats: int = 5) -> None:
     med = {k: statistics.median(v) for k, v in samples.items()}
     for k in samples:
         print(f"{k:<10} {med[k]:>12,.0f} ops/s   samples {[round(x) for x in samples[k]]}")
-    print(f"\nget:  shareit manager costs {med['raw get'] / med['ours get']:.2f}x a raw Manager().dict() get")
-    print(f"set:  shareit manager costs {med['raw set'] / med['ours set']:.2f}x a raw Manager().dict() set")
-    print(f"incr: shareit manager is {med['ours incr'] / med['raw incr']:.1f}x faster than Manager + mp.Lock "
+    print(f"\nget:  shareit manager costs {med['raw get'] / med['ours get']:.2f}x "
+          "a raw Manager().dict() get")
+    print(f"set:  shareit manager costs {med['raw set'] / med['ours set']:.2f}x "
+          "a raw Manager().dict() set")
+    print(f"incr: shareit manager is {med['ours incr'] / med['raw incr']:.1f}x faster than "
+          "Manager + mp.Lock "
           f"(2 processes x {N_INCR}); totals exact: {exact}")
     ours.close()
     manager.shutdown()

@@ -35,15 +35,16 @@ def main() -> None:
     try:
         for _ in range(REPEATS):
             md = manager.dict()
-            times.setdefault("Manager update (new keys)", []).append(timed(lambda: md.update(as_dict)))
+            times.setdefault("Manager update (new keys)", []).append(
+                timed(lambda md=md: md.update(as_dict)))
             times.setdefault("Manager copy", []).append(timed(md.copy))
             d = shareit.open(backend="shm", value_type="float64")
             try:
                 times.setdefault("shm set_many (new keys)", []).append(
-                    timed(lambda: d.set_many(keys, values)))
+                    timed(lambda d=d: d.set_many(keys, values)))
                 times.setdefault("shm set_many (existing keys)", []).append(
-                    timed(lambda: d.set_many(keys, values + 1)))
-                times.setdefault("shm get_many", []).append(timed(lambda: d.get_many(keys)))
+                    timed(lambda d=d: d.set_many(keys, values + 1)))
+                times.setdefault("shm get_many", []).append(timed(lambda d=d: d.get_many(keys)))
                 times.setdefault("shm values_array", []).append(timed(d.values_array))
             finally:
                 d.close()
@@ -52,7 +53,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{N:,} int -> float keys, median of {REPEATS}")
     for name, t in med.items():
-        base = med["Manager update (new keys)"] if "set" in name or "update" in name else med["Manager copy"]
+        writes = "set" in name or "update" in name
+        base = med["Manager update (new keys)"] if writes else med["Manager copy"]
         print(f"  {name:30s} {t * 1e3:8.1f} ms   {base / t:6.1f}x the Manager call")
 
 
