@@ -79,9 +79,11 @@ def verdicts(results: list[Result], shareit: set[str], main_procs: int) -> list[
     scores = {g: _scores(rows, shareit) for g, rows in by_group.items()}
     out = []
     for g, label in GROUPS.items():
+        if g not in by_group:
+            continue  # not measured in this run (--workloads)
         sc = scores.get(g, {})
         if not sc:
-            out.append(Verdict(g, label, None, "no shareit backend ran every workload of it"))
+            out.append(Verdict(g, label, None, "no shareit backend ran all of its workloads"))
             continue
         ranked = sorted(sc, key=lambda b: -sc[b])
         win, rows = ranked[0], by_group[g]
