@@ -243,7 +243,7 @@ def chart(results: list[Result], vs: list[Verdict], main_procs: int, path: str) 
     rec = {v.group: v.backend for v in vs}
     palette = plt.get_cmap("tab20")  # 20 distinct colours: one per subject, none repeated
     color = {n: palette(j % 20) for j, n in enumerate(names)}
-    fig, ax = plt.subplots(figsize=(max(10, 0.9 * len(titles)), 6.5))
+    fig, ax = plt.subplots(figsize=(max(10, 0.9 * len(titles)) + 3, 6.5))
     width = 0.85 / max(len(names), 1)
     for i, title in enumerate(titles):
         here = [r for r in rows if r.title == title]
@@ -275,7 +275,7 @@ def chart(results: list[Result], vs: list[Verdict], main_procs: int, path: str) 
     ax.set_xticks(range(len(titles)), titles, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("× the row's baseline (log; higher is better)")
     ax.set_title("shareit bench: each subject against the row's baseline, this run")
-    ax.legend(handles=handles, fontsize=7, ncol=4, loc="upper right")
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
