@@ -48,7 +48,7 @@ def test_a_peer_whose_process_dies_is_one_row_with_the_reason() -> None:
     finally:
         worker.stop()
     assert r.title == "90% get / 10% set, 2 processes" and r.value is None
-    assert r.failed.startswith("no-such-peer's process exited with code 1")
+    assert r.failed.startswith("no-such-peer's process exited with code 1"), r.failed
     assert "KeyError" in r.failed
 
 
@@ -112,3 +112,17 @@ def test_lossy_and_failed_results_are_shown_as_such_and_never_recommended() -> N
     assert "LOST UPDATES" in present.remark(lossy) and not verdict.ok(lossy)
     vs = {v.group: v for v in verdict.verdicts(results, {"value", "shm"}, 2)}
     assert vs["counters"].backend == "value"
+
+
+def test_a_peer_that_hangs_is_killed_after_the_timeout_with_the_reason() -> None:
+    pytest.importorskip("lmdb")
+    p = Params.make(quick=True, repeats=1)
+    p.min_time = 60.0  # far longer than the timeout below
+    cell = runner.Cell(WORKLOADS["mixed"], peers.PEERS["lmdb"](), 0, 2)
+    worker = runner.PeerWorker("lmdb", timeout=2)
+    try:
+        r = worker.run(cell, p)
+    finally:
+        worker.stop()
+    assert r.value is None and r.seconds < 10
+    assert r.failed == "lmdb's process gave no result within 2 s and was killed"

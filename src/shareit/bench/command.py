@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
           f"{os.cpu_count()} cores, median of {p.repeats} each", file=sys.stderr)
     progress = present.Progress(len(cells))
     try:
-        results = runner.run(cells, p, progress, timeout=60 if p.quick else 300)
+        results = runner.run(cells, p, progress, timeout=20 if p.quick else 120)
     finally:
         progress.close()
 

@@ -9,6 +9,7 @@ Every failure is one :class:`Result` with ``failed`` set; the run goes on.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -104,7 +105,7 @@ class PeerWorker:
         self.buf = b""
         self.proc = subprocess.Popen([sys.executable, "-m", "shareit.bench.runner", self.name],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.err)
+                                     stderr=self.err, start_new_session=True)
         return self.proc
 
     def run(self, cell: Cell, p: Params) -> Result:
@@ -143,25 +144,34 @@ class PeerWorker:
     def _why_died(self, exc: BaseException) -> str:
         proc = self.proc
         if proc is not None and isinstance(exc, TimeoutError):
-            proc.kill()
+            self._kill_group(proc)
         code = proc.wait(5) if proc else None
         tail = ""
         if self.err is not None:
             self.err.seek(0)
             lines = self.err.read().decode(errors="replace").strip().splitlines()
             tail = lines[-1].strip() if lines else ""
-        if code is not None and code < 0:
-            how = f"killed by {signal.Signals(-code).name}"
-        elif isinstance(exc, TimeoutError):
-            how = str(exc)
+        if isinstance(exc, TimeoutError):
+            how = f"gave {exc} and was killed"
+        elif code is not None and code < 0:
+            how = f"was killed by {signal.Signals(-code).name}"
         else:
             how = f"exited with code {code}"
         return f"{self.name}'s process {how}" + (f": {tail[:120]}" if tail else "")
 
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+        """The peer's process and every child it forked (a hung parallel run leaves some)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.close()  # its loop ends when its stdin does
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+            self._kill_group(self.proc)  # and any child it left behind
             self.proc.wait()
             self.proc = None
 

@@ -68,7 +68,7 @@ class ChildFailed(RuntimeError):
     pass
 
 
-def parallel(nprocs: int, target: Callable[[int], None], timeout: float = 300) -> float:
+def parallel(nprocs: int, target: Callable[[int], None], timeout: float = 60) -> float:
     """Wall seconds for ``nprocs`` forked children to each run ``target(i)``, started together.
 
     Raises :class:`ChildFailed` with the first child's exception text if any fails."""
@@ -100,6 +100,8 @@ def parallel(nprocs: int, target: Callable[[int], None], timeout: float = 300) -
             p.kill()
             p.join()
     bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if dt >= timeout:
+        raise ChildFailed(f"the processes did not finish within {timeout:.0f} s (killed)")
     if bad:
         why = recv.recv() if recv.poll(0.5) else f"exit codes {bad}"
         raise ChildFailed(f"in a child process: {why}")
