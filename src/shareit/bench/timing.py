@@ -68,7 +68,7 @@ class ChildFailed(RuntimeError):
     pass
 
 
-def parallel(nprocs: int, target: Callable[[int], None], timeout: float = 60) -> float:
+def parallel(nprocs: int, target: Callable[[int], None], timeout: float = 20) -> float:
     """Wall seconds for ``nprocs`` forked children to each run ``target(i)``, started together.
 
     Raises :class:`ChildFailed` with the first child's exception text if any fails."""
