@@ -3,6 +3,7 @@ recommendation warns about slow writes, missing peers are one line each."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -126,3 +127,4 @@ def test_a_peer_that_hangs_is_killed_after_the_timeout_with_the_reason() -> None
         worker.stop()
     assert r.value is None and r.seconds < 10
     assert r.failed == "lmdb's process gave no result within 2 s and was killed"
+    assert worker.tag and not [f for f in os.listdir("/dev/shm") if worker.tag in f]

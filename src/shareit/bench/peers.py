@@ -57,7 +57,8 @@ class SharedMemoryDictSubject(PeerSubject):
         from shared_memory_dict import SharedMemoryDict
 
         self.mlock = FORK.Lock()
-        return SharedMemoryDict(name=f"smd{uuid.uuid4().hex[:8]}", size=max(1 << 20, n_hint * 64))
+        return SharedMemoryDict(name=f"{TAG}smd{uuid.uuid4().hex[:8]}",
+                                size=max(1 << 20, n_hint * 64))
 
     def close(self, m: Any) -> None:
         m.shm.close()
@@ -71,6 +72,23 @@ class SharedMemoryDictSubject(PeerSubject):
 
 
 _MEMORY_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+#: in every file and segment name a peer makes, so that whoever started it can remove them
+#: if it is killed (see runner.PeerWorker.stop)
+TAG = os.environ.get("SHAREIT_BENCH_TAG", f"shareit-bench-{os.getpid()}-")
+
+
+def remove_tagged(tag: str) -> None:
+    """Remove what a killed peer process left in /dev/shm under ``tag``."""
+    if _MEMORY_DIR is None:
+        return
+    for entry in os.listdir(_MEMORY_DIR):
+        if tag in entry:
+            path = os.path.join(_MEMORY_DIR, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 def _key(k: Any) -> bytes:
@@ -152,7 +170,7 @@ class LmdbSubject(PeerSubject):
     name, module, install = "lmdb", "lmdb", "lmdb"
 
     def make(self, n_hint: int = 0, **opts: Any) -> LmdbMap:
-        return LmdbMap(tempfile.mkdtemp(prefix="shareit-bench-lmdb-", dir=_MEMORY_DIR))
+        return LmdbMap(tempfile.mkdtemp(prefix=f"{TAG}lmdb-", dir=_MEMORY_DIR))
 
     def close(self, m: LmdbMap) -> None:
         shutil.rmtree(m.path, ignore_errors=True)
@@ -202,7 +220,8 @@ class DiskcacheSubject(PeerSubject):
     max_keys, max_keys_why = 100_000, "it stores keys one by one (~30k/s): 1M would take ~40 s"
 
     def make(self, n_hint: int = 0, **opts: Any) -> DiskcacheMap:
-        return DiskcacheMap(tempfile.mkdtemp(prefix="shareit-bench-diskcache-", dir=_MEMORY_DIR))
+        return DiskcacheMap(tempfile.mkdtemp(prefix=f"{TAG}diskcache-",
+                                             dir=_MEMORY_DIR))
 
     def close(self, m: DiskcacheMap) -> None:
         m.h.close()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
-from .peers import PEERS
+from .peers import PEERS, remove_tagged
 from .subjects import Cap, Subject
 from .workloads import WORKLOADS, Params, Workload, count
 
@@ -99,13 +99,16 @@ class PeerWorker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.err: IO[bytes] | None = None
         self.buf = b""
+        self.tag = ""
 
     def _start(self) -> subprocess.Popen[bytes]:
         self.err = tempfile.TemporaryFile()
         self.buf = b""
+        self.tag = f"shareit-bench-{os.getpid()}-{id(self):x}-{time.monotonic_ns()}-"
         self.proc = subprocess.Popen([sys.executable, "-m", "shareit.bench.runner", self.name],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.err, start_new_session=True)
+                                     stderr=self.err, start_new_session=True,
+                                     env={**os.environ, "SHAREIT_BENCH_TAG": self.tag})
         return self.proc
 
     def run(self, cell: Cell, p: Params) -> Result:
@@ -174,6 +177,7 @@ class PeerWorker:
             self._kill_group(self.proc)  # and any child it left behind
             self.proc.wait()
             self.proc = None
+            remove_tagged(self.tag)  # and whatever files a killed one could not remove
 
 
 def run(cells: list[Cell], p: Params, progress: Callable[[int, Cell], None],
