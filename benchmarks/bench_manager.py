@@ -17,7 +17,7 @@ import sys
 import time
 
 import shareit
-from shareit._bench import _parallel
+from shareit.bench.timing import parallel as _parallel
 
 FORK = mp.get_context("fork")
 N_GETSET = 20_000
@@ -40,9 +40,8 @@ def main(repeats: int = 5) -> None:
     raw, lock = manager.dict(), FORK.Lock()
     ours = shareit.open(backend="manager")
     raw["k"] = ours["k"] = 1
-    samples: dict[str, list[float]] = {
-        k: [] for k in ("raw get", "ours get", "raw set", "ours set", "raw incr", "ours incr")
-    }
+    names = ("raw get", "ours get", "raw set", "ours set", "raw incr", "ours incr")
+    samples: dict[str, list[float]] = {k: [] for k in names}
 
     def raw_get(n):
         for _ in range(n):
@@ -83,11 +82,12 @@ def main(repeats: int = 5) -> None:
     for k in samples:
         print(f"{k:<10} {med[k]:>12,.0f} ops/s   samples {[round(x) for x in samples[k]]}")
     print(f"\nget:  shareit manager costs {med['raw get'] / med['ours get']:.2f}x "
-          f"a raw Manager().dict() get")
+          "a raw Manager().dict() get")
     print(f"set:  shareit manager costs {med['raw set'] / med['ours set']:.2f}x "
-          f"a raw Manager().dict() set")
+          "a raw Manager().dict() set")
     print(f"incr: shareit manager is {med['ours incr'] / med['raw incr']:.1f}x faster than "
-          f"Manager + mp.Lock (2 processes x {N_INCR}); totals exact: {exact}")
+          "Manager + mp.Lock "
+          f"(2 processes x {N_INCR}); totals exact: {exact}")
     ours.close()
     manager.shutdown()
 

@@ -44,8 +44,7 @@ def main() -> None:
                     timed(lambda d=d: d.set_many(keys, values)))
                 times.setdefault("shm set_many (existing keys)", []).append(
                     timed(lambda d=d: d.set_many(keys, values + 1)))
-                times.setdefault("shm get_many", []).append(
-                    timed(lambda d=d: d.get_many(keys)))
+                times.setdefault("shm get_many", []).append(timed(lambda d=d: d.get_many(keys)))
                 times.setdefault("shm values_array", []).append(timed(d.values_array))
             finally:
                 d.close()
@@ -54,8 +53,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"{N:,} int -> float keys, median of {REPEATS}")
     for name, t in med.items():
-        base = med["Manager update (new keys)" if "set" in name or "update" in name
-                   else "Manager copy"]
+        writes = "set" in name or "update" in name
+        base = med["Manager update (new keys)"] if writes else med["Manager copy"]
         print(f"  {name:30s} {t * 1e3:8.1f} ms   {base / t:6.1f}x the Manager call")
 
 

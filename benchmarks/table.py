@@ -1,52 +1,70 @@
-"""Render benchmarks/results/bench.json as the markdown table in README.md.
+"""Render a ``shareit bench`` results file as the markdown tables in README.md.
 
     python benchmarks/table.py [benchmarks/results/bench.json]
+
+One row per workload (sizes as they ran), one column per subject; each cell is
+the median with its unit and, in brackets, the ratio to that row's baseline
+(higher is better whatever the unit), measured in the same run.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
-BASELINES = ("dict", "Manager().dict()", "Manager().dict() no lock", "Value+get_lock")
+from shareit.bench.present import number, times
+from shareit.bench.runner import Result
+from shareit.bench.verdict import baseline_of, ratio
+from shareit.bench.workloads import WORKLOADS
 
 
-def fmt(x: float | None) -> str:
-    if not x:
-        return "-"
-    for unit, div in (("M", 1e6), ("k", 1e3)):
-        if x >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.3g}"
+def _cell(r: Result | None, results: list[Result]) -> str:
+    if r is None:
+        return ""
+    if r.failed:
+        return "failed"
+    if r.skipped:
+        return "not run"
+    if r.value is None:
+        return ""
+    text = number(r.value)
+    if r.exact is False:
+        return text + " LOST UPDATES"
+    if r.subject == WORKLOADS[r.workload].baseline:
+        return text + " (base)"
+    x = ratio(r, baseline_of(r, results))
+    return text + (f" ({times(x)})" if x else "")
 
 
 def main(path: str) -> None:
-    data = json.load(open(path))
-    rows = data["results"]
-    subjects = list(dict.fromkeys(r["subject"] for r in rows
-                                  if r["subject"] != "Manager().dict() no lock"))
-    workloads = list(dict.fromkeys(r["workload"] for r in rows))
-    by = {(r["workload"], r["subject"]): r for r in rows}
-    print("| workload | " + " | ".join(subjects) + " |")
-    print("|---" * (len(subjects) + 1) + "|")
-    for w in workloads:
-        cells = []
-        base = by.get((w, "Manager().dict()"), {}).get("ops_per_s")
-        for s in subjects:
-            r = by.get((w, s))
-            if not r or not r.get("ops_per_s"):
-                cells.append("")
-                continue
-            cell = fmt(r["ops_per_s"])
-            if base and s not in BASELINES:
-                cell += f" ({r['ops_per_s'] / base:.3g}×)"
-            if r.get("exact") is False:
-                cell += " LOST UPDATES"
-            cells.append(cell)
-        print(f"| {w} | " + " | ".join(cells) + " |")
+    data: dict[str, Any] = json.load(open(path))
+    results = [Result(**r) for r in data["results"]]
+    main_procs = data["params"]["procs"]
+    rows = [r for r in results if not WORKLOADS[r.workload].scales or r.procs == main_procs]
+    subjects = list(dict.fromkeys(r.subject for r in rows))
+    by = {(r.title, r.subject): r for r in results}
+    print("| workload | unit | " + " | ".join(subjects) + " |")
+    print("|---" * (len(subjects) + 2) + "|")
+    for title in dict.fromkeys(r.title for r in rows):
+        unit = next(r.unit for r in rows if r.title == title)
+        cells = [_cell(by.get((title, s)), results) for s in subjects]
+        print(f"| {title} | {unit} | " + " | ".join(cells) + " |")
+    scaled = [r for r in results if WORKLOADS[r.workload].scales]
+    procs = sorted({r.procs for r in scaled})
+    if len(procs) > 1:
+        print("\n| scaling (ops/s, all processes) | subject | "
+              + " | ".join(f"{q} proc" for q in procs) + " |")
+        print("|---" * (len(procs) + 2) + "|")
+        for key in dict.fromkeys(r.workload for r in scaled):
+            for s in dict.fromkeys(r.subject for r in scaled if r.workload == key):
+                cells = [_cell(next((r for r in scaled if r.workload == key and r.subject == s
+                                     and r.procs == q), None), results) for q in procs]
+                name = WORKLOADS[key].title.replace(", {procs}", "")
+                print(f"| {name} | {s} | " + " | ".join(cells) + " |")
     m = data["machine"]
-    print(f"\nops/s, median of {data['params']['repeats']}; (N×) = times raw `Manager().dict()` "
-          f"in the same run. {m['cpus']} cores, Python {m['python']}, {m['platform']}, "
+    print(f"\nMedian of {data['params']['repeats']}; (N×) = times the row's baseline in the same "
+          f"run ((base)), higher is better. {m['cpus']} cores, Python {m['python']}, "
           f"{m['when']}. Command: `{data['command']}`.")
 
 
