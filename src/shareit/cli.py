@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from . import _runtime
+from ._records import Record
 from .base import SharedMapping
 from .config import did_you_mean, redact_url
 from .errors import ShareitError
@@ -23,7 +24,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- ls / gc / inspect
 
 
-def _describe(name: str, record: dict[str, Any] | None) -> dict[str, Any]:
+def _describe(name: str, record: Record | None) -> dict[str, Any]:
     from . import _lifetime
 
     path = _runtime.meta_path(name)
@@ -41,7 +42,7 @@ def _describe(name: str, record: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def _attach(name: str, record: dict[str, Any]) -> SharedMapping | None:
+def _attach(name: str, record: Record) -> SharedMapping | None:
     from .api import open as open_
 
     try:
@@ -50,7 +51,7 @@ def _attach(name: str, record: dict[str, Any]) -> SharedMapping | None:
         return None
 
 
-def _records_warned() -> list[tuple[str, dict[str, Any] | None]]:
+def _records_warned() -> list[tuple[str, Record | None]]:
     """This user's records; a malformed one is skipped with a one-line warning."""
     out = []
     for name, record in _runtime.list_records():
@@ -129,7 +130,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _users(record: dict[str, Any]) -> list[Any]:
+def _users(record: Record) -> list[Any]:
     from . import _lifetime
 
     return _lifetime.live_users(record)

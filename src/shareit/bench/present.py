@@ -124,7 +124,7 @@ def render(title: str, headers: Sequence[str], sections: list[list[list[str]]],
         console = Console(record=True, width=max(100, Console().width))
         with console.capture() as cap:
             console.print(t)
-        return cap.get().rstrip()
+        return str(cap.get()).rstrip()
     rows = [list(headers)] + [r for sec in sections for r in sec]
     widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
 

@@ -13,7 +13,7 @@ import pickle
 import platform
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ... import _runtime
@@ -129,11 +129,11 @@ class ShmMapping(SharedMapping):
             raise
 
     @classmethod
-    def _attach_record(cls, name: str, config: Config, record: dict[str, Any]) -> ShmMapping:
+    def _attach_record(cls, name: str, config: Config, record: Mapping[str, Any]) -> ShmMapping:
         return cls._attach_seg(name, config, name)  # paths follow from the name, never a record
 
     @classmethod
-    def _cleanup_record(cls, name: str, record: dict[str, Any]) -> None:
+    def _cleanup_record(cls, name: str, record: Mapping[str, Any]) -> None:
         for path in all_paths(name):
             unlink_quiet(path)
 
