@@ -30,17 +30,17 @@ def steps_then_die(d, steps: str) -> None:
     t: Table = d._t
     t.wlock()
     if steps == "put":  # open transaction: rolled back
-        t.begin()
+        t.journal.begin()
         t.put(*_encoded("s", "new" * 10))
         t.put(*_encoded("fresh", "new"))
     elif steps == "put+commit":  # committed, lock still held: kept
-        t.begin()
+        t.journal.begin()
         t.put(*_encoded("s", "new" * 10))
-        t.commit()
+        t.journal.commit()
     elif steps == "delete":
         _, kkind, kb, h, *_ = _encoded("s", None)
         e, slot = t.find(t.g, kkind, kb, h)
-        t.begin()
+        t.journal.begin()
         t.delete(t.g, e, slot)
     elif steps == "build":  # a whole new generation built, never switched to
         t.build(t.g.gen + 1, extra_entries=10, extra_heap=1000)

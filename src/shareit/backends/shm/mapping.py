@@ -24,7 +24,7 @@ from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
-from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, LIVE, V_FLOAT, V_INT
+from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT
 from .read import Got, read, read_entry
 from .read import length as _length
 from .segments import (
@@ -38,7 +38,7 @@ from .segments import (
     unlink_quiet,
     unmap,
 )
-from .table import Table
+from .table import ABSENT, Table
 
 _loads = pickle.loads
 _crc32 = zlib.crc32
@@ -297,9 +297,15 @@ class ShmMapping(SharedMapping):
             if tv is float and self._t.fast_store(key, V_FLOAT, f2i(value), None, None):
                 return
         vkind, vinl, vraw = encode_value(value)
-        kkind, kb = encode_key(key)
+        if type(key) is str:
+            kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
+        else:
+            kkind, kb = encode_key(key)
         h = _crc32(kb, kkind)
-        t = self._wlocked()
+        if self._closed:
+            self._check_open()
+        t = self._t
+        t.enter()
         try:
             t.write_one(key, kkind, kb, h, vkind, vinl, vraw)
         finally:
@@ -314,13 +320,36 @@ class ShmMapping(SharedMapping):
         return got
 
     def __delitem__(self, key: Any) -> None:
-        key = self._check_key(key)
-        kkind, kb = encode_key(key)
-        h = _crc32(kb, kkind)
-        t = self._wlocked()
+        if self._remove(key, False) is ABSENT:
+            raise KeyError(key)
+
+    def pop(self, key: Any, default: Any = MISSING) -> Any:
         try:
-            if not t.remove(key, kkind, kb, h):
+            value = self._remove(key, True)
+        except KeyError:  # (an undeclared key)
+            if default is MISSING:
+                raise
+            return default
+        if value is ABSENT:
+            if default is MISSING:
                 raise KeyError(key)
+            return default
+        return value
+
+    def _remove(self, key: Any, want: bool) -> Any:
+        """Delete ``key`` in one locked step: its value with ``want``; ``ABSENT`` if none."""
+        if type(key) is str and self._declared is None:
+            kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
+        else:
+            key = self._check_key(key)
+            kkind, kb = encode_key(key)
+        h = _crc32(kb, kkind)
+        if self._closed:
+            self._check_open()
+        t = self._t
+        t.enter()
+        try:
+            return t.remove(key, kkind, kb, h, want)
         finally:
             t.release()
 
@@ -353,7 +382,10 @@ class ShmMapping(SharedMapping):
             return new
         kkind, kb = encode_key(key)
         h = _crc32(kb, kkind)
-        t = self._wlocked()
+        if self._closed:
+            self._check_open()
+        t = self._t
+        t.enter()
         try:
             found, current = self._read_locked(key, kkind, kb, h)
             new = _add(key, current if found else self._coerce(default), delta)
