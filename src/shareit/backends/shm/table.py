@@ -26,7 +26,18 @@ from . import layout as L
 from .cache import ReadCache
 from .codec import decode_value, f2i, i2f
 from .journal import Journal
-from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, C_TSEQ, J_INLINE, LIVE, V_FLOAT, V_INT
+from .layout import (
+    C_GROW,
+    C_GSEQ,
+    C_JSTATE,
+    C_STAMP,
+    C_TSEQ,
+    J_INLINE,
+    LIVE,
+    SPARE_SHIFT,
+    V_FLOAT,
+    V_INT,
+)
 from .lock import EOWNERDEAD, WriterLock
 from .read import Got, probe
 from .segments import Maps, bytes_view, data_path, data_segments, unlink_quiet
@@ -218,18 +229,18 @@ class Table:
 
     # ------------------------------------------------------------------ entries
 
-    def alloc(self, g: L.Generation, *parts: bytes) -> int:
+    def alloc(self, g: L.Generation, *parts: bytes, spare: int = 0) -> int:
         """Append ``parts`` to the heap, each from a word of its own (zero-padded: bulk
-        lookups compare whole words); the offset in words of the first. The header must
-        be journaled."""
+        lookups compare whole words), and ``spare`` words more; the offset in words of the
+        first. The header must be journaled."""
         q = g.q
         top = q[L.H_TOP]
         blob = b"".join([p + _ZEROS[: -len(p) & 7] for p in parts]) if len(parts) > 1 \
             or len(parts[0]) & 7 else parts[0]
         words = len(blob) >> 3
-        if top + words > g.heapw:
+        if top + words + spare > g.heapw:
             raise L.Grow
-        q[L.H_TOP] = top + words
+        q[L.H_TOP] = top + words + spare
         b = g.hoff + top * 8
         g.mv[b : b + len(blob)] = blob
         return top
@@ -256,18 +267,31 @@ class Table:
         if e < 0:
             e, slot = probe(g, kkind, kb, h)
         j = self.journal
-        if e >= 0:  # overwrite in place (entry keeps its position: dict order)
-            u = (g.ew + e * 4) * 2
-            old_meta = g.u32[u + 5]
-            on_heap = (old_meta & 0xFF) in L.HEAP_KINDS
-            eoff = g.eoff + e * L.ENTRY_BYTES
-            j.save(g, ((eoff, L.ENTRY_BYTES),), vraw is not None or on_heap)
-            if on_heap:
-                g.q[L.H_GARBAGE] += (g.u32[u + 7] + 7) // 8
-            if vraw is not None:
-                vinl = self.alloc(g, vraw) | (len(vraw) << 32)
-            self.write_entry(g, e, h, g.u32[u + 3], g.u32[u + 4], vkind | (kkind << 8) | LIVE,
-                             vinl)
+        if e >= 0:  # an existing key: its entry keeps its place (dict order)
+            w = g.ew + e * 4
+            old_meta = g.u32[w * 2 + 5]
+            eoff = w * 8
+            meta = vkind | (kkind << 8) | LIVE
+            if (old_meta & 0xFF) in L.HEAP_KINDS:
+                old = g.qs[w + 3]
+                room = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT)  # the key's words
+                if vraw is not None:
+                    words = (len(vraw) + 7) >> 3
+                    if words <= room and words <= L.INPLACE_MAX_WORDS:
+                        self._overwrite(g, w, old & 0xFFFFFFFF, vraw, words,
+                                        meta | (room - words) << SPARE_SHIFT)
+                        self._placed(key, w)
+                        return
+                j.save(g, ((eoff, L.ENTRY_BYTES),), True)
+                g.q[L.H_GARBAGE] += room
+            else:
+                j.save(g, ((eoff, L.ENTRY_BYTES),), vraw is not None)
+            if vraw is not None:  # appended, with room to grow: the key is being rewritten
+                words = (len(vraw) + 7) >> 3
+                spare = min(words >> 1, L.SPARE_MAX) if words <= L.INPLACE_MAX_WORDS else 0
+                vinl = self.alloc(g, vraw, spare=spare) | (len(vraw) << 32)
+                meta |= spare << SPARE_SHIFT
+            self.write_entry(g, e, h, g.u32[w * 2 + 3], g.u32[w * 2 + 4], meta, vinl)
         else:  # insert at the end
             q = g.q
             used = q[L.H_USED]
@@ -284,12 +308,34 @@ class Table:
             q[L.H_USED] = used + 1
             q[L.H_LIVE] += 1
             g.i32[L.HEADER_BYTES // 4 + slot] = e
+        self._placed(key, g.ew + e * 4)
+
+    def _placed(self, key: Any, w: int) -> None:
         if L.FAULT:
             L.fault("after_write")
         slots = self.slots
         if len(slots) >= L.CACHE_MAX:
             _drop_oldest(slots, L.CACHE_MAX // 8)
-        slots[key] = g.ew + e * 4
+        slots[key] = w
+
+    def _overwrite(self, g: L.Generation, w: int, voff: int, vraw: bytes, words: int,
+                   meta: int) -> None:
+        """Write a heap value over the old one of the entry at data word ``w``, in the
+        key's own room: the old bytes and the entry are journaled first, and the entry's
+        version is odd from before the bytes change until after its fields do."""
+        hb = g.hoff + voff * 8
+        self.journal.save(g, ((w * 8, L.ENTRY_BYTES), (hb, words * 8)))
+        c = self.c
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        q = g.q
+        q[w] = 2 * stamp + 1  # odd: being written
+        if L.FAULT:
+            L.fault("mid_entry")
+        g.mv[hb : hb + words * 8] = vraw + _ZEROS[: -len(vraw) & 7] if len(vraw) & 7 else vraw
+        g.u32[w * 2 + 5] = meta
+        g.qs[w + 3] = voff | (len(vraw) << 32)
+        q[w] = 2 * stamp + 2
 
     def delete(self, g: L.Generation, e: int, slot: int) -> None:
         """Delete entry ``e`` (at index ``slot``); the lock is held, a transaction open."""
@@ -299,7 +345,7 @@ class Table:
                               (L.HEADER_BYTES + (slot * 4 & ~7), 8)), True)
         garbage = (g.u32[u + 3] + 7) // 8
         if (meta & 0xFF) in L.HEAP_KINDS:
-            garbage += (g.u32[u + 7] + 7) // 8
+            garbage += (g.u32[u + 7] + 7) // 8 + (meta >> SPARE_SHIFT)
         self.write_entry(g, e, g.u32[u + 2], g.u32[u + 3], g.u32[u + 4], meta & ~LIVE,
                          g.qs[(g.ew + e * 4) + 3])
         g.i32[L.HEADER_BYTES // 4 + slot] = L.DELETED
