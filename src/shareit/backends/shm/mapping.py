@@ -25,7 +25,7 @@ from . import layout as L
 from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
 from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT
-from .read import Got, read, read_entry
+from .read import Got, lookup, read_entry
 from .read import length as _length
 from .segments import (
     all_paths,
@@ -186,7 +186,7 @@ class ShmMapping(SharedMapping):
         kkind, kb = encode_key(key)
         h = _crc32(kb, kkind)
         if _LOCKFREE_READS:
-            got = read(self._t, kkind, kb, h)
+            got = lookup(self._t, kkind, kb, h)
             if len(got) > 2:
                 self._t.remember(key, got)  # only now: a validated, committed value
             return got[0], got[1]
@@ -205,10 +205,18 @@ class ShmMapping(SharedMapping):
 
     def __getitem__(self, key: Any) -> Any:
         hit = self._cache.get(key)
+        t = self._t
         if hit is not None and hit[4] is type(key):
-            t = self._t
             if t.c[C_GSEQ] == t.epoch and t.q[hit[0]] == hit[1]:
                 return hit[2] if hit[3] else _loads(hit[2])
+        if type(key) is str and self._declared is None and not self._closed and _LOCKFREE_READS:
+            kb = key.encode("utf-8", "surrogatepass")  # (the cache miss of a str key: inline)
+            got = lookup(t, K_STR, kb, _crc32(kb, K_STR))
+            if len(got) > 2:
+                t.remember(key, got)
+            elif not got[0]:
+                raise KeyError(key)
+            return got[1]
         self._check_open()
         found, value = self._read(self._check_key(key))
         if not found:

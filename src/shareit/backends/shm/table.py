@@ -110,7 +110,8 @@ class Table:
         kt = type(key)
         if kt is tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
             return
-        if self.lock.ready():  # (the fast write path's key: it trusts the lock is set up)
+        if self.lock.forkgen == _runtime.fork_generation:  # (the fast write path trusts
+            # a key in slots to mean that this process's lock is set up)
             slots = self.slots
             if len(slots) >= L.CACHE_MAX:
                 _drop_oldest(slots, L.CACHE_MAX // 8)
@@ -272,26 +273,28 @@ class Table:
             old_meta = g.u32[w * 2 + 5]
             eoff = w * 8
             meta = vkind | (kkind << 8) | LIVE
+            in_place = False
             if (old_meta & 0xFF) in L.HEAP_KINDS:
                 old = g.qs[w + 3]
                 room = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT)  # the key's words
                 if vraw is not None:
                     words = (len(vraw) + 7) >> 3
-                    if words <= room and words <= L.INPLACE_MAX_WORDS:
+                    in_place = words <= room and words <= L.INPLACE_MAX_WORDS
+                    if in_place:
                         self._overwrite(g, w, old & 0xFFFFFFFF, vraw, words,
                                         meta | (room - words) << SPARE_SHIFT)
-                        self._placed(key, w)
-                        return
-                j.save(g, ((eoff, L.ENTRY_BYTES),), True)
-                g.q[L.H_GARBAGE] += room
+                if not in_place:
+                    j.save(g, ((eoff, L.ENTRY_BYTES),), True)
+                    g.q[L.H_GARBAGE] += room
             else:
                 j.save(g, ((eoff, L.ENTRY_BYTES),), vraw is not None)
-            if vraw is not None:  # appended, with room to grow: the key is being rewritten
-                words = (len(vraw) + 7) >> 3
-                spare = min(words >> 1, L.SPARE_MAX) if words <= L.INPLACE_MAX_WORDS else 0
-                vinl = self.alloc(g, vraw, spare=spare) | (len(vraw) << 32)
-                meta |= spare << SPARE_SHIFT
-            self.write_entry(g, e, h, g.u32[w * 2 + 3], g.u32[w * 2 + 4], meta, vinl)
+            if not in_place:
+                if vraw is not None:  # appended, with room to grow: the key is being rewritten
+                    words = (len(vraw) + 7) >> 3
+                    spare = min(words >> 1, L.SPARE_MAX) if words <= L.INPLACE_MAX_WORDS else 0
+                    vinl = self.alloc(g, vraw, spare=spare) | (len(vraw) << 32)
+                    meta |= spare << SPARE_SHIFT
+                self.write_entry(g, e, h, g.u32[w * 2 + 3], g.u32[w * 2 + 4], meta, vinl)
         else:  # insert at the end
             q = g.q
             used = q[L.H_USED]
@@ -308,9 +311,7 @@ class Table:
             q[L.H_USED] = used + 1
             q[L.H_LIVE] += 1
             g.i32[L.HEADER_BYTES // 4 + slot] = e
-        self._placed(key, g.ew + e * 4)
-
-    def _placed(self, key: Any, w: int) -> None:
+            w = g.ew + e * 4
         if L.FAULT:
             L.fault("after_write")
         slots = self.slots
