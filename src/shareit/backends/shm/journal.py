@@ -25,7 +25,7 @@ import struct
 from typing import Any
 
 from . import layout as L
-from .layout import C_JCOUNT, C_JSTATE, C_JWORDS, C_TSEQ
+from .layout import C_JCOUNT, C_JSTATE, C_JWORDS, C_TSEQ, HEADER_BYTES, JOURNAL_WORD, JOURNAL_WORDS
 
 _PACK_RECORD = struct.Struct("<QQ").pack  # a record's (offset, nbytes); its bytes follow
 
@@ -60,19 +60,19 @@ class Journal:
             return
         with_header = header and not self.saved_header
         if with_header:
-            spans = ((0, L.HEADER_BYTES), *spans)
+            spans = ((0, HEADER_BYTES), *spans)
         c = self.c
         used = c[C_JWORDS]
-        mv = g.mv
-        parts: list[Any] = []
+        mm = g.mm  # (slicing the mapping itself gives bytes, quicker than a memoryview)
+        parts: list[bytes] = []
         for off, nbytes in spans:
             parts.append(_PACK_RECORD(off, nbytes))
-            parts.append(mv[off : off + nbytes])
+            parts.append(mm[off : off + nbytes])
         blob = b"".join(parts)
         need = len(blob) // 8
-        if used + need > L.JOURNAL_WORDS:
+        if used + need > JOURNAL_WORDS:
             raise L.Grow  # a very large transaction: done by rebuilding instead
-        b = (L.JOURNAL_WORD + used) * 8
+        b = (JOURNAL_WORD + used) * 8
         self.cmv[b : b + len(blob)] = blob
         c[C_JWORDS] = used + need  # the records count only once they are complete
         c[C_JCOUNT] += len(spans)

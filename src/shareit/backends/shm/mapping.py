@@ -312,12 +312,7 @@ class ShmMapping(SharedMapping):
         h = _crc32(kb, kkind)
         if self._closed:
             self._check_open()
-        t = self._t
-        t.enter()
-        try:
-            t.write_one(key, kkind, kb, h, vkind, vinl, vraw)
-        finally:
-            t.release()
+        self._t.set(key, kkind, kb, h, vkind, vinl, vraw)
 
     def _contended(self, rc: int) -> bool:
         """The hot path's ``trylock()`` returned ``rc``: True once the lock is held; False

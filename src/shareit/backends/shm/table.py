@@ -32,8 +32,17 @@ from .layout import (
     C_JSTATE,
     C_STAMP,
     C_TSEQ,
+    CACHE_MAX,
+    ENTRY_BYTES,
+    H_GARBAGE,
+    H_LIVE,
+    H_USED,
+    HEADER_BYTES,
+    HEAP_KINDS,
+    INPLACE_MAX_WORDS,
     J_INLINE,
     LIVE,
+    SPARE_MAX,
     SPARE_SHIFT,
     V_FLOAT,
     V_INT,
@@ -274,33 +283,47 @@ class Table:
             eoff = w * 8
             meta = vkind | (kkind << 8) | LIVE
             in_place = False
-            if (old_meta & 0xFF) in L.HEAP_KINDS:
+            if (old_meta & 0xFF) in HEAP_KINDS:
                 old = g.qs[w + 3]
                 room = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT)  # the key's words
                 if vraw is not None:
                     words = (len(vraw) + 7) >> 3
-                    in_place = words <= room and words <= L.INPLACE_MAX_WORDS
-                    if in_place:
-                        self._overwrite(g, w, old & 0xFFFFFFFF, vraw, words,
-                                        meta | (room - words) << SPARE_SHIFT)
+                    in_place = words <= room and words <= INPLACE_MAX_WORDS
+                    if in_place:  # over the old value, in the key's own room: the old
+                        # bytes and the entry journaled first, the version odd from before
+                        # the bytes change until after the entry's fields do
+                        voff = old & 0xFFFFFFFF
+                        hb = g.hoff + voff * 8
+                        j.save(g, ((eoff, ENTRY_BYTES), (hb, words * 8)))
+                        c = self.c
+                        stamp = c[C_STAMP] + 1
+                        c[C_STAMP] = stamp
+                        g.q[w] = 2 * stamp + 1  # odd: being written
+                        if L.FAULT:
+                            L.fault("mid_entry")
+                        g.mv[hb : hb + words * 8] = vraw + _ZEROS[: -len(vraw) & 7] \
+                            if len(vraw) & 7 else vraw
+                        g.u32[w * 2 + 5] = meta | (room - words) << SPARE_SHIFT
+                        g.qs[w + 3] = voff | (len(vraw) << 32)
+                        g.q[w] = 2 * stamp + 2
                 if not in_place:
-                    j.save(g, ((eoff, L.ENTRY_BYTES),), True)
-                    g.q[L.H_GARBAGE] += room
+                    j.save(g, ((eoff, ENTRY_BYTES),), True)
+                    g.q[H_GARBAGE] += room
             else:
-                j.save(g, ((eoff, L.ENTRY_BYTES),), vraw is not None)
+                j.save(g, ((eoff, ENTRY_BYTES),), vraw is not None)
             if not in_place:
                 if vraw is not None:  # appended, with room to grow: the key is being rewritten
                     words = (len(vraw) + 7) >> 3
-                    spare = min(words >> 1, L.SPARE_MAX) if words <= L.INPLACE_MAX_WORDS else 0
+                    spare = min(words >> 1, SPARE_MAX) if words <= INPLACE_MAX_WORDS else 0
                     vinl = self.alloc(g, vraw, spare=spare) | (len(vraw) << 32)
                     meta |= spare << SPARE_SHIFT
                 self.write_entry(g, e, h, g.u32[w * 2 + 3], g.u32[w * 2 + 4], meta, vinl)
         else:  # insert at the end
             q = g.q
-            used = q[L.H_USED]
+            used = q[H_USED]
             if used >= g.cap or slot < 0:
                 raise L.Grow
-            j.save(g, ((L.HEADER_BYTES + (slot * 4 & ~7), 8),), True)
+            j.save(g, ((HEADER_BYTES + (slot * 4 & ~7), 8),), True)
             if vraw is None:
                 koff = self.alloc(g, kb)
             else:
@@ -308,35 +331,16 @@ class Table:
                 vinl = (koff + ((len(kb) + 7) >> 3)) | (len(vraw) << 32)
             e = used
             self.write_entry(g, e, h, len(kb), koff, vkind | (kkind << 8) | LIVE, vinl)
-            q[L.H_USED] = used + 1
-            q[L.H_LIVE] += 1
-            g.i32[L.HEADER_BYTES // 4 + slot] = e
+            q[H_USED] = used + 1
+            q[H_LIVE] += 1
+            g.i32[HEADER_BYTES // 4 + slot] = e
             w = g.ew + e * 4
         if L.FAULT:
             L.fault("after_write")
         slots = self.slots
-        if len(slots) >= L.CACHE_MAX:
-            _drop_oldest(slots, L.CACHE_MAX // 8)
+        if len(slots) >= CACHE_MAX:
+            _drop_oldest(slots, CACHE_MAX // 8)
         slots[key] = w
-
-    def _overwrite(self, g: L.Generation, w: int, voff: int, vraw: bytes, words: int,
-                   meta: int) -> None:
-        """Write a heap value over the old one of the entry at data word ``w``, in the
-        key's own room: the old bytes and the entry are journaled first, and the entry's
-        version is odd from before the bytes change until after its fields do."""
-        hb = g.hoff + voff * 8
-        self.journal.save(g, ((w * 8, L.ENTRY_BYTES), (hb, words * 8)))
-        c = self.c
-        stamp = c[C_STAMP] + 1
-        c[C_STAMP] = stamp
-        q = g.q
-        q[w] = 2 * stamp + 1  # odd: being written
-        if L.FAULT:
-            L.fault("mid_entry")
-        g.mv[hb : hb + words * 8] = vraw + _ZEROS[: -len(vraw) & 7] if len(vraw) & 7 else vraw
-        g.u32[w * 2 + 5] = meta
-        g.qs[w + 3] = voff | (len(vraw) << 32)
-        q[w] = 2 * stamp + 2
 
     def delete(self, g: L.Generation, e: int, slot: int) -> None:
         """Delete entry ``e`` (at index ``slot``); the lock is held, a transaction open."""
@@ -352,6 +356,30 @@ class Table:
         g.i32[L.HEADER_BYTES // 4 + slot] = L.DELETED
         g.q[L.H_LIVE] -= 1
         g.q[L.H_GARBAGE] += garbage
+
+    def set(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
+            vraw: bytes | None) -> None:
+        """Set one key: take the lock (:meth:`enter`), :meth:`write_one`, release."""
+        self.enter()
+        try:
+            j = self.journal
+            j.begin()
+            try:
+                self.put(key, kkind, kb, h, vkind, vinl, vraw)
+            except L.Grow:
+                self.abort()
+                self.write_one(key, kkind, kb, h, vkind, vinl, vraw)  # (grows first)
+            except BaseException:
+                self.abort()
+                raise
+            else:
+                j.commit()
+        finally:
+            lk = self.lock
+            lk.depth -= 1
+            rc = lk.unlock()
+            if rc:
+                raise OSError(rc, f"unlocking the writer lock failed ({os.strerror(rc)})")
 
     def write_one(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
                   vraw: bytes | None) -> None:
