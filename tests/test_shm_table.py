@@ -109,3 +109,35 @@ def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("value", ["new", "new" * 10, b"\x00" * 24, [1, "two", (3.0,)]])
+def test_the_flat_overwrite_in_set_does_what_the_steps_do(value) -> None:
+    """``Table.set`` runs the commonest general write (a value that fits its key's room)
+    flat, for speed: it must leave the bytes that ``enter``, ``Journal.begin``, ``put``
+    and ``Journal.commit`` leave, one call after another."""
+    a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
+    try:
+        for m in (a, b):  # the same history: the same bytes; "s" gets room for 5 words
+            m.update({"pad": "x" * 20, "n": 1, "s": "old"})
+            m["s"] = "y" * 40
+            m["s"] = "old"
+        assert _state(a) == _state(b)
+        item = _encoded("s", value)
+        ta: Table = a._t
+        ta.journal.saved_header = True  # (only Journal.begin resets it: the flat path does not)
+        ta.set(*item)
+        assert ta.journal.saved_header, "the flat path ran"
+        tb: Table = b._t
+        tb.enter()
+        try:
+            tb.journal.begin()
+            tb.put(*item)
+            tb.journal.commit()
+        finally:
+            tb.release()
+        assert _state(a) == _state(b)
+        assert a["s"] == b["s"] == value and a.verify() == b.verify() == []
+    finally:
+        a.close()
+        b.close()
