@@ -115,18 +115,12 @@ class Table:
         self.forget()
 
     def remember(self, key: Any, got: Got) -> None:
-        """Cache a validated read (and the key's entry, for the fast write path)."""
-        _, value, w, ver, kind, raw = got
+        """Cache a validated read. (Reads do not place keys in ``slots``: only writes do,
+        so a cold read costs one dict insert, and a key that is only read costs no slot.)"""
         kt = type(key)
-        if kt is tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
-            return
-        if self.lock.forkgen == _runtime.fork_generation:  # (the fast write path trusts
-            # a key in slots to mean that this process's lock is set up)
-            slots = self.slots
-            if len(slots) >= L.CACHE_MAX:
-                _drop_oldest(slots, L.CACHE_MAX // 8)
-            slots[key] = w
-        self.cache.remember(key, kt, w, ver, value, kind, raw)
+        if kt is not tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
+            _, value, w, ver, kind, raw = got
+            self.cache.remember(key, kt, w, ver, value, kind, raw)
 
     def forget(self) -> None:
         """Drop what this process cached of the current generation."""
