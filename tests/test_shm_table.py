@@ -111,11 +111,13 @@ def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
         b.close()
 
 
-@pytest.mark.parametrize("value", ["new", "new" * 10, b"\x00" * 24, [1, "two", (3.0,)]])
-def test_the_flat_overwrite_in_set_does_what_the_steps_do(value) -> None:
-    """``Table.set`` runs the commonest general write (a value that fits its key's room)
-    flat, for speed: it must leave the bytes that ``enter``, ``Journal.begin``, ``put``
-    and ``Journal.commit`` leave, one call after another."""
+@pytest.mark.parametrize("key", ["s", "fresh"])
+@pytest.mark.parametrize("value", ["new", "new" * 10, b"\x00" * 24, [1, "two", (3.0,)], 7])
+def test_the_flat_writes_do_what_the_steps_do(key, value) -> None:
+    """``fastpath.write_flat`` does the commonest writes flat, for speed -- a value over
+    a key's value that fits its room ("s"), a new key ("fresh") -- and must leave the
+    bytes that ``enter``, ``Journal.begin``, ``put`` and ``Journal.commit`` leave, one
+    call after another (whichever of the two ran, both must agree)."""
     a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
     try:
         for m in (a, b):  # the same history: the same bytes; "s" gets room for 5 words
@@ -123,11 +125,13 @@ def test_the_flat_overwrite_in_set_does_what_the_steps_do(value) -> None:
             m["s"] = "y" * 40
             m["s"] = "old"
         assert _state(a) == _state(b)
-        item = _encoded("s", value)
+        item = _encoded(key, value)
         ta: Table = a._t
-        ta.journal.saved_header = True  # (only Journal.begin resets it: the flat path does not)
+        flat = key == "fresh" or type(value) in (str, bytes, list)
+        ta.journal.saved_header = key == "s"  # (Journal.begin resets it; flat paths do not)
         ta.set(*item)
-        assert ta.journal.saved_header, "the flat path ran"
+        if flat:
+            assert ta.journal.saved_header == (key == "s"), "the flat path ran"
         tb: Table = b._t
         tb.enter()
         try:
@@ -137,7 +141,38 @@ def test_the_flat_overwrite_in_set_does_what_the_steps_do(value) -> None:
         finally:
             tb.release()
         assert _state(a) == _state(b)
-        assert a["s"] == b["s"] == value and a.verify() == b.verify() == []
+        assert a[key] == b[key] == value and a.verify() == b.verify() == []
+        assert a._t.slots == b._t.slots
     finally:
         a.close()
         b.close()
+
+
+def overwrite_and_die(d, step: str) -> None:
+    d["s"] = "x" * 40  # (the child places "s", with room: its next write of "s" is flat)
+    d["s"] = "old"
+    L.FAULT = step
+    d["s"] = "new" * 10
+    os._exit(3)
+
+
+@pytest.mark.parametrize("step", ["after_begin", "mid_entry", "before_commit"])
+def test_a_flat_write_after_a_writer_died_in_one(name, step: str) -> None:
+    """The lock's last holder died in a flat write: the next flat write must take the
+    lock from the dead (EOWNERDEAD), have the steps repair, and leave it usable."""
+    d = shareit.open(name, backend="shm")
+    try:
+        d.update(OLD)
+        d["s"] = "y" * 40  # (this process placed "s", with room: its writes of it are flat)
+        d["s"] = "old"
+        child = FORK.Process(target=overwrite_and_die, args=(d, step))
+        child.start()
+        assert join_all([child]) == [-signal.SIGKILL]
+        d["s"] = "mine"  # flat if it could be: it must not be, until repaired
+        d["fresh"] = "too"
+        assert d.snapshot() == {**OLD, "s": "mine", "fresh": "too"} and d.verify() == []
+        with d.lock():  # the lock is free and consistent
+            d["s"] = "locked"
+        assert d["s"] == "locked"
+    finally:
+        d.close()

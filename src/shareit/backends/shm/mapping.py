@@ -24,6 +24,7 @@ from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
+from .fastpath import store_number
 from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT
 from .read import Got, lookup, read_entry
 from .read import length as _length
@@ -300,9 +301,9 @@ class ShmMapping(SharedMapping):
             value = self._vt.coerce(value)
             tv = type(value)
             if (tv is int and _INT64_MIN <= value <= _INT64_MAX
-                    and self._t.fast_store(key, V_INT, value, None, None)):
+                    and store_number(self._t, key, V_INT, value, None, None)):
                 return
-            if tv is float and self._t.fast_store(key, V_FLOAT, f2i(value), None, None):
+            if tv is float and store_number(self._t, key, V_FLOAT, f2i(value), None, None):
                 return
         vkind, vinl, vraw = encode_value(value)
         if type(key) is str:
@@ -380,7 +381,7 @@ class ShmMapping(SharedMapping):
         if type(key) is not str or self._declared is not None:
             key = self._check_key(key)
         _check_number("delta", delta)
-        new = self._t.fast_store(key, 0, 0, delta, self._vt)
+        new = store_number(self._t, key, 0, 0, delta, self._vt)
         if new is not False:
             return new
         kkind, kb = encode_key(key)

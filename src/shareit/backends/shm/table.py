@@ -24,7 +24,8 @@ from ... import _runtime
 from ...errors import BackendDiedError, CapacityError, lock_timeout
 from . import layout as L
 from .cache import ReadCache
-from .codec import decode_value, f2i, i2f
+from .codec import decode_value
+from .fastpath import write_flat
 from .journal import Journal
 from .layout import (
     C_GROW,
@@ -44,8 +45,6 @@ from .layout import (
     LIVE,
     SPARE_MAX,
     SPARE_SHIFT,
-    V_FLOAT,
-    V_INT,
 )
 from .lock import EOWNERDEAD, WriterLock
 from .read import Got, probe
@@ -354,65 +353,10 @@ class Table:
 
     def set(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
             vraw: bytes | None) -> None:
-        """Set one key: take the lock (:meth:`enter`), :meth:`write_one`, release.
-
-        The commonest general write -- a key this process placed gets a heap value
-        that fits its room, the lock is free and nothing needs repair -- runs flat
-        here, because each Python call costs as much as a store: the same stores in
-        the same order as ``enter``, ``Journal.begin``, ``put`` (in place) and
-        ``Journal.commit``, with their fault points (``test_shm_table`` pins the bytes).
-        """
-        w = self.slots.get(key, -1)
-        lk = self.lock
-        if w >= 0 and vraw is not None and not lk.depth and lk.forkgen == _runtime.fork_generation:
-            g = self.g
-            u32 = g.u32
-            old_meta = u32[w * 2 + 5]
-            if old_meta & LIVE and (old_meta & 0xFF) in HEAP_KINDS:
-                old = g.qs[w + 3]
-                words = (len(vraw) + 7) >> 3
-                spare = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT) - words
-                if spare >= 0 and words <= INPLACE_MAX_WORDS and not lk.trylock():
-                    c = self.c
-                    if (c[C_GSEQ] == self.epoch and c[L.C_GEN] == self.gen and not c[C_JSTATE]
-                            and not c[C_GROW] and not c[C_TSEQ] & 1):
-                        fault = L.FAULT
-                        c[L.C_WRITER] = lk.pid
-                        c[L.C_JWORDS] = 0  # begin
-                        c[L.C_JCOUNT] = 0
-                        c[C_TSEQ] += 1
-                        c[C_JSTATE] = L.J_JOURNAL
-                        if fault:
-                            L.fault("after_begin")
-                        voff = old & 0xFFFFFFFF
-                        hb = g.hoff + voff * 8
-                        n = words * 8
-                        mm = g.mm  # journal: the entry, then the value's words
-                        blob = _PACK_RECORD(w * 8, ENTRY_BYTES) + mm[w * 8 : w * 8 + ENTRY_BYTES] \
-                            + _PACK_RECORD(hb, n) + mm[hb : hb + n]
-                        b = L.JOURNAL_WORD * 8
-                        self.cmv[b : b + len(blob)] = blob
-                        c[L.C_JWORDS] = len(blob) >> 3
-                        c[L.C_JCOUNT] = 2
-                        stamp = c[C_STAMP] + 1
-                        c[C_STAMP] = stamp
-                        q = g.q
-                        q[w] = 2 * stamp + 1  # odd: being written
-                        if fault:
-                            L.fault("mid_entry")
-                        g.mv[hb : hb + n] = vraw + _ZEROS[: -len(vraw) & 7] \
-                            if len(vraw) & 7 else vraw
-                        u32[w * 2 + 5] = vkind | (kkind << 8) | LIVE | spare << SPARE_SHIFT
-                        g.qs[w + 3] = voff | (len(vraw) << 32)
-                        q[w] = 2 * stamp + 2
-                        if fault:
-                            L.fault("after_write")
-                            L.fault("before_commit")
-                        c[C_JSTATE] = 0  # commit
-                        c[C_TSEQ] += 1
-                        lk.unlock()
-                        return
-                    lk.unlock()
+        """Set one key: take the lock (:meth:`enter`), :meth:`write_one`, release -- or,
+        in the commonest cases, the very same stores done flat (:mod:`.fastpath`)."""
+        if write_flat(self, key, kkind, kb, h, vkind, vinl, vraw):
+            return
         self.enter()
         try:
             j = self.journal
@@ -524,53 +468,6 @@ class Table:
         if L.FAULT:
             L.fault("before_commit")
         c[C_JSTATE] = 0
-
-    def fast_store(self, key: Any, kind: int, inline: int, delta: Any, vt: Any) -> Any:
-        """``d[k] = number`` and ``incr`` without a transaction: the key's entry in this
-        generation holds a number inline and gets another of the same kind in place
-        (:meth:`store_inline`). Returns False, having changed nothing, whenever anything
-        is unusual (key not yet placed, repair pending, growth, a kind change, another
-        thread inside ``lock()``) and the caller takes the general path. With ``delta``
-        (``incr``), adds it (coerced by ``vt`` if given) and returns the new value."""
-        w = self.slots.get(key, -1)  # filled only once this process's lock is set up
-        if w < 0:
-            return False
-        lk = self.lock
-        rc = lk.trylock()
-        if rc:
-            got = lk.contended(rc, self.timeout)
-            if got is None:
-                raise self.timed_out()  # (the general path must not wait a second timeout)
-            if not got:
-                return False
-        try:
-            c = self.c
-            if c[C_GSEQ] != self.epoch or c[C_JSTATE] or c[C_GROW]:
-                return False
-            g = self.g
-            meta = g.u32[w * 2 + 5]
-            if delta is not None:  # incr: the new value from the current one
-                old_kind = meta & 0xFF
-                if old_kind == V_INT:
-                    new = g.qs[w + 3] + delta
-                elif old_kind == V_FLOAT:
-                    new = i2f(g.qs[w + 3]) + delta
-                else:
-                    return False
-                if vt is not None:
-                    new = vt.coerce(new)
-                if type(new) is int and _INT64_MIN <= new <= _INT64_MAX:
-                    kind, inline = V_INT, new
-                elif type(new) is float:
-                    kind, inline = V_FLOAT, f2i(new)
-                else:
-                    return False
-            if meta & (LIVE | 0xFF) != LIVE | kind:
-                return False
-            self.store_inline(w, inline)
-        finally:
-            lk.unlock()
-        return True if delta is None else new
 
     # ------------------------------------------------------------------ new generations
 
