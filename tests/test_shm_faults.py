@@ -131,7 +131,7 @@ CASES = [
     ("before_commit", "set_str"), ("after_begin", "set_fit"), ("mid_entry", "set_fit"),
     ("after_write", "set_fit"), ("before_commit", "set_fit"),
     ("mid_entry", "insert"), ("after_write", "insert"), ("before_commit", "insert"),
-    ("mid_entry", "delete"), ("before_commit", "delete"),
+    ("after_begin", "delete"), ("mid_entry", "delete"), ("before_commit", "delete"),
     ("after_write", "update"), ("before_commit", "update"),
     ("mid_grow", "grow"), ("mid_switch", "grow"), ("after_switch", "grow"),
     ("mid_grow", "grow_str"), ("mid_switch", "grow_str"), ("after_switch", "grow_str"),

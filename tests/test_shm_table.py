@@ -11,6 +11,7 @@ import zlib
 import pytest
 
 import shareit
+from shareit.backends.shm import fastpath
 from shareit.backends.shm import layout as L
 from shareit.backends.shm.codec import encode_key, encode_value, f2i
 from shareit.backends.shm.table import Table
@@ -174,5 +175,52 @@ def test_a_flat_write_after_a_writer_died_in_one(name, step: str) -> None:
         with d.lock():  # the lock is free and consistent
             d["s"] = "locked"
         assert d["s"] == "locked"
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("want", [False, True])
+@pytest.mark.parametrize("key", ["s", "n", "pad", "absent"])
+def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool) -> None:
+    """``fastpath.remove_flat`` (``del``, ``pop``) must leave the bytes that ``enter``,
+    ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` leave."""
+    a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
+    try:
+        for m in (a, b):
+            m.update({"pad": "x" * 20, "n": 1, "s": [1, 2]})
+            m["s"] = "y" * 40
+        assert _state(a) == _state(b)
+        _, kkind, kb, h, *_ = _encoded(key, None)
+        ta: Table = a._t
+        ta.journal.saved_header = True  # (Journal.begin resets it; the flat path does not)
+        got_a = fastpath.remove_flat(ta, key, kkind, kb, h, want)
+        assert got_a is not fastpath.NOT_FLAT and ta.journal.saved_header
+        tb: Table = b._t
+        tb.enter()
+        try:
+            got_b = tb.remove(key, kkind, kb, h, want)
+        finally:
+            tb.release()
+        assert _state(a) == _state(b)
+        assert got_a == got_b or (got_a is got_b is fastpath.ABSENT)
+        assert a.snapshot() == b.snapshot() and a.verify() == b.verify() == []
+        assert a._t.slots == b._t.slots
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_flat_remove_that_compacts() -> None:
+    """Deleting most keys compacts the table (a rebuild, under the flat path's lock)."""
+    d = shareit.open(backend="shm")
+    try:
+        d.update({f"k{i}": str(i) for i in range(300)})
+        gen = d.info()["generation"]
+        for i in range(280):
+            assert d.pop(f"k{i}") == str(i)
+        assert d.info()["generation"] > gen and len(d) == 20
+        assert d.snapshot() == {f"k{i}": str(i) for i in range(280, 300)} and d.verify() == []
+        with d.lock():  # the lock is free again
+            d["x"] = 1
     finally:
         d.close()

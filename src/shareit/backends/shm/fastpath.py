@@ -11,6 +11,7 @@ every step inline, instead of by the Table's steps one call after another:
   ``Journal.commit``; ``tests/test_shm_table.py`` pins the bytes they leave to
   those of the steps. Anything else returns False, having changed nothing, and
   the caller takes the steps.
+- :func:`remove_flat`: ``del`` and ``pop`` of a key, pinned the same way.
 - :func:`store_number`: ``d[k] = number`` and ``incr`` for a key whose entry
   holds a number: :meth:`Table.store_inline` under a ``trylock``.
   (``ShmMapping.__setitem__`` repeats that store inline once more; pinned too.)
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ... import _runtime
 from . import layout as L
-from .codec import f2i, i2f
+from .codec import decode_value, f2i, i2f
 from .layout import (
     C_GEN,
     C_GROW,
@@ -35,7 +36,9 @@ from .layout import (
     C_TSEQ,
     C_WRITER,
     CACHE_MAX,
+    DELETED,
     ENTRY_BYTES,
+    H_GARBAGE,
     H_LIVE,
     H_TOP,
     H_USED,
@@ -60,6 +63,7 @@ _PACK_ENTRY_TAIL = struct.Struct("<IIIIq").pack_into  # an entry's words after i
 _ZEROS = bytes(8)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _JB = JOURNAL_WORD * 8  # the journal's first byte in the control segment
+ABSENT = object()  # (remove: no such key)
 
 
 def write_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
@@ -192,6 +196,89 @@ def write_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vi
     c[C_TSEQ] += 1
     lk.unlock()
     return True
+
+
+NOT_FLAT = object()  # (remove_flat: not a common case, nothing done)
+
+
+def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool) -> Any:
+    """``Table.remove`` flat, when the lock is free and nothing needs repair: the stores of
+    ``enter``, ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` in their order,
+    with their fault points. The key's value with ``want`` (else None), ``ABSENT`` if
+    there is no such key, ``NOT_FLAT`` (nothing done) for the Table's steps to do it."""
+    lk = t.lock
+    if lk.depth or lk.forkgen != _runtime.fork_generation:
+        return NOT_FLAT
+    rc = lk.trylock()
+    if rc:
+        if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
+            lk.mutex.make_consistent()
+            lk.unlock()
+        return NOT_FLAT
+    try:
+        c = t.c
+        g = t.g
+        if (c[C_GSEQ] != t.epoch or c[C_GEN] != t.gen or c[C_JSTATE] or c[C_GROW]
+                or c[C_TSEQ] & 1):
+            return NOT_FLAT
+        c[C_WRITER] = lk.pid
+        e, slot = probe(g, kkind, kb, h)
+        if e < 0:
+            return ABSENT
+        w = g.ew + e * 4
+        u = w * 2
+        u32 = g.u32
+        meta = u32[u + 5]
+        inline = g.qs[w + 3]
+        value = None
+        if want:
+            raw = None
+            if (meta & 0xFF) in HEAP_KINDS:
+                start = g.hoff + (inline & 0xFFFFFFFF) * 8
+                raw = bytes(g.mv[start : start + (inline >> 32)])
+            value = decode_value(meta & 0xFF, inline, raw)  # (before: a bad pickle raises)
+        fault = L.FAULT
+        c[C_JWORDS] = 0  # begin
+        c[C_JCOUNT] = 0
+        c[C_TSEQ] += 1
+        c[C_JSTATE] = J_JOURNAL
+        if fault:
+            L.fault("after_begin")
+        ioff = HEADER_BYTES + (slot * 4 & ~7)
+        mm = g.mm  # journal: the header, the entry, the index word
+        blob = (_PACK_RECORD(0, HEADER_BYTES) + mm[0:HEADER_BYTES]
+                + _PACK_RECORD(w * 8, ENTRY_BYTES) + mm[w * 8 : w * 8 + ENTRY_BYTES]
+                + _PACK_RECORD(ioff, 8) + mm[ioff : ioff + 8])
+        t.cmv[_JB : _JB + len(blob)] = blob
+        c[C_JWORDS] = len(blob) >> 3
+        c[C_JCOUNT] = 3
+        klen = u32[u + 3]
+        garbage = (klen + 7) // 8
+        if (meta & 0xFF) in HEAP_KINDS:
+            garbage += (u32[u + 7] + 7) // 8 + (meta >> SPARE_SHIFT)
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        q = g.q
+        q[w] = 2 * stamp + 1  # odd: being written
+        if fault:
+            L.fault("mid_entry")
+        _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, u32[u + 2], klen, u32[u + 4], meta & ~LIVE, inline)
+        q[w] = 2 * stamp + 2
+        g.i32[HEADER_BYTES // 4 + slot] = DELETED
+        q[H_LIVE] -= 1
+        q[H_GARBAGE] += garbage
+        if fault:
+            L.fault("before_commit")
+        c[C_JSTATE] = 0  # commit
+        c[C_TSEQ] += 1
+        t.slots.pop(key, None)
+        used, live = q[H_USED], q[H_LIVE]
+        if (used > 64 and live < used // 4) or (q[H_GARBAGE] > 4096
+                                                and q[H_GARBAGE] * 2 > q[H_TOP]):
+            t.maybe_compact()
+        return value
+    finally:
+        lk.unlock()
 
 
 def store_number(t: Table, key: Any, kind: int, inline: int, delta: Any, vt: Any) -> Any:

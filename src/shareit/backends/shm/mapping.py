@@ -24,7 +24,7 @@ from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
-from .fastpath import store_number
+from .fastpath import ABSENT, NOT_FLAT, remove_flat, store_number
 from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT
 from .read import Got, lookup, read_entry
 from .read import length as _length
@@ -39,7 +39,7 @@ from .segments import (
     unlink_quiet,
     unmap,
 )
-from .table import ABSENT, Table
+from .table import Table
 
 _loads = pickle.loads
 _crc32 = zlib.crc32
@@ -351,6 +351,9 @@ class ShmMapping(SharedMapping):
         if self._closed:
             self._check_open()
         t = self._t
+        got = remove_flat(t, key, kkind, kb, h, want)
+        if got is not NOT_FLAT:
+            return got
         t.enter()
         try:
             return t.remove(key, kkind, kb, h, want)

@@ -25,7 +25,7 @@ from ...errors import BackendDiedError, CapacityError, lock_timeout
 from . import layout as L
 from .cache import ReadCache
 from .codec import decode_value
-from .fastpath import write_flat
+from .fastpath import ABSENT, write_flat
 from .journal import Journal
 from .layout import (
     C_GROW,
@@ -54,7 +54,6 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _PACK_ENTRY_TAIL = struct.Struct("<IIIIq").pack_into  # an entry's words after its version
 _ZEROS = bytes(8)
 _PACK_RECORD = struct.Struct("<QQ").pack  # a journal record's (offset, nbytes)
-ABSENT = object()  # (remove: no such key)
 Encoded = tuple[Any, int, bytes, int, int, int, "bytes | None"]  # key, kkind, kb, hash, value
 
 
