@@ -130,7 +130,10 @@ def test_the_flat_writes_do_what_the_steps_do(key, value) -> None:
         ta: Table = a._t
         flat = key == "fresh" or type(value) in (str, bytes, list)
         ta.journal.saved_header = key == "s"  # (Journal.begin resets it; flat paths do not)
-        ta.set(*item)
+        ran = fastpath.write_flat(ta, *item)
+        assert ran == flat
+        if not ran:
+            ta.set(*item)  # (the steps, as the mapping would go on to)
         if flat:
             assert ta.journal.saved_header == (key == "s"), "the flat path ran"
         tb: Table = b._t

@@ -24,8 +24,8 @@ from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
-from .fastpath import ABSENT, NOT_FLAT, remove_flat, store_number
-from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT
+from .fastpath import ABSENT, NOT_FLAT, remove_flat, store_number, write_flat
+from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT, V_STR
 from .read import Got, lookup, read_entry
 from .read import length as _length
 from .segments import (
@@ -305,7 +305,10 @@ class ShmMapping(SharedMapping):
                 return
             if tv is float and store_number(self._t, key, V_FLOAT, f2i(value), None, None):
                 return
-        vkind, vinl, vraw = encode_value(value)
+        if tv is str:  # (encode_value's first case, without the call)
+            vkind, vinl, vraw = V_STR, 0, value.encode("utf-8", "surrogatepass")
+        else:
+            vkind, vinl, vraw = encode_value(value)
         if type(key) is str:
             kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
         else:
@@ -313,7 +316,9 @@ class ShmMapping(SharedMapping):
         h = _crc32(kb, kkind)
         if self._closed:
             self._check_open()
-        self._t.set(key, kkind, kb, h, vkind, vinl, vraw)
+        t = self._t
+        if not write_flat(t, key, kkind, kb, h, vkind, vinl, vraw):
+            t.set(key, kkind, kb, h, vkind, vinl, vraw)
 
     def _contended(self, rc: int) -> bool:
         """The hot path's ``trylock()`` returned ``rc``: True once the lock is held; False

@@ -25,7 +25,7 @@ from ...errors import BackendDiedError, CapacityError, lock_timeout
 from . import layout as L
 from .cache import ReadCache
 from .codec import decode_value
-from .fastpath import ABSENT, write_flat
+from .fastpath import ABSENT
 from .journal import Journal
 from .layout import (
     C_GROW,
@@ -352,10 +352,9 @@ class Table:
 
     def set(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
             vraw: bytes | None) -> None:
-        """Set one key: take the lock (:meth:`enter`), :meth:`write_one`, release -- or,
-        in the commonest cases, the very same stores done flat (:mod:`.fastpath`)."""
-        if write_flat(self, key, kkind, kb, h, vkind, vinl, vraw):
-            return
+        """Set one key by the steps: take the lock (:meth:`enter`), :meth:`write_one`,
+        release. (The mapping first tries :func:`.fastpath.write_flat`: the very same
+        stores, done flat, in the commonest cases.)"""
         self.enter()
         try:
             j = self.journal
