@@ -189,7 +189,7 @@ class ShmMapping(SharedMapping):
         if _LOCKFREE_READS:
             got = lookup(self._t, kkind, kb, h)
             if len(got) > 2:
-                self._t.remember(key, got)  # only now: a validated, committed value
+                self._t.cache.remember(key, got)  # only now: a validated, committed value
             return got[0], got[1]
         t = self._wlocked()
         try:
@@ -201,7 +201,7 @@ class ShmMapping(SharedMapping):
         got: Got | None = read_entry(self._t, kkind, kb, h)
         assert got is not None, "an entry is never mid-write while the writer lock is held"
         if len(got) > 2:
-            self._t.remember(key, got)  # committed: the lock is held and no transaction is open
+            self._t.cache.remember(key, got)  # committed: the lock is held, no transaction open
         return got[0], got[1]
 
     def __getitem__(self, key: Any) -> Any:
@@ -214,7 +214,7 @@ class ShmMapping(SharedMapping):
             kb = key.encode("utf-8", "surrogatepass")  # (the cache miss of a str key: inline)
             got = lookup(t, K_STR, kb, _crc32(kb, K_STR))
             if len(got) > 2:
-                t.remember(key, got)
+                t.cache.remember(key, got)
             elif not got[0]:
                 raise KeyError(key)
             return got[1]

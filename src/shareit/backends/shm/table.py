@@ -47,7 +47,7 @@ from .layout import (
     SPARE_SHIFT,
 )
 from .lock import EOWNERDEAD, WriterLock
-from .read import Got, probe
+from .read import probe
 from .segments import Maps, bytes_view, data_path, data_segments, unlink_quiet
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -111,14 +111,6 @@ class Table:
         self.g, self.gen, self.epoch, self.q = g, g.gen, g.gen * 2, g.q
         self.maps.g = g
         self.forget()
-
-    def remember(self, key: Any, got: Got) -> None:
-        """Cache a validated read. (Reads do not place keys in ``slots``: only writes do,
-        so a cold read costs one dict insert, and a key that is only read costs no slot.)"""
-        kt = type(key)
-        if kt is not tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
-            _, value, w, ver, kind, raw = got
-            self.cache.remember(key, kt, w, ver, value, kind, raw)
 
     def forget(self) -> None:
         """Drop what this process cached of the current generation."""
