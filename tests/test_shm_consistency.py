@@ -58,8 +58,11 @@ def expected(state: dict) -> dict:
 
 def write_and_die(d, op: str) -> None:
     d["other"] = 0  # the first write in a child sets up its lock
+    if op == "overwrite in place":  # "s" gets room for the new value (and is "old" again)
+        d["s"] = "x" * 40
+        d["s"] = "old"
     L.FAULT = "before_commit"
-    if op == "overwrite":
+    if op in ("overwrite", "overwrite in place"):
         d["s"] = "new" * 10
     elif op == "insert":
         d["fresh"] = "new"
@@ -74,7 +77,8 @@ def read_into(d, out) -> None:
     out.put(state_of(d))
 
 
-@pytest.mark.parametrize("op", ["overwrite", "insert", "delete", "update"])
+@pytest.mark.parametrize("op", ["overwrite", "overwrite in place", "insert", "delete",
+                                "update"])
 def test_a_writer_killed_before_commit_is_never_visible(d, op: str) -> None:
     d.update(OLD)
     d["other"] = 0
@@ -108,6 +112,9 @@ def hold_lock(d, ready, release) -> None:
 
 def stop_before_commit(d, op: str) -> None:
     d["other"] = 0
+    if op == "update in place":  # "s" gets room for its new value (and is "old" again)
+        d["s"] = "x" * 40
+        d["s"] = "old"
     L.FAULT = "before_commit"
     L.fault = lambda step: os.kill(os.getpid(), signal.SIGSTOP) if step == L.FAULT else None
     if op == "set_int":
@@ -142,7 +149,7 @@ def test_b_reads_do_not_wait_for_a_lock_holder(d) -> None:
         assert join_all([holder]) == [0]
 
 
-@pytest.mark.parametrize("op", ["set_int", "update"])
+@pytest.mark.parametrize("op", ["set_int", "update", "update in place"])
 def test_b_reads_do_not_wait_for_a_stopped_writer(d, op: str) -> None:
     d.update(OLD)
     d["other"] = 0

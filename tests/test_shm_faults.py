@@ -104,10 +104,13 @@ def test_no_torn_reads_in_a_million(d) -> None:
 
 def die_at(d, step: str, op: str) -> None:
     d["n"] = 1  # (unchanged) the first write in a child sets up its lock: then "n" goes fast
+    if op == "set_fit":  # (unchanged) "s" gets room for the new value: it goes in place
+        d["s"] = "x" * 40
+        d["s"] = "old"
     L.FAULT = step
     if op == "set_int":
         d["n"] = 2  # fast path: one inline word
-    elif op == "set_str":
+    elif op in ("set_str", "set_fit"):
         d["s"] = "new" * 10
     elif op == "insert":
         d["fresh"] = "new"
@@ -125,8 +128,10 @@ def die_at(d, step: str, op: str) -> None:
 CASES = [
     ("mid_entry", "set_int"), ("before_commit", "set_int"),
     ("after_begin", "set_str"), ("mid_entry", "set_str"), ("after_write", "set_str"),
-    ("before_commit", "set_str"), ("mid_entry", "insert"), ("after_write", "insert"),
-    ("before_commit", "insert"), ("mid_entry", "delete"), ("before_commit", "delete"),
+    ("before_commit", "set_str"), ("after_begin", "set_fit"), ("mid_entry", "set_fit"),
+    ("after_write", "set_fit"), ("before_commit", "set_fit"),
+    ("mid_entry", "insert"), ("after_write", "insert"), ("before_commit", "insert"),
+    ("after_begin", "delete"), ("mid_entry", "delete"), ("before_commit", "delete"),
     ("after_write", "update"), ("before_commit", "update"),
     ("mid_grow", "grow"), ("mid_switch", "grow"), ("after_switch", "grow"),
     ("mid_grow", "grow_str"), ("mid_switch", "grow_str"), ("after_switch", "grow_str"),

@@ -11,6 +11,7 @@ import zlib
 import pytest
 
 import shareit
+from shareit.backends.shm import fastpath
 from shareit.backends.shm import layout as L
 from shareit.backends.shm.codec import encode_key, encode_value, f2i
 from shareit.backends.shm.table import Table
@@ -30,17 +31,17 @@ def steps_then_die(d, steps: str) -> None:
     t: Table = d._t
     t.wlock()
     if steps == "put":  # open transaction: rolled back
-        t.begin()
+        t.journal.begin()
         t.put(*_encoded("s", "new" * 10))
         t.put(*_encoded("fresh", "new"))
     elif steps == "put+commit":  # committed, lock still held: kept
-        t.begin()
+        t.journal.begin()
         t.put(*_encoded("s", "new" * 10))
-        t.commit()
+        t.journal.commit()
     elif steps == "delete":
         _, kkind, kb, h, *_ = _encoded("s", None)
         e, slot = t.find(t.g, kkind, kb, h)
-        t.begin()
+        t.journal.begin()
         t.delete(t.g, e, slot)
     elif steps == "build":  # a whole new generation built, never switched to
         t.build(t.g.gen + 1, extra_entries=10, extra_heap=1000)
@@ -109,3 +110,120 @@ def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("key", ["s", "fresh"])
+@pytest.mark.parametrize("value", ["new", "new" * 10, b"\x00" * 24, [1, "two", (3.0,)], 7])
+def test_the_flat_writes_do_what_the_steps_do(key, value) -> None:
+    """``fastpath.write_flat`` does the commonest writes flat, for speed -- a value over
+    a key's value that fits its room ("s"), a new key ("fresh") -- and must leave the
+    bytes that ``enter``, ``Journal.begin``, ``put`` and ``Journal.commit`` leave, one
+    call after another (whichever of the two ran, both must agree)."""
+    a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
+    try:
+        for m in (a, b):  # the same history: the same bytes; "s" gets room for 5 words
+            m.update({"pad": "x" * 20, "n": 1, "s": "old"})
+            m["s"] = "y" * 40
+            m["s"] = "old"
+        assert _state(a) == _state(b)
+        item = _encoded(key, value)
+        ta: Table = a._t
+        flat = key == "fresh" or type(value) in (str, bytes, list)
+        ta.journal.saved_header = key == "s"  # (Journal.begin resets it; flat paths do not)
+        ran = fastpath.write_flat(ta, *item)
+        assert ran == flat
+        if not ran:
+            ta.set(*item)  # (the steps, as the mapping would go on to)
+        if flat:
+            assert ta.journal.saved_header == (key == "s"), "the flat path ran"
+        tb: Table = b._t
+        tb.enter()
+        try:
+            tb.journal.begin()
+            tb.put(*item)
+            tb.journal.commit()
+        finally:
+            tb.release()
+        assert _state(a) == _state(b)
+        assert a[key] == b[key] == value and a.verify() == b.verify() == []
+        assert a._t.slots == b._t.slots
+    finally:
+        a.close()
+        b.close()
+
+
+def overwrite_and_die(d, step: str) -> None:
+    d["s"] = "x" * 40  # (the child places "s", with room: its next write of "s" is flat)
+    d["s"] = "old"
+    L.FAULT = step
+    d["s"] = "new" * 10
+    os._exit(3)
+
+
+@pytest.mark.parametrize("step", ["after_begin", "mid_entry", "before_commit"])
+def test_a_flat_write_after_a_writer_died_in_one(name, step: str) -> None:
+    """The lock's last holder died in a flat write: the next flat write must take the
+    lock from the dead (EOWNERDEAD), have the steps repair, and leave it usable."""
+    d = shareit.open(name, backend="shm")
+    try:
+        d.update(OLD)
+        d["s"] = "y" * 40  # (this process placed "s", with room: its writes of it are flat)
+        d["s"] = "old"
+        child = FORK.Process(target=overwrite_and_die, args=(d, step))
+        child.start()
+        assert join_all([child]) == [-signal.SIGKILL]
+        d["s"] = "mine"  # flat if it could be: it must not be, until repaired
+        d["fresh"] = "too"
+        assert d.snapshot() == {**OLD, "s": "mine", "fresh": "too"} and d.verify() == []
+        with d.lock():  # the lock is free and consistent
+            d["s"] = "locked"
+        assert d["s"] == "locked"
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("want", [False, True])
+@pytest.mark.parametrize("key", ["s", "n", "pad", "absent"])
+def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool) -> None:
+    """``fastpath.remove_flat`` (``del``, ``pop``) must leave the bytes that ``enter``,
+    ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` leave."""
+    a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
+    try:
+        for m in (a, b):
+            m.update({"pad": "x" * 20, "n": 1, "s": [1, 2]})
+            m["s"] = "y" * 40
+        assert _state(a) == _state(b)
+        _, kkind, kb, h, *_ = _encoded(key, None)
+        ta: Table = a._t
+        ta.journal.saved_header = True  # (Journal.begin resets it; the flat path does not)
+        got_a = fastpath.remove_flat(ta, key, kkind, kb, h, want)
+        assert got_a is not fastpath.NOT_FLAT and ta.journal.saved_header
+        tb: Table = b._t
+        tb.enter()
+        try:
+            got_b = tb.remove(key, kkind, kb, h, want)
+        finally:
+            tb.release()
+        assert _state(a) == _state(b)
+        assert got_a == got_b or (got_a is got_b is fastpath.ABSENT)
+        assert a.snapshot() == b.snapshot() and a.verify() == b.verify() == []
+        assert a._t.slots == b._t.slots
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_flat_remove_that_compacts() -> None:
+    """Deleting most keys compacts the table (a rebuild, under the flat path's lock)."""
+    d = shareit.open(backend="shm")
+    try:
+        d.update({f"k{i}": str(i) for i in range(300)})
+        gen = d.info()["generation"]
+        for i in range(280):
+            assert d.pop(f"k{i}") == str(i)
+        assert d.info()["generation"] > gen and len(d) == 20
+        assert d.snapshot() == {f"k{i}": str(i) for i in range(280, 300)} and d.verify() == []
+        with d.lock():  # the lock is free again
+            d["x"] = 1
+    finally:
+        d.close()

@@ -24,7 +24,9 @@ Features
   goes on, so every key holds its old or its new value.
 - Grows without limit: a full table, or one that is mostly deleted entries or
   dead heap bytes, is rebuilt into a new generation segment that attached
-  processes follow; ``capacity`` is only the starting size.
+  processes follow; ``capacity`` is only the starting size. A rewritten key
+  keeps its heap room: a value of up to 16 KB that fits it is written in place
+  (journaled), one that does not is appended with half its size to spare.
 - The owner's ``close()`` or exit removes the segments unless ``persist=True``.
 - A handle holds no file descriptor (the ``flock`` fallback keeps one per
   process and segment), and a handle dropped without ``close()`` unmaps its
@@ -51,12 +53,13 @@ Modules
 ``layout`` the format of the segments (start here) · ``codec`` key and value
 encoding · ``segments`` creating, mapping and releasing segment files ·
 ``table`` the :class:`~.table.Table`: one process's view and every locked step
-(journal, put, delete, the generation switch) · ``lock`` the writer lock ·
-``read`` lock-free reads of one key · ``copies`` lock-free whole-table copies ·
-``cache`` the per-process read cache · ``build`` vectorised generation builds ·
-``many`` many keys at once in numpy · ``numeric`` ``get_many``/``set_many`` ·
-``diagnostics`` ``verify``/``info``/the lock holder · ``mapping`` the
-:class:`ShmMapping` that holds a ``Table``.
+(put, delete, recover, the one generation switch) · ``journal`` the undo journal ·
+``lock`` the writer lock · ``fastpath`` the commonest writes done flat, pinned by
+tests to the Table's steps · ``read`` lock-free reads of one key · ``copies``
+lock-free whole-table copies · ``cache`` the per-process read cache · ``build``
+vectorised generation builds · ``many`` many keys at once in numpy · ``numeric``
+``get_many``/``set_many`` · ``diagnostics`` ``verify``/``info``/the lock holder ·
+``mapping`` the :class:`ShmMapping` that holds a ``Table``.
 """
 
 from .mapping import ShmMapping

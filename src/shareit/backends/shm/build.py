@@ -94,12 +94,13 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
     vwords = (vlen + 7) // 8
     used_words = int(kwords.sum() + vwords.sum())
     cap = old.cap if same_places else max(cap_hint if empty else 0, int(need * 1.5) + 8)
-    # Values are never overwritten in place, so the heap needs room for more writes before
-    # the next rebuild: half as much again as it holds live (with the write that asked for
-    # it). A rebuild then copies the live bytes only after half as many were written since
-    # the last one (amortised O(1) per byte written), and memory stays within 1.5x the live
-    # bytes. Segments are allocated in full, so a heap sized from the largest write (it
-    # was 32x) would be real memory: 336 MB for one 10 MB value rewritten.
+    # Values that do not fit their key's room are appended, so the heap needs room for more
+    # writes before the next rebuild: half as much again as it holds live (with the write
+    # that asked for it); a rebuild packs values without their spare words. A rebuild then
+    # copies the live bytes only after half as many were written since the last one
+    # (amortised O(1) per byte written), and memory stays within 1.5x the live bytes.
+    # Segments are allocated in full, so a heap sized from the largest write (it was 32x)
+    # would be real memory: 336 MB for one 10 MB value rewritten.
     heap = max(int((used_words * 8 + extra_heap) * 1.5) + 512, MIN_HEAP)
     new = L.Generation.create(seg, target, cap, heap)
     if n:
@@ -114,6 +115,7 @@ def build_generation(seg: str, old: L.Generation, target: int, extra_entries: in
         new_heap[ktotal:used_words] = old_heap[gather_ranges(voff[hv], vwords[hv])]
         out = new.entries()
         out[:n] = live
+        out["meta"][:n] &= np.uint32(~(L.SPARE_MAX << L.SPARE_SHIFT) & 0xFFFFFFFF)
         out["koff"][:n] = new_koff
         out["val"][hv] = new_voff | (vlen[hv] << 32)
         stamp = ctrl[L.C_STAMP] + 1

@@ -35,9 +35,14 @@ class ReadCache:
     def close(self) -> None:
         self.clear()
 
-    def remember(self, key: Any, kt: type, w: int, ver: int, value: Any, kind: int,
-                 raw: bytes | None) -> None:
-        """Cache a validated read of ``key`` (of type ``kt``, not a tuple)."""
+    def remember(self, key: Any, got: tuple[Any, ...]) -> None:
+        """Cache a validated read of ``key``: ``got`` is ``(True, value, w, ver, kind, raw)``
+        (see :data:`.read.Got`). Reads do not place keys in the table's ``slots``: only
+        writes do, so a cold read costs one dict insert."""
+        kt = type(key)
+        if kt is tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
+            return
+        _, value, w, ver, kind, raw = got
         cache = self.entries
         size = len(raw) if raw is not None else 0
         if size > L.CACHE_VALUE_MAX:

@@ -95,6 +95,10 @@ def _try_copy(t: Table, e1: int, with_heap: bool, columns: tuple[str, ...] = ())
             int_keys = heapq[koff]  # fancy indexing copies
         else:
             heap = g.heap()[: top * 8].copy()
+            hat = [w for w in words if g.hw <= w < g.hw + top]
+            if hat:  # values overwritten in place by the transaction in flight
+                heap.view("<u8")[np.array(hat) - g.hw] = np.array([words[w] for w in hat],
+                                                                  dtype="<u8")
     if (c[C_TSEQ] != t1 or c[C_STAMP] != s1 or c[C_JSTATE] != j1 or c[C_GSEQ] != e1
             or (over is not None and c[C_JCOUNT] != over[1]) or len(ents) != live_n):
         return None

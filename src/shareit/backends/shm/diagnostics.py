@@ -46,7 +46,8 @@ def verify(t: Table) -> list[str]:
             problems.append("a key lies beyond the heap top")
         heap_vals = np.isin(ents["meta"] & 0xFF, list(L.HEAP_KINDS)) & live
         v = ents["val"][heap_vals]
-        if ((v & 0xFFFFFFFF) + ((v >> 32) + 7) // 8 > top).any():
+        spare = (ents["meta"][heap_vals] >> L.SPARE_SHIFT).astype(np.int64)
+        if ((v & 0xFFFFFFFF) + ((v >> 32) + 7) // 8 + spare > top).any():
             problems.append("a value lies beyond the heap top")
         for e in np.nonzero(live)[0].tolist():
             u = (g.ew + e * 4) * 2

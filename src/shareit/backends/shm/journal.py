@@ -21,10 +21,13 @@ The records live in the control segment after word ``JOURNAL_WORD`` (format:
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from . import layout as L
-from .layout import C_JCOUNT, C_JSTATE, C_JWORDS, C_TSEQ
+from .layout import C_JCOUNT, C_JSTATE, C_JWORDS, C_TSEQ, HEADER_BYTES, JOURNAL_WORD, JOURNAL_WORDS
+
+_PACK_RECORD = struct.Struct("<QQ").pack  # a record's (offset, nbytes); its bytes follow
 
 
 class Journal:
@@ -45,27 +48,35 @@ class Journal:
         c[C_TSEQ] += 1  # odd: readers read through the journal until the commit
         c[C_JSTATE] = L.J_JOURNAL
         self.saved_header = False
-        L.fault("after_begin")
+        if L.FAULT:
+            L.fault("after_begin")
 
-    def save(self, g: L.Generation, off: int, nbytes: int) -> None:
-        """Journal the bytes [off, off+nbytes) of ``g`` before changing them."""
+    def save(self, g: L.Generation, spans: tuple[tuple[int, int], ...],
+             header: bool = False) -> None:
+        """Journal the bytes of ``g`` in each ``(offset, nbytes)`` of ``spans`` (whole,
+        aligned words) before changing them -- and the data header first, with ``header``,
+        unless this transaction saved it already. One copy into the journal for all."""
         if not self.on:
             return
+        with_header = header and not self.saved_header
+        if with_header:
+            spans = ((0, HEADER_BYTES), *spans)
         c = self.c
         used = c[C_JWORDS]
-        need = 2 + (nbytes + 7) // 8
-        if used + need > L.JOURNAL_WORDS:
+        mm = g.mm  # (slicing the mapping itself gives bytes, quicker than a memoryview)
+        parts: list[bytes] = []
+        for off, nbytes in spans:
+            parts.append(_PACK_RECORD(off, nbytes))
+            parts.append(mm[off : off + nbytes])
+        blob = b"".join(parts)
+        need = len(blob) // 8
+        if used + need > JOURNAL_WORDS:
             raise L.Grow  # a very large transaction: done by rebuilding instead
-        w = L.JOURNAL_WORD + used
-        c[w], c[w + 1] = off, nbytes
-        b = (w + 2) * 8
-        self.cmv[b : b + nbytes] = g.mv[off : off + nbytes]
-        c[C_JWORDS] = used + need  # the record counts only once it is complete
-        c[C_JCOUNT] += 1
-
-    def save_header(self, g: L.Generation) -> None:
-        if not self.saved_header:
-            self.save(g, 0, L.HEADER_BYTES)
+        b = (JOURNAL_WORD + used) * 8
+        self.cmv[b : b + len(blob)] = blob
+        c[C_JWORDS] = used + need  # the records count only once they are complete
+        c[C_JCOUNT] += len(spans)
+        if with_header:
             self.saved_header = True
 
     def rollback(self, g: L.Generation) -> None:
@@ -82,8 +93,11 @@ class Journal:
         c[C_JWORDS] = 0
 
     def commit(self) -> None:
-        L.fault("before_commit")
-        self.finish()
+        if L.FAULT:
+            L.fault("before_commit")
+        c = self.c
+        c[C_JSTATE] = 0  # (as finish() does)
+        c[C_TSEQ] += 1
 
     def finish(self) -> None:
         """End the transaction: committed, or rolled back just before."""

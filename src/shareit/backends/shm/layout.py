@@ -29,12 +29,14 @@ allocated in full and mapped without a descriptor (:mod:`.segments`):
 ``NAME@gN`` -- generation N's data segment: a 64-byte header
 (cap, isize, heap words, used, live, heap top, garbage words), the index
 (int32 x isize: -1 empty, -2 deleted, else an entry number), ``cap`` entries
-of 32 bytes in insertion order, then the heap (8-byte words, append-only
-within a generation: a value is never overwritten in place).
+of 32 bytes in insertion order, then the heap (8-byte words; keys never
+change, and a value is overwritten in place only by a journaled write of the
+same key whose new value fits the room it has).
 
 Entry: ``ver`` u64 (odd while being written) | hash u32 | key length u32 |
 key offset u32 (heap words) | meta u32 (value kind | key kind << 8 | live
-<< 16) | value: int64 / float64 inline, or heap offset u32 + length u32.
+<< 16 | spare << 17: heap words after the value that are the key's own room
+to grow in place) | value: int64 / float64 inline, or heap offset u32 + length u32.
 
 Growth and compaction build a whole new generation and switch ``gen`` with
 one aligned store, so they are atomic for readers and need no journal.
@@ -57,7 +59,7 @@ from .segments import (
 )
 
 MAGIC = 0x5348415245495431  # "SHAREIT1"
-LAYOUT = 3  # 3: tseq (word 11); the epoch no longer marks multi-key writes
+LAYOUT = 4  # 4: spare words (meta bits 17..31), values overwritten in place; 3: tseq
 DESTROYED = 1 << 62
 CTRL_SIZE = 1 << 16
 MUTEX_OFFSET = 128  # the writer lock (a robust pthread mutex) lives in control bytes 128..191
@@ -80,6 +82,11 @@ V_INT, V_FLOAT, V_STR, V_BYTES, V_NONE, V_TRUE, V_FALSE, V_PICKLE = range(1, 9)
 HEAP_KINDS = frozenset({V_STR, V_BYTES, V_PICKLE})
 IMMUTABLE_KINDS = frozenset({V_INT, V_FLOAT, V_STR, V_BYTES, V_NONE, V_TRUE, V_FALSE})
 LIVE = 1 << 16
+SPARE_SHIFT = 17  # meta >> SPARE_SHIFT: the spare heap words after a heap value
+SPARE_MAX = (1 << 15) - 1
+#: A heap value of up to this many words that fits its key's room is overwritten in place
+#: (its old bytes journaled); a larger one is appended (the journal holds 8,160 words).
+INPLACE_MAX_WORDS = 2048
 
 # key kinds
 K_STR, K_BYTES, K_INT, K_TUPLE = range(1, 5)

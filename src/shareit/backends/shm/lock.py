@@ -15,6 +15,7 @@ the hot paths call directly.
 from __future__ import annotations
 
 import errno
+import os
 from typing import Any
 
 from ... import _runtime
@@ -28,7 +29,8 @@ EBUSY, EOWNERDEAD = errno.EBUSY, errno.EOWNERDEAD  # what trylock() returns besi
 class WriterLock:
     """This process's handle on a table's writer lock (see the module docstring)."""
 
-    __slots__ = ("seg", "cmm", "c", "maps", "mutex", "trylock", "unlock", "depth", "forkgen")
+    __slots__ = ("seg", "cmm", "c", "maps", "mutex", "trylock", "unlock", "depth", "forkgen",
+                 "pid")
 
     def __init__(self, seg: str, cmm: Any, c: Any, maps: Maps):
         self.seg, self.cmm, self.c, self.maps = seg, cmm, c, maps
@@ -37,6 +39,7 @@ class WriterLock:
         self.unlock: Any = None
         self.depth = 0  # only the holding thread changes it
         self.forkgen = -1
+        self.pid = 0  # this process's, once set up (the control segment names the last writer)
 
     def close(self) -> None:
         self.mutex = self.trylock = self.unlock = self.cmm = self.c = None
@@ -58,6 +61,7 @@ class WriterLock:
             self.mutex, self.maps.flock = flock_get(ctrl_path(self.seg))
         self.trylock, self.unlock = self.mutex.trylock, self.mutex.unlock
         self.depth = 0
+        self.pid = os.getpid()
         self.forkgen = _runtime.fork_generation
 
     def acquire(self, timeout: float) -> bool:

@@ -24,8 +24,9 @@ from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
-from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, LIVE, V_FLOAT, V_INT
-from .read import Got, read, read_entry
+from .fastpath import ABSENT, NOT_FLAT, remove_flat, store_number, write_flat
+from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT, V_STR
+from .read import Got, lookup, read_entry
 from .read import length as _length
 from .segments import (
     all_paths,
@@ -186,9 +187,9 @@ class ShmMapping(SharedMapping):
         kkind, kb = encode_key(key)
         h = _crc32(kb, kkind)
         if _LOCKFREE_READS:
-            got = read(self._t, kkind, kb, h)
+            got = lookup(self._t, kkind, kb, h)
             if len(got) > 2:
-                self._t.remember(key, got)  # only now: a validated, committed value
+                self._t.cache.remember(key, got)  # only now: a validated, committed value
             return got[0], got[1]
         t = self._wlocked()
         try:
@@ -200,15 +201,23 @@ class ShmMapping(SharedMapping):
         got: Got | None = read_entry(self._t, kkind, kb, h)
         assert got is not None, "an entry is never mid-write while the writer lock is held"
         if len(got) > 2:
-            self._t.remember(key, got)  # committed: the lock is held and no transaction is open
+            self._t.cache.remember(key, got)  # committed: the lock is held, no transaction open
         return got[0], got[1]
 
     def __getitem__(self, key: Any) -> Any:
         hit = self._cache.get(key)
+        t = self._t
         if hit is not None and hit[4] is type(key):
-            t = self._t
             if t.c[C_GSEQ] == t.epoch and t.q[hit[0]] == hit[1]:
                 return hit[2] if hit[3] else _loads(hit[2])
+        if type(key) is str and self._declared is None and not self._closed and _LOCKFREE_READS:
+            kb = key.encode("utf-8", "surrogatepass")  # (the cache miss of a str key: inline)
+            got = lookup(t, K_STR, kb, _crc32(kb, K_STR))
+            if len(got) > 2:
+                t.cache.remember(key, got)
+            elif not got[0]:
+                raise KeyError(key)
+            return got[1]
         self._check_open()
         found, value = self._read(self._check_key(key))
         if not found:
@@ -292,18 +301,24 @@ class ShmMapping(SharedMapping):
             value = self._vt.coerce(value)
             tv = type(value)
             if (tv is int and _INT64_MIN <= value <= _INT64_MAX
-                    and self._t.fast_store(key, V_INT, value, None, None)):
+                    and store_number(self._t, key, V_INT, value, None, None)):
                 return
-            if tv is float and self._t.fast_store(key, V_FLOAT, f2i(value), None, None):
+            if tv is float and store_number(self._t, key, V_FLOAT, f2i(value), None, None):
                 return
-        vkind, vinl, vraw = encode_value(value)
-        kkind, kb = encode_key(key)
+        if tv is str:  # (encode_value's first case, without the call)
+            vkind, vinl, vraw = V_STR, 0, value.encode("utf-8", "surrogatepass")
+        else:
+            vkind, vinl, vraw = encode_value(value)
+        if type(key) is str:
+            kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
+        else:
+            kkind, kb = encode_key(key)
         h = _crc32(kb, kkind)
-        t = self._wlocked()
-        try:
-            t.write_one(key, kkind, kb, h, vkind, vinl, vraw)
-        finally:
-            t.release()
+        if self._closed:
+            self._check_open()
+        t = self._t
+        if not write_flat(t, key, kkind, kb, h, vkind, vinl, vraw):
+            t.set(key, kkind, kb, h, vkind, vinl, vraw)
 
     def _contended(self, rc: int) -> bool:
         """The hot path's ``trylock()`` returned ``rc``: True once the lock is held; False
@@ -314,13 +329,39 @@ class ShmMapping(SharedMapping):
         return got
 
     def __delitem__(self, key: Any) -> None:
-        key = self._check_key(key)
-        kkind, kb = encode_key(key)
-        h = _crc32(kb, kkind)
-        t = self._wlocked()
+        if self._remove(key, False) is ABSENT:
+            raise KeyError(key)
+
+    def pop(self, key: Any, default: Any = MISSING) -> Any:
         try:
-            if not t.remove(key, kkind, kb, h):
+            value = self._remove(key, True)
+        except KeyError:  # (an undeclared key)
+            if default is MISSING:
+                raise
+            return default
+        if value is ABSENT:
+            if default is MISSING:
                 raise KeyError(key)
+            return default
+        return value
+
+    def _remove(self, key: Any, want: bool) -> Any:
+        """Delete ``key`` in one locked step: its value with ``want``; ``ABSENT`` if none."""
+        if type(key) is str and self._declared is None:
+            kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
+        else:
+            key = self._check_key(key)
+            kkind, kb = encode_key(key)
+        h = _crc32(kb, kkind)
+        if self._closed:
+            self._check_open()
+        t = self._t
+        got = remove_flat(t, key, kkind, kb, h, want)
+        if got is not NOT_FLAT:
+            return got
+        t.enter()
+        try:
+            return t.remove(key, kkind, kb, h, want)
         finally:
             t.release()
 
@@ -348,12 +389,15 @@ class ShmMapping(SharedMapping):
         if type(key) is not str or self._declared is not None:
             key = self._check_key(key)
         _check_number("delta", delta)
-        new = self._t.fast_store(key, 0, 0, delta, self._vt)
+        new = store_number(self._t, key, 0, 0, delta, self._vt)
         if new is not False:
             return new
         kkind, kb = encode_key(key)
         h = _crc32(kb, kkind)
-        t = self._wlocked()
+        if self._closed:
+            self._check_open()
+        t = self._t
+        t.enter()
         try:
             found, current = self._read_locked(key, kkind, kb, h)
             new = _add(key, current if found else self._coerce(default), delta)

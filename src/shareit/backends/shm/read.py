@@ -30,16 +30,22 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
 from ...errors import lock_timeout
 from . import layout as L
 from .codec import decode_value
-from .layout import C_GSEQ, C_JCOUNT, C_JSTATE, C_TSEQ, J_INLINE
+from .layout import C_GSEQ, C_JCOUNT, C_JSTATE, C_TSEQ, J_INLINE, LIVE, V_INT, V_STR
+
+_HEAP_KINDS = L.HEAP_KINDS
 
 if TYPE_CHECKING:
     from .table import Table
+
+_PACK_WORD = struct.Struct("<Q").pack_into
+_ENTRY = struct.Struct("<QIIIIq").unpack_from  # ver, hash, klen, koff, meta, value
 
 #: What a read of moving bytes may raise.
 TORN = (IndexError, ValueError, OverflowError, KeyError, TypeError, EOFError,
@@ -107,8 +113,8 @@ def read_entry(t: Table, kkind: int, kb: bytes, h: int) -> Got | None:
 
 
 def overlay(t: Table, t1: int) -> Any:
-    """``(tseq, jcount, gen, {data word: committed value})`` of the transaction in
-    flight, or None while the journal is being rewritten (retry)."""
+    """``(tseq, jcount, gen, {data word: committed value}, [(first, end) word spans])``
+    of the transaction in flight, or None while the journal is being rewritten (retry)."""
     c = t.c
     jc = c[C_JCOUNT]
     over = t.over
@@ -128,8 +134,25 @@ def overlay(t: Table, t1: int) -> Any:
     for base, src, n in reversed(recs):  # the first record of a word holds its committed value
         for i in range(n):
             words[base + i] = c[src + i]
-    over = t.over = (t1, jc, t.gen, words)
+    spans = [(base, base + n) for base, _, n in recs]
+    over = t.over = (t1, jc, t.gen, words, spans)
     return over
+
+
+def committed_bytes(mv: Any, start: int, n: int, over: Any) -> bytes:
+    """The committed bytes [start, start + n) of a generation (``start`` on a word): as
+    mapped, with the overlay's pre-images of any word a transaction in flight changed
+    (a value overwritten in place)."""
+    lo, hi = start >> 3, (start + n + 7) >> 3
+    patch = [(a, b) for a, b in over[4] if a < hi and lo < b]
+    if not patch:
+        return bytes(mv[start : start + n])
+    buf = bytearray(mv[lo * 8 : hi * 8])
+    words = over[3]
+    for a, b in patch:
+        for x in range(max(a, lo), min(b, hi)):
+            _PACK_WORD(buf, (x - lo) * 8, words[x])
+    return bytes(buf[:n])
 
 
 def _find_committed(g: L.Generation, words: dict[int, int], kkind: int, kb: bytes,
@@ -151,7 +174,7 @@ def _find_committed(g: L.Generation, words: dict[int, int], kkind: int, kb: byte
             b = get(w + 2)
             b = q[w + 2] if b is None else b
             if a & 0xFFFFFFFF == h and a >> 32 == klen and (b >> 40) & 0xFF == kkind:
-                start = g.hoff + (b & 0xFFFFFFFF) * 8  # committed heap bytes never change
+                start = g.hoff + (b & 0xFFFFFFFF) * 8  # key bytes never change
                 if g.mv[start : start + klen] == kb:
                     return e
         j += 1
@@ -160,9 +183,9 @@ def _find_committed(g: L.Generation, words: dict[int, int], kkind: int, kb: byte
     return -1
 
 
-def _read_committed(g: L.Generation, kkind: int, kb: bytes, h: int,
-                    words: dict[int, int]) -> Got | None:
+def _read_committed(g: L.Generation, kkind: int, kb: bytes, h: int, over: Any) -> Got | None:
     """(found, value) of the last committed state while a transaction is in flight."""
+    words = over[3]
     e = _find_committed(g, words, kkind, kb, h)
     if e < 0:
         return (False, None)
@@ -176,8 +199,7 @@ def _read_committed(g: L.Generation, kkind: int, kb: bytes, h: int,
         val -= 1 << 64
     raw = None
     if kind in L.HEAP_KINDS:
-        start = g.hoff + (val & 0xFFFFFFFF) * 8
-        raw = bytes(g.mv[start : start + (val >> 32)])
+        raw = committed_bytes(g.mv, g.hoff + (val & 0xFFFFFFFF) * 8, val >> 32, over)
     return (True, decode_value(kind, val, raw))
 
 
@@ -198,7 +220,7 @@ def read(t: Table, kkind: int, kb: bytes, h: int) -> Got:
         try:
             if t1 & 1:
                 over = overlay(t, t1)
-                got = None if over is None else _read_committed(t.g, kkind, kb, h, over[3])
+                got = None if over is None else _read_committed(t.g, kkind, kb, h, over)
                 if over is None or c[C_JCOUNT] != over[1]:
                     got = None
             else:
@@ -209,6 +231,54 @@ def read(t: Table, kkind: int, kb: bytes, h: int) -> Got:
             return got
         attempt += 1
         deadline = backoff(t, attempt, deadline)
+
+
+def lookup(t: Table, kkind: int, kb: bytes, h: int) -> Got:
+    """:func:`read`, with the common case -- no transaction in flight, the generation
+    mapped, the entry not being written -- in one frame: the probe and the entry read
+    inline (a Python call costs as much as one of their steps). Anything else: ``read``."""
+    c = t.c
+    e1 = c[C_GSEQ]
+    t1 = c[C_TSEQ]
+    g = t.g
+    if e1 == t.epoch and not t1 & 1:
+        try:
+            i32, mm, mv = g.i32, g.mm, g.mv
+            isize, eoff, hoff = g.isize, g.eoff, g.hoff
+            klen = len(kb)
+            j = h % isize
+            for _ in range(isize):
+                e = i32[16 + j]  # (the index starts at byte HEADER_BYTES)
+                if e >= 0:
+                    ver, eh, ekl, koff, meta, inline = _ENTRY(mv, eoff + e * 32)
+                    if eh == h and ekl == klen and (meta >> 8) & 0xFF == kkind \
+                            and mm[hoff + koff * 8 : hoff + koff * 8 + klen] == kb:
+                        kind = meta & 0xFF
+                        raw = None
+                        if kind in _HEAP_KINDS:
+                            start = hoff + (inline & 0xFFFFFFFF) * 8
+                            raw = mm[start : start + (inline >> 32)]
+                        w = (eoff >> 3) + e * 4
+                        if (ver & 1 or not meta & LIVE or g.q[w] != ver or c[C_TSEQ] != t1
+                                or c[C_GSEQ] != e1):
+                            break
+                        if kind == V_STR:
+                            value: Any = raw.decode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+                        elif kind == V_INT:
+                            value = inline
+                        else:
+                            value = decode_value(kind, inline, raw)
+                        return (True, value, w, ver, kind, raw)
+                elif e == -1:  # EMPTY: absent
+                    if c[C_TSEQ] == t1 and c[C_GSEQ] == e1:
+                        return (False, None)
+                    break
+                j += 1
+                if j == isize:
+                    j = 0
+        except TORN:
+            pass
+    return read(t, kkind, kb, h)
 
 
 def length(t: Table) -> int:

@@ -16,19 +16,44 @@ run) and publish it with one aligned store (:meth:`Table.switch`).
 from __future__ import annotations
 
 import os
+import struct
+from itertools import islice
 from typing import Any
 
+from ... import _runtime
 from ...errors import BackendDiedError, CapacityError, lock_timeout
 from . import layout as L
 from .cache import ReadCache
-from .codec import f2i, i2f
+from .codec import decode_value
+from .fastpath import ABSENT
 from .journal import Journal
-from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, C_TSEQ, J_INLINE, LIVE, V_FLOAT, V_INT
-from .lock import WriterLock
-from .read import Got, probe
+from .layout import (
+    C_GROW,
+    C_GSEQ,
+    C_JSTATE,
+    C_STAMP,
+    C_TSEQ,
+    CACHE_MAX,
+    ENTRY_BYTES,
+    H_GARBAGE,
+    H_LIVE,
+    H_USED,
+    HEADER_BYTES,
+    HEAP_KINDS,
+    INPLACE_MAX_WORDS,
+    J_INLINE,
+    LIVE,
+    SPARE_MAX,
+    SPARE_SHIFT,
+)
+from .lock import EOWNERDEAD, WriterLock
+from .read import probe
 from .segments import Maps, bytes_view, data_path, data_segments, unlink_quiet
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_PACK_ENTRY_TAIL = struct.Struct("<IIIIq").pack_into  # an entry's words after its version
+_ZEROS = bytes(8)
+_PACK_RECORD = struct.Struct("<QQ").pack  # a journal record's (offset, nbytes)
 Encoded = tuple[Any, int, bytes, int, int, int, "bytes | None"]  # key, kkind, kb, hash, value
 
 
@@ -87,18 +112,6 @@ class Table:
         self.maps.g = g
         self.forget()
 
-    def remember(self, key: Any, got: Got) -> None:
-        """Cache a validated read (and the key's entry, for the fast write path)."""
-        _, value, w, ver, kind, raw = got
-        kt = type(key)
-        if kt is tuple:  # never cached: (1,) == (1.0,), and the float one is no valid key
-            return
-        if self.lock.ready():  # (the fast write path's key: it trusts the lock is set up)
-            if len(self.slots) >= L.CACHE_MAX:
-                self.slots.clear()
-            self.slots[key] = w
-        self.cache.remember(key, kt, w, ver, value, kind, raw)
-
     def forget(self) -> None:
         """Drop what this process cached of the current generation."""
         self.cache.clear()
@@ -124,12 +137,40 @@ class Table:
         return True
 
     def release(self) -> None:
-        self.lock.release()
+        lk = self.lock
+        lk.depth -= 1
+        rc = lk.unlock()
+        if rc:
+            raise OSError(rc, f"unlocking the writer lock failed ({os.strerror(rc)})")
 
     def wlock(self) -> None:
         """Take the lock within ``timeout``, or raise ``LockTimeoutError``."""
         if not self.acquire(self.timeout):
             raise self.timed_out()
+
+    def enter(self) -> None:
+        """:meth:`wlock` for one write: when the lock is free and the table needs no repair
+        (the common case), a ``trylock`` and five word reads."""
+        lk = self.lock
+        rc = lk.trylock() if lk.forkgen == _runtime.fork_generation else -1
+        if rc:
+            if rc == EOWNERDEAD:  # held now, after a dead holder: wlock() repairs
+                lk.mutex.make_consistent()
+                lk.unlock()
+            self.wlock()
+            return
+        lk.depth += 1
+        if lk.depth == 1:
+            c = self.c
+            if (c[C_GSEQ] != self.epoch or c[L.C_GEN] != self.gen or c[C_JSTATE] or c[C_GROW]
+                    or c[C_TSEQ] & 1):
+                try:
+                    self._after_acquire()
+                except BaseException:
+                    self.release()
+                    raise
+            else:
+                c[L.C_WRITER] = lk.pid
 
     def timed_out(self) -> Exception:
         return lock_timeout(f"shm mapping {self.label}", self.timeout,
@@ -143,7 +184,7 @@ class Table:
             self.recover()
         if c[L.C_GEN] != self.gen:
             self.map_current()
-        c[L.C_WRITER] = os.getpid()
+        c[L.C_WRITER] = self.lock.pid
 
     # ------------------------------------------------------------------ transactions
 
@@ -175,12 +216,6 @@ class Table:
         self.epoch = c[L.C_GEN] * 2
         self.forget()
 
-    def begin(self) -> None:
-        self.journal.begin()
-
-    def commit(self) -> None:
-        self.journal.commit()
-
     def abort(self) -> None:
         """Roll back the open transaction (the lock is held: readers never saw it)."""
         self.journal.rollback(self.g)
@@ -189,34 +224,33 @@ class Table:
 
     # ------------------------------------------------------------------ entries
 
-    def alloc(self, g: L.Generation, data: bytes) -> int:
-        """Append ``data`` to the heap; its offset in words. Header must be journaled."""
+    def alloc(self, g: L.Generation, *parts: bytes, spare: int = 0) -> int:
+        """Append ``parts`` to the heap, each from a word of its own (zero-padded: bulk
+        lookups compare whole words), and ``spare`` words more; the offset in words of the
+        first. The header must be journaled."""
         q = g.q
         top = q[L.H_TOP]
-        words = (len(data) + 7) // 8
-        if top + words > g.heapw:
+        blob = b"".join([p + _ZEROS[: -len(p) & 7] for p in parts]) if len(parts) > 1 \
+            or len(parts[0]) & 7 else parts[0]
+        words = len(blob) >> 3
+        if top + words + spare > g.heapw:
             raise L.Grow
-        q[L.H_TOP] = top + words
-        if len(data) & 7:
-            q[g.hw + top + words - 1] = 0  # zero padding: bulk lookups compare whole words
+        q[L.H_TOP] = top + words + spare
         b = g.hoff + top * 8
-        g.mv[b : b + len(data)] = data
+        g.mv[b : b + len(blob)] = blob
         return top
 
     def write_entry(self, g: L.Generation, e: int, h: int, klen: int, koff: int, meta: int,
                     val: int) -> None:
+        """Write entry ``e`` whole, its version odd meanwhile (journaled before)."""
         c = self.c
         stamp = c[C_STAMP] + 1
         c[C_STAMP] = stamp
         w = g.ew + e * 4
         g.q[w] = 2 * stamp + 1  # odd: being written
-        u = w * 2
-        g.u32[u + 2] = h
-        g.u32[u + 3] = klen
-        L.fault("mid_entry")
-        g.u32[u + 4] = koff
-        g.u32[u + 5] = meta
-        g.qs[w + 3] = val
+        if L.FAULT:
+            L.fault("mid_entry")
+        _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, h, klen, koff, meta, val)
         g.q[w] = 2 * stamp + 2
 
     def put(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
@@ -228,60 +262,117 @@ class Table:
         if e < 0:
             e, slot = probe(g, kkind, kb, h)
         j = self.journal
-        if e >= 0:  # overwrite in place (entry keeps its position: dict order)
-            u = (g.ew + e * 4) * 2
-            old_meta = g.u32[u + 5]
-            j.save(g, g.eoff + e * L.ENTRY_BYTES, L.ENTRY_BYTES)
-            if vraw is not None or (old_meta & 0xFF) in L.HEAP_KINDS:
-                j.save_header(g)
-            if (old_meta & 0xFF) in L.HEAP_KINDS:
-                g.q[L.H_GARBAGE] += (g.u32[u + 7] + 7) // 8
-            if vraw is not None:
-                vinl = self.alloc(g, vraw) | (len(vraw) << 32)
-            self.write_entry(g, e, h, g.u32[u + 3], g.u32[u + 4], vkind | (kkind << 8) | LIVE,
-                             vinl)
+        if e >= 0:  # an existing key: its entry keeps its place (dict order)
+            w = g.ew + e * 4
+            old_meta = g.u32[w * 2 + 5]
+            eoff = w * 8
+            meta = vkind | (kkind << 8) | LIVE
+            in_place = False
+            if (old_meta & 0xFF) in HEAP_KINDS:
+                old = g.qs[w + 3]
+                room = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT)  # the key's words
+                if vraw is not None:
+                    words = (len(vraw) + 7) >> 3
+                    in_place = words <= room and words <= INPLACE_MAX_WORDS
+                    if in_place:  # over the old value, in the key's own room: the old
+                        # bytes and the entry journaled first, the version odd from before
+                        # the bytes change until after the entry's fields do
+                        voff = old & 0xFFFFFFFF
+                        hb = g.hoff + voff * 8
+                        j.save(g, ((eoff, ENTRY_BYTES), (hb, words * 8)))
+                        c = self.c
+                        stamp = c[C_STAMP] + 1
+                        c[C_STAMP] = stamp
+                        g.q[w] = 2 * stamp + 1  # odd: being written
+                        if L.FAULT:
+                            L.fault("mid_entry")
+                        g.mv[hb : hb + words * 8] = vraw + _ZEROS[: -len(vraw) & 7] \
+                            if len(vraw) & 7 else vraw
+                        g.u32[w * 2 + 5] = meta | (room - words) << SPARE_SHIFT
+                        g.qs[w + 3] = voff | (len(vraw) << 32)
+                        g.q[w] = 2 * stamp + 2
+                if not in_place:
+                    j.save(g, ((eoff, ENTRY_BYTES),), True)
+                    g.q[H_GARBAGE] += room
+            else:
+                j.save(g, ((eoff, ENTRY_BYTES),), vraw is not None)
+            if not in_place:
+                if vraw is not None:  # appended, with room to grow: the key is being rewritten
+                    words = (len(vraw) + 7) >> 3
+                    spare = min(words >> 1, SPARE_MAX) if words <= INPLACE_MAX_WORDS else 0
+                    vinl = self.alloc(g, vraw, spare=spare) | (len(vraw) << 32)
+                    meta |= spare << SPARE_SHIFT
+                self.write_entry(g, e, h, g.u32[w * 2 + 3], g.u32[w * 2 + 4], meta, vinl)
         else:  # insert at the end
             q = g.q
-            used = q[L.H_USED]
+            used = q[H_USED]
             if used >= g.cap or slot < 0:
                 raise L.Grow
-            j.save_header(g)
-            j.save(g, L.HEADER_BYTES + (slot * 4 & ~7), 8)
-            koff = self.alloc(g, kb)
-            if vraw is not None:
-                vinl = self.alloc(g, vraw) | (len(vraw) << 32)
+            j.save(g, ((HEADER_BYTES + (slot * 4 & ~7), 8),), True)
+            if vraw is None:
+                koff = self.alloc(g, kb)
+            else:
+                koff = self.alloc(g, kb, vraw)
+                vinl = (koff + ((len(kb) + 7) >> 3)) | (len(vraw) << 32)
             e = used
             self.write_entry(g, e, h, len(kb), koff, vkind | (kkind << 8) | LIVE, vinl)
-            q[L.H_USED] = used + 1
-            q[L.H_LIVE] += 1
-            g.i32[L.HEADER_BYTES // 4 + slot] = e
-        L.fault("after_write")
-        if len(self.slots) >= L.CACHE_MAX:
-            self.slots.clear()
-        self.slots[key] = g.ew + e * 4
+            q[H_USED] = used + 1
+            q[H_LIVE] += 1
+            g.i32[HEADER_BYTES // 4 + slot] = e
+            w = g.ew + e * 4
+        if L.FAULT:
+            L.fault("after_write")
+        slots = self.slots
+        if len(slots) >= CACHE_MAX:
+            _drop_oldest(slots, CACHE_MAX // 8)
+        slots[key] = w
 
     def delete(self, g: L.Generation, e: int, slot: int) -> None:
         """Delete entry ``e`` (at index ``slot``); the lock is held, a transaction open."""
         u = (g.ew + e * 4) * 2
         meta = g.u32[u + 5]
-        j = self.journal
-        j.save_header(g)
-        j.save(g, g.eoff + e * L.ENTRY_BYTES, L.ENTRY_BYTES)
-        j.save(g, L.HEADER_BYTES + (slot * 4 & ~7), 8)
+        self.journal.save(g, ((g.eoff + e * L.ENTRY_BYTES, L.ENTRY_BYTES),
+                              (L.HEADER_BYTES + (slot * 4 & ~7), 8)), True)
         garbage = (g.u32[u + 3] + 7) // 8
         if (meta & 0xFF) in L.HEAP_KINDS:
-            garbage += (g.u32[u + 7] + 7) // 8
+            garbage += (g.u32[u + 7] + 7) // 8 + (meta >> SPARE_SHIFT)
         self.write_entry(g, e, g.u32[u + 2], g.u32[u + 3], g.u32[u + 4], meta & ~LIVE,
                          g.qs[(g.ew + e * 4) + 3])
         g.i32[L.HEADER_BYTES // 4 + slot] = L.DELETED
         g.q[L.H_LIVE] -= 1
         g.q[L.H_GARBAGE] += garbage
 
+    def set(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
+            vraw: bytes | None) -> None:
+        """Set one key by the steps: take the lock (:meth:`enter`), :meth:`write_one`,
+        release. (The mapping first tries :func:`.fastpath.write_flat`: the very same
+        stores, done flat, in the commonest cases.)"""
+        self.enter()
+        try:
+            j = self.journal
+            j.begin()
+            try:
+                self.put(key, kkind, kb, h, vkind, vinl, vraw)
+            except L.Grow:
+                self.abort()
+                self.write_one(key, kkind, kb, h, vkind, vinl, vraw)  # (grows first)
+            except BaseException:
+                self.abort()
+                raise
+            else:
+                j.commit()
+        finally:
+            lk = self.lock
+            lk.depth -= 1
+            rc = lk.unlock()
+            if rc:
+                raise OSError(rc, f"unlocking the writer lock failed ({os.strerror(rc)})")
+
     def write_one(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
                   vraw: bytes | None) -> None:
         """Set one key as one transaction, growing the table if it has no room."""
         for _ in range(3):
-            self.begin()
+            self.journal.begin()
             try:
                 self.put(key, kkind, kb, h, vkind, vinl, vraw)
             except L.Grow:
@@ -292,31 +383,42 @@ class Table:
             except BaseException:
                 self.abort()
                 raise
-            self.commit()
+            self.journal.commit()
             return
         raise AssertionError("shm: no room after growing")  # pragma: no cover
 
-    def remove(self, key: Any, kkind: int, kb: bytes, h: int) -> bool:
-        """Delete one key as one transaction; False if it is absent."""
+    def remove(self, key: Any, kkind: int, kb: bytes, h: int, want: bool = False) -> Any:
+        """Delete one key as one transaction: its value with ``want``, else None;
+        ``ABSENT`` if there is no such key."""
         g = self.g
         e, slot = probe(g, kkind, kb, h)
         if e < 0:
-            return False
-        self.begin()
+            return ABSENT
+        value = None
+        if want:
+            w = g.ew + e * 4
+            inline = g.qs[w + 3]
+            kind = g.u32[w * 2 + 5] & 0xFF
+            raw = None
+            if kind in L.HEAP_KINDS:
+                start = g.hoff + (inline & 0xFFFFFFFF) * 8
+                raw = bytes(g.mv[start : start + (inline >> 32)])
+            value = decode_value(kind, inline, raw)  # (before the delete: a bad pickle raises)
+        self.journal.begin()
         try:
             self.delete(g, e, slot)
         except BaseException:
             self.abort()
             raise
-        self.commit()
+        self.journal.commit()
         self.slots.pop(key, None)
         self.maybe_compact()
-        return True
+        return value
 
     def put_many(self, encoded: list[Encoded]) -> None:
         """Apply many puts as one transaction; too big for the journal: in a new generation."""
         if len(encoded) <= 256:
-            self.begin()
+            self.journal.begin()
             try:
                 for item in encoded:
                     self.put(*item)
@@ -326,7 +428,7 @@ class Table:
                 self.abort()
                 raise
             else:
-                self.commit()
+                self.journal.commit()
                 return
         heap = sum((len(kb) + 7) // 8 + (len(v or b"") + 7) // 8 + 1
                    for _, _, kb, _, _, _, v in encoded)
@@ -356,53 +458,6 @@ class Table:
         if L.FAULT:
             L.fault("before_commit")
         c[C_JSTATE] = 0
-
-    def fast_store(self, key: Any, kind: int, inline: int, delta: Any, vt: Any) -> Any:
-        """``d[k] = number`` and ``incr`` without a transaction: the key's entry in this
-        generation holds a number inline and gets another of the same kind in place
-        (:meth:`store_inline`). Returns False, having changed nothing, whenever anything
-        is unusual (key not yet placed, repair pending, growth, a kind change, another
-        thread inside ``lock()``) and the caller takes the general path. With ``delta``
-        (``incr``), adds it (coerced by ``vt`` if given) and returns the new value."""
-        w = self.slots.get(key, -1)  # filled only once this process's lock is set up
-        if w < 0:
-            return False
-        lk = self.lock
-        rc = lk.trylock()
-        if rc:
-            got = lk.contended(rc, self.timeout)
-            if got is None:
-                raise self.timed_out()  # (the general path must not wait a second timeout)
-            if not got:
-                return False
-        try:
-            c = self.c
-            if c[C_GSEQ] != self.epoch or c[C_JSTATE] or c[C_GROW]:
-                return False
-            g = self.g
-            meta = g.u32[w * 2 + 5]
-            if delta is not None:  # incr: the new value from the current one
-                old_kind = meta & 0xFF
-                if old_kind == V_INT:
-                    new = g.qs[w + 3] + delta
-                elif old_kind == V_FLOAT:
-                    new = i2f(g.qs[w + 3]) + delta
-                else:
-                    return False
-                if vt is not None:
-                    new = vt.coerce(new)
-                if type(new) is int and _INT64_MIN <= new <= _INT64_MAX:
-                    kind, inline = V_INT, new
-                elif type(new) is float:
-                    kind, inline = V_FLOAT, f2i(new)
-                else:
-                    return False
-            if meta & (LIVE | 0xFF) != LIVE | kind:
-                return False
-            self.store_inline(w, inline)
-        finally:
-            lk.unlock()
-        return True if delta is None else new
 
     # ------------------------------------------------------------------ new generations
 
@@ -490,3 +545,12 @@ class Table:
         self.slots = {}
         self.journal.close()
         self.cmm = self.cmv = self.c = None  # (a closed handle pins nothing)
+
+
+def _drop_oldest(d: dict[Any, Any], n: int) -> None:
+    """Forget the ``n`` oldest keys of ``d`` (insertion order), not all of them."""
+    try:
+        for k in list(islice(d, n)):
+            d.pop(k, None)
+    except RuntimeError:  # another thread of ours changed it meanwhile
+        d.clear()

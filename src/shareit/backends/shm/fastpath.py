@@ -1,0 +1,330 @@
+"""The ``shm`` table's commonest writes, done flat: one Python frame for a whole write.
+
+In pure Python a call costs about as much as a store to shared memory, so the
+writes that dominate real workloads are done here by one function each, with
+every step inline, instead of by the Table's steps one call after another:
+
+- :func:`write_flat`: a str/bytes/pickled value over a key this process placed
+  whose room it fits (written in place), and a new key; the lock is free and
+  nothing needs repair. Each does the very stores, in the same order and with the
+  same fault points, as ``Table.enter``, ``Journal.begin``, ``Table.put`` and
+  ``Journal.commit``; ``tests/test_shm_table.py`` pins the bytes they leave to
+  those of the steps. Anything else returns False, having changed nothing, and
+  the caller takes the steps.
+- :func:`remove_flat`: ``del`` and ``pop`` of a key, pinned the same way.
+- :func:`store_number`: ``d[k] = number`` and ``incr`` for a key whose entry
+  holds a number: :meth:`Table.store_inline` under a ``trylock``.
+  (``ShmMapping.__setitem__`` repeats that store inline once more; pinned too.)
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from ... import _runtime
+from . import layout as L
+from .codec import decode_value, f2i, i2f
+from .layout import (
+    C_GEN,
+    C_GROW,
+    C_GSEQ,
+    C_JCOUNT,
+    C_JSTATE,
+    C_JWORDS,
+    C_STAMP,
+    C_TSEQ,
+    C_WRITER,
+    CACHE_MAX,
+    DELETED,
+    ENTRY_BYTES,
+    H_GARBAGE,
+    H_LIVE,
+    H_TOP,
+    H_USED,
+    HEADER_BYTES,
+    HEAP_KINDS,
+    INPLACE_MAX_WORDS,
+    J_JOURNAL,
+    JOURNAL_WORD,
+    LIVE,
+    SPARE_SHIFT,
+    V_FLOAT,
+    V_INT,
+)
+from .lock import EOWNERDEAD
+from .read import probe
+
+if TYPE_CHECKING:
+    from .table import Table
+
+_PACK_RECORD = struct.Struct("<QQ").pack  # a journal record's (offset, nbytes)
+_PACK_ENTRY_TAIL = struct.Struct("<IIIIq").pack_into  # an entry's words after its version
+_ZEROS = bytes(8)
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_JB = JOURNAL_WORD * 8  # the journal's first byte in the control segment
+ABSENT = object()  # (remove: no such key)
+
+
+def write_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
+               vraw: bytes | None) -> bool:
+    """One whole write, flat, if it is one of the common cases (see the module
+    docstring); False, with nothing changed, for the Table's steps to do it."""
+    lk = t.lock
+    if lk.depth or lk.forkgen != _runtime.fork_generation:
+        return False  # lock() held by a thread of ours, or not set up in this process
+    slots = t.slots
+    w = slots.get(key, -1)
+    if w >= 0 and vraw is None:
+        return False
+    rc = lk.trylock()
+    if rc:
+        if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
+            lk.mutex.make_consistent()
+            lk.unlock()
+        return False
+    # the lock is held: from here on, everything read is what the steps would read
+    c = t.c
+    g = t.g
+    if (c[C_GSEQ] != t.epoch or c[C_GEN] != t.gen or c[C_JSTATE] or c[C_GROW]
+            or c[C_TSEQ] & 1 or g is None or w != slots.get(key, -1)):
+        lk.unlock()  # (repairs, growth, another thread's remap: the steps do it)
+        return False
+    if w >= 0:  # a key this process placed: a value over its value, in its room
+        assert vraw is not None
+        u32 = g.u32
+        old_meta = u32[w * 2 + 5]
+        old = g.qs[w + 3]
+        words = (len(vraw) + 7) >> 3
+        spare = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT) - words
+        if (not old_meta & LIVE or (old_meta & 0xFF) not in HEAP_KINDS or spare < 0
+                or words > INPLACE_MAX_WORDS):
+            lk.unlock()
+            return False
+        fault = L.FAULT
+        c[C_WRITER] = lk.pid
+        c[C_JWORDS] = 0  # begin
+        c[C_JCOUNT] = 0
+        c[C_TSEQ] += 1
+        c[C_JSTATE] = J_JOURNAL
+        if fault:
+            L.fault("after_begin")
+        voff = old & 0xFFFFFFFF
+        hb = g.hoff + voff * 8
+        n = words * 8
+        mm = g.mm  # journal: the entry, then the value's words
+        blob = (_PACK_RECORD(w * 8, ENTRY_BYTES) + mm[w * 8 : w * 8 + ENTRY_BYTES]
+                + _PACK_RECORD(hb, n) + mm[hb : hb + n])
+        t.cmv[_JB : _JB + len(blob)] = blob
+        c[C_JWORDS] = len(blob) >> 3
+        c[C_JCOUNT] = 2
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        q = g.q
+        q[w] = 2 * stamp + 1  # odd: being written
+        if fault:
+            L.fault("mid_entry")
+        g.mv[hb : hb + n] = vraw + _ZEROS[: -len(vraw) & 7] if len(vraw) & 7 else vraw
+        u32[w * 2 + 5] = vkind | (kkind << 8) | LIVE | spare << SPARE_SHIFT
+        g.qs[w + 3] = voff | (len(vraw) << 32)
+        q[w] = 2 * stamp + 2
+        if fault:
+            L.fault("after_write")
+            L.fault("before_commit")
+        c[C_JSTATE] = 0  # commit
+        c[C_TSEQ] += 1
+        lk.unlock()
+        return True
+    # a key this process has not placed: a new key, appended
+    q = g.q
+    used = q[H_USED]
+    if vraw is None:
+        data = kb + _ZEROS[: -len(kb) & 7] if len(kb) & 7 else kb
+    else:
+        data = kb + _ZEROS[: -len(kb) & 7] + vraw + _ZEROS[: -len(vraw) & 7]
+    words = len(data) >> 3
+    try:
+        e, slot = probe(g, kkind, kb, h)
+    except BaseException:
+        lk.unlock()
+        raise
+    top = q[H_TOP]
+    if e >= 0 or slot < 0 or used >= g.cap or top + words > g.heapw:
+        lk.unlock()  # (an existing key, or no room: the steps do it, growing the table)
+        return False
+    fault = L.FAULT
+    c[C_WRITER] = lk.pid
+    c[C_JWORDS] = 0  # begin
+    c[C_JCOUNT] = 0
+    c[C_TSEQ] += 1
+    c[C_JSTATE] = J_JOURNAL
+    if fault:
+        L.fault("after_begin")
+    ioff = HEADER_BYTES + (slot * 4 & ~7)
+    mm = g.mm  # journal: the header, then the index word
+    blob = (_PACK_RECORD(0, HEADER_BYTES) + mm[0:HEADER_BYTES] + _PACK_RECORD(ioff, 8)
+            + mm[ioff : ioff + 8])
+    t.cmv[_JB : _JB + len(blob)] = blob
+    c[C_JWORDS] = len(blob) >> 3
+    c[C_JCOUNT] = 2
+    q[H_TOP] = top + words  # the key and the value, after the heap top
+    b = g.hoff + top * 8
+    g.mv[b : b + len(data)] = data
+    if vraw is not None:
+        vinl = (top + ((len(kb) + 7) >> 3)) | (len(vraw) << 32)
+    stamp = c[C_STAMP] + 1
+    c[C_STAMP] = stamp
+    w = g.ew + used * 4
+    q[w] = 2 * stamp + 1  # odd: being written
+    if fault:
+        L.fault("mid_entry")
+    _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, h, len(kb), top, vkind | (kkind << 8) | LIVE, vinl)
+    q[w] = 2 * stamp + 2
+    q[H_USED] = used + 1
+    q[H_LIVE] += 1
+    g.i32[HEADER_BYTES // 4 + slot] = used
+    if fault:
+        L.fault("after_write")
+    if len(slots) >= CACHE_MAX:
+        from .table import _drop_oldest
+
+        _drop_oldest(slots, CACHE_MAX // 8)
+    slots[key] = w
+    if fault:
+        L.fault("before_commit")
+    c[C_JSTATE] = 0  # commit
+    c[C_TSEQ] += 1
+    lk.unlock()
+    return True
+
+
+NOT_FLAT = object()  # (remove_flat: not a common case, nothing done)
+
+
+def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool) -> Any:
+    """``Table.remove`` flat, when the lock is free and nothing needs repair: the stores of
+    ``enter``, ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` in their order,
+    with their fault points. The key's value with ``want`` (else None), ``ABSENT`` if
+    there is no such key, ``NOT_FLAT`` (nothing done) for the Table's steps to do it."""
+    lk = t.lock
+    if lk.depth or lk.forkgen != _runtime.fork_generation:
+        return NOT_FLAT
+    rc = lk.trylock()
+    if rc:
+        if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
+            lk.mutex.make_consistent()
+            lk.unlock()
+        return NOT_FLAT
+    try:
+        c = t.c
+        g = t.g
+        if (c[C_GSEQ] != t.epoch or c[C_GEN] != t.gen or c[C_JSTATE] or c[C_GROW]
+                or c[C_TSEQ] & 1):
+            return NOT_FLAT
+        c[C_WRITER] = lk.pid
+        e, slot = probe(g, kkind, kb, h)
+        if e < 0:
+            return ABSENT
+        w = g.ew + e * 4
+        u = w * 2
+        u32 = g.u32
+        meta = u32[u + 5]
+        inline = g.qs[w + 3]
+        value = None
+        if want:
+            raw = None
+            if (meta & 0xFF) in HEAP_KINDS:
+                start = g.hoff + (inline & 0xFFFFFFFF) * 8
+                raw = bytes(g.mv[start : start + (inline >> 32)])
+            value = decode_value(meta & 0xFF, inline, raw)  # (before: a bad pickle raises)
+        fault = L.FAULT
+        c[C_JWORDS] = 0  # begin
+        c[C_JCOUNT] = 0
+        c[C_TSEQ] += 1
+        c[C_JSTATE] = J_JOURNAL
+        if fault:
+            L.fault("after_begin")
+        ioff = HEADER_BYTES + (slot * 4 & ~7)
+        mm = g.mm  # journal: the header, the entry, the index word
+        blob = (_PACK_RECORD(0, HEADER_BYTES) + mm[0:HEADER_BYTES]
+                + _PACK_RECORD(w * 8, ENTRY_BYTES) + mm[w * 8 : w * 8 + ENTRY_BYTES]
+                + _PACK_RECORD(ioff, 8) + mm[ioff : ioff + 8])
+        t.cmv[_JB : _JB + len(blob)] = blob
+        c[C_JWORDS] = len(blob) >> 3
+        c[C_JCOUNT] = 3
+        klen = u32[u + 3]
+        garbage = (klen + 7) // 8
+        if (meta & 0xFF) in HEAP_KINDS:
+            garbage += (u32[u + 7] + 7) // 8 + (meta >> SPARE_SHIFT)
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        q = g.q
+        q[w] = 2 * stamp + 1  # odd: being written
+        if fault:
+            L.fault("mid_entry")
+        _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, u32[u + 2], klen, u32[u + 4], meta & ~LIVE, inline)
+        q[w] = 2 * stamp + 2
+        g.i32[HEADER_BYTES // 4 + slot] = DELETED
+        q[H_LIVE] -= 1
+        q[H_GARBAGE] += garbage
+        if fault:
+            L.fault("before_commit")
+        c[C_JSTATE] = 0  # commit
+        c[C_TSEQ] += 1
+        t.slots.pop(key, None)
+        used, live = q[H_USED], q[H_LIVE]
+        if (used > 64 and live < used // 4) or (q[H_GARBAGE] > 4096
+                                                and q[H_GARBAGE] * 2 > q[H_TOP]):
+            t.maybe_compact()
+        return value
+    finally:
+        lk.unlock()
+
+
+def store_number(t: Table, key: Any, kind: int, inline: int, delta: Any, vt: Any) -> Any:
+    """``d[k] = number`` and ``incr`` without a transaction: the key's entry in this
+    generation holds a number inline and gets another of the same kind in place
+    (:meth:`Table.store_inline`). Returns False, having changed nothing, whenever anything
+    is unusual (key not yet placed, repair pending, growth, a kind change, another
+    thread inside ``lock()``) and the caller takes the general path. With ``delta``
+    (``incr``), adds it (coerced by ``vt`` if given) and returns the new value."""
+    w = t.slots.get(key, -1)  # filled only once this process's lock is set up
+    if w < 0:
+        return False
+    lk = t.lock
+    rc = lk.trylock()
+    if rc:
+        got = lk.contended(rc, t.timeout)
+        if got is None:
+            raise t.timed_out()  # (the general path must not wait a second timeout)
+        if not got:
+            return False
+    try:
+        c = t.c
+        if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW]:
+            return False
+        g = t.g
+        meta = g.u32[w * 2 + 5]
+        if delta is not None:  # incr: the new value from the current one
+            old_kind = meta & 0xFF
+            if old_kind == V_INT:
+                new = g.qs[w + 3] + delta
+            elif old_kind == V_FLOAT:
+                new = i2f(g.qs[w + 3]) + delta
+            else:
+                return False
+            if vt is not None:
+                new = vt.coerce(new)
+            if type(new) is int and _INT64_MIN <= new <= _INT64_MAX:
+                kind, inline = V_INT, new
+            elif type(new) is float:
+                kind, inline = V_FLOAT, f2i(new)
+            else:
+                return False
+        if meta & (LIVE | 0xFF) != LIVE | kind:
+            return False
+        t.store_inline(w, inline)
+    finally:
+        lk.unlock()
+    return True if delta is None else new
+
