@@ -308,7 +308,7 @@ def test_a_planted_journal_data_or_lock_file_is_refused_never_unpickled(
     try:
         d["k"] = 0
         _plant(_runtime.path(name, kind), how, payload, tmp_path, attacker)
-        with pytest.raises(PermissionDeniedError):
+        with pytest.raises(PermissionDeniedError, match=f"{name}@{kind}"):
             e = shareit.open(name, backend="reference")  # a fresh handle: a fresh lock fd
             try:
                 e["k"]
