@@ -195,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     b = sub.add_parser("bench", help="compare backends and baselines on real workloads")
     b.add_argument("--backends", help="comma-separated backend names (default: all)")
-    b.add_argument("--workloads", help="comma-separated workloads (default: all)")
+    from .bench.workloads import WORKLOADS
+
+    b.add_argument("--workloads", help="comma-separated workloads (default: all): "
+                   + ", ".join(WORKLOADS))
     b.add_argument("--procs", type=int, default=2, help="processes in multi-process workloads")
     b.add_argument("--repeats", type=int, help="repeats; medians are reported (default 5, "
                    "--quick 3)")
     b.add_argument("--quick", action="store_true",
-                   help="smaller sizes, 1 and 2 processes: about 40 s on 2 cores")
+                   help="smaller sizes, 1 and 2 processes: about 30 s on 2 cores")
     b.add_argument("--out", default="shareit-bench.json", help="where to write results (JSON)")
     b.add_argument("--no-peers", action="store_true",
                    help="leave out the peer libraries (UltraDict, shared-memory-dict, lmdb, "
