@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 import pytest
 
 import shareit
-import shareit.testing  # registers the reference backend  # noqa: F401
+import shareit.testing  # registers the reference backend
 from helpers import gone, wait_until
 from shareit import _runtime
 from shareit.errors import LockTimeoutError, PermissionDeniedError
@@ -200,7 +200,7 @@ def test_a_journal_of_a_destroyed_mapping_never_rolls_back_into_its_successor(na
 
 def _lock_then_fork_then_wait(d, conn) -> None:
     with d.lock():
-        r, w = os.pipe()
+        r, _w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the grandchild: inherits the locked descriptor, then just lives on
             os.read(r, 1)  # (it keeps the write end too: it waits until it is killed)
@@ -777,7 +777,9 @@ def _stale_read_after_iterating_keys(d) -> None:
     p = FORK.Process(target=_write_when_told, args=(d, go, child_end))
     p.start()
     try:
-        seen = [k for k in d.keys()]  # a plain loop over keys(): no len() call
+        seen = []
+        for k in d.keys():  # a plain loop over keys(): no len() call
+            seen.append(k)
         go.set()
         assert parent_end.poll(TIMEOUT) and parent_end.recv() == "written"
         # The write completed before this read began: a fresh read sees it.
