@@ -721,13 +721,6 @@ def _use_in_a_new_thread(d) -> BaseException | None:
     return got[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the socket path follows from the stem alone, so a handle of a destroyed mapping "
-    "reaches the server of the NEW mapping of that name, whose key differs: "
-    "_rpc.connect lets multiprocessing.AuthenticationError escape (ManagerMapping._connect "
-    "catches only OSError/EOFError), so the user gets a raw multiprocessing error -- "
-    "not a ShareitError, not BackendDiedError('open it again') -- from any thread "
-    "that connects afresh (queue: from the handle's own thread too)"))
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("backend", SERVERS)
 def test_a_handle_of_a_destroyed_then_recreated_name_raises_backend_died(name, backend) -> None:

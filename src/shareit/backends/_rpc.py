@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, NoReturn
 
@@ -148,6 +149,11 @@ class ForeignServerError(Exception):
         self.uid = uid
 
 
+class WrongKeyError(Exception):
+    """The server at the address does not know our key: it serves another mapping (the
+    name was destroyed and created again since this handle was made)."""
+
+
 @dataclass(eq=False)
 class Link:
     """A client's authenticated connection (one per thread of a process)."""
@@ -175,8 +181,11 @@ def connect(address: str, authkey: bytes, timeout: float, bound: float,
     conn = Connection(sock.detach())
     try:
         set_timeouts(conn, bound, bound)
-        answer_challenge(conn, authkey)
-        deliver_challenge(conn, authkey)
+        try:
+            answer_challenge(conn, authkey)
+            deliver_challenge(conn, authkey)
+        except AuthenticationError:
+            raise WrongKeyError() from None
         conn.send_bytes(encode(hello))
         server_pid = decode(conn.recv_bytes())[1]
     except BaseException:

@@ -229,6 +229,12 @@ class ManagerMapping(SharedMapping):
                 f"({self._address.lstrip(chr(0))!r}) belongs to uid {exc.uid}, not you "
                 f"(uid {os.geteuid()}); refusing to use it"
             ) from None
+        except _rpc.WrongKeyError:
+            raise BackendDiedError(
+                f"mapping {self._label()} was destroyed, and another mapping has this name "
+                f"now (its {self.server_title} does not know this handle's key); open it "
+                f"again by name"
+            ) from None
         except (OSError, EOFError) as exc:
             raise self._died(exc) from None
         with self._links_lock:
