@@ -128,11 +128,6 @@ def _clear_stalled(d, conn, go) -> None:
     d.clear()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_Operations.clear's rollback re-inserts the deleted keys in reverse (the journal "
-    "is replayed reversed and the deleted keys are appended at the end), so a clear "
-    "killed half-way leaves the right keys in another order: an ordered backend "
-    "(reference: ordered=True) then iterates b, S, z, a instead of a, b, S, z"))
 @pytest.mark.timeout(60)
 def test_a_clear_killed_half_way_is_rolled_back_in_the_original_order(name) -> None:
     d = shareit.open(name, backend="reference")
@@ -164,13 +159,6 @@ def _update_parked_on_journal(d, conn, go) -> None:
     conn.send("done")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the undo journal (STEM@undo) is found by path and carries no identity of the "
-    "mapping it belongs to: a writer that wrote it after its mapping was destroyed "
-    "(destroy does not take the mapping lock) leaves it behind (its _restore fails "
-    "with BackendDiedError), and the first lock taker of a NEW mapping of that name "
-    "replays it: the old mapping's values appear in the new one (reference._create "
-    "removes only data files, not the lock's)"))
 @pytest.mark.timeout(60)
 def test_a_journal_of_a_destroyed_mapping_never_rolls_back_into_its_successor(name) -> None:
     d = shareit.open(name, backend="reference")
@@ -247,11 +235,6 @@ def test_a_killed_lock_holders_forked_child_does_not_keep_the_lock(name) -> None
         d.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a lock file left by a creator SIGKILLed between _create_lock() and _publish() "
-    "(no record yet) makes the next create fail: reference._create does not remove the "
-    "default lock's files, and _create_lock opens STEM@mutex with O_EXCL -> a bare "
-    "FileExistsError (not even a ShareitError) instead of taking the name over"))
 def test_a_lock_file_left_by_a_killed_creator_does_not_break_the_next_open(name) -> None:
     os.close(_runtime.open_private(_runtime.path(name, "mutex"), os.O_RDWR, create=True))
     try:
@@ -853,23 +836,11 @@ def test_destroy_through_a_stale_handle_spares_the_new_mapping_manager(name) -> 
     _stale_destroy_spares_the_successor(name, "manager")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "QueueMapping._destroy unlinks STEM@seq (the hub's words file, a path from the stem "
-    "alone) unconditionally, after ManagerMapping._destroy carefully left the socket and "
-    "record of a NEW mapping of that name alone (authkey differs): destroy() through a "
-    "stale handle breaks the live successor -- its users get BackendDiedError 'its "
-    "data is lost'"))
 @pytest.mark.timeout(60)
 def test_destroy_through_a_stale_handle_spares_the_new_mapping_queue(name) -> None:
     _stale_destroy_spares_the_successor(name, "queue")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "MappingBase._destroy (the default every third-party backend inherits) and "
-    "ReferenceMapping._destroy unlink STEM@mutex/@undo/@data and remove NAME@meta by "
-    "name, never checking that they still belong to this handle's mapping (the "
-    "reference handle even knows its ident): destroy() through a stale handle wipes a "
-    "NEW mapping of the same name"))
 @pytest.mark.timeout(60)
 def test_destroy_through_a_stale_handle_spares_the_new_mapping_reference(name) -> None:
     _stale_destroy_spares_the_successor(name, "reference")

@@ -48,6 +48,10 @@ class FileLock:
         self._owner: int | None = None
         self._depth = 0
 
+    def fileno(self) -> int:
+        """This process's descriptor of the lock file (opened on first use)."""
+        return self._fileno()
+
     def _fileno(self) -> int:
         if self._pid != os.getpid():  # first use, or a forked child: never share the parent's lock
             self._fd = _open_lockfile(self.path, self._create)

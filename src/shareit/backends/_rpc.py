@@ -389,8 +389,14 @@ _BOOT = "import sys; sys.path.insert(0, sys.argv[2]); from {module} import main;
 _started: list[subprocess.Popen[bytes]] = []
 
 
-def _reap_started() -> None:
+def reap_started() -> None:
+    """Reap the servers this process started that have exited (one ``waitpid(WNOHANG)``
+    each): called when a server is started, and when a manager/queue handle is opened,
+    closed or destroyed, so that one exiting by itself is not left a zombie for long."""
     _started[:] = [p for p in _started if p.poll() is None]
+
+
+_reap_started = reap_started  # (the name the tests use)
 
 
 def _forget_started_in_child() -> None:
@@ -405,7 +411,7 @@ def start_server(module: str, params: dict[str, Any], timeout: float) -> subproc
     (BackendUnavailableError, with the exit status, if it does not)."""
     import shareit
 
-    _reap_started()
+    reap_started()
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(shareit.__file__)))
     # Isolated (-I: no cwd, no PYTHON* variables, no user site) and run from /: with
