@@ -198,11 +198,6 @@ def _lock_then_fork_then_wait(d, conn) -> None:
         conn.recv()  # parked holding the lock until the parent kills us
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FileLock's flock lives on the open file description, which a child forked while "
-    "the lock is held inherits (nothing closes it after fork); when the holder is then "
-    "SIGKILLed the lock stays held by the innocent child, so every other process times "
-    "out (and the child itself deadlocks against its own inherited descriptor)"))
 @pytest.mark.timeout(60)
 def test_a_killed_lock_holders_forked_child_does_not_keep_the_lock(name) -> None:
     d = shareit.open(name, backend="reference")
