@@ -335,11 +335,6 @@ def _private_dir_in(parent: str) -> None:
     os.makedirs(os.path.join(parent, "rt", f"shareit-{os.geteuid()}"), 0o700)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_runtime caches the checked (base, euid) by the SHAREIT_RUNTIME_DIR string: a "
-    "relative base is checked once against the cwd of the first call, and after a "
-    "chdir the same string names another directory, whose ancestors (here a 0777, "
-    "not sticky one) are never checked"))
 @pytest.mark.timeout(60)
 def test_a_relative_runtime_base_is_checked_again_after_chdir(tmp_path) -> None:
     safe, unsafe = tmp_path / "safe", tmp_path / "unsafe"
@@ -353,10 +348,6 @@ def test_a_relative_runtime_base_is_checked_again_after_chdir(tmp_path) -> None:
     assert _run_cache_script(f"os.chdir({str(unsafe)!r})", "rt", str(safe)) == "refused"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_runtime skips the ancestor walk for a (base, euid) that passed it once: a base "
-    "that others can write to since (chmod 0777, not sticky) stays trusted for the "
-    "rest of the process, though README says it is checked before use"))
 @pytest.mark.timeout(60)
 def test_a_runtime_base_made_swappable_after_first_use_is_refused(tmp_path) -> None:
     base = tmp_path / "base"
