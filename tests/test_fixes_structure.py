@@ -31,3 +31,35 @@ def test_a_child_forked_while_a_file_lock_is_held_neither_keeps_nor_releases_it(
     lock.release()
     lock.release()
     lock.close()
+
+
+@pytest.mark.timeout(60)
+def test_dict_of_a_manager_mapping_is_still_one_round_trip_and_later_reads_are_not(
+        monkeypatch) -> None:
+    """The prefetch serves only the reads of the call that listed the keys: ``dict(d)`` and
+    ``{**d}`` cost one round trip each; a read after a loop over ``keys()`` asks the server."""
+    import shareit
+    from shareit.backends.manager import ManagerMapping
+
+    d = shareit.open(backend="manager", timeout=5.0)
+    try:
+        d.update({i: i * 10 for i in range(20)})
+        calls = []
+        real = ManagerMapping._call
+
+        def counted(self, *req):
+            calls.append(req[0])
+            return real(self, *req)
+
+        monkeypatch.setattr(ManagerMapping, "_call", counted)
+        assert dict(d) == {i: i * 10 for i in range(20)}
+        assert {**d} == {i: i * 10 for i in range(20)}
+        assert calls == ["items", "items"]
+        calls.clear()
+        for _ in d.keys():
+            pass
+        assert d[0] == 0 and d[1] == 10
+        assert calls == ["items", "get", "get"]
+    finally:
+        monkeypatch.undo()
+        d.close()

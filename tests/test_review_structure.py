@@ -759,7 +759,6 @@ _PREFETCH_REASON = (
     "capabilities.fresh_reads (True) and linearizability are broken")
 
 
-@pytest.mark.xfail(strict=True, reason=_PREFETCH_REASON)
 @pytest.mark.timeout(60)
 def test_a_read_after_iterating_keys_is_fresh_manager(name) -> None:
     d = shareit.open(name, backend="manager", timeout=5.0)
@@ -770,7 +769,6 @@ def test_a_read_after_iterating_keys_is_fresh_manager(name) -> None:
         d.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason=_PREFETCH_REASON)
 @pytest.mark.timeout(60)
 def test_a_read_after_iterating_keys_is_fresh_redis(name, redis_url) -> None:
     d = shareit.open(name, backend="redis", url=redis_url, timeout=5.0)
