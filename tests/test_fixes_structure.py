@@ -63,3 +63,49 @@ def test_dict_of_a_manager_mapping_is_still_one_round_trip_and_later_reads_are_n
     finally:
         monkeypatch.undo()
         d.close()
+
+
+def _attach_then_leave(handle: bytes, conn) -> None:
+    import pickle
+
+    m = pickle.loads(handle)
+    conn.send("attached")
+    conn.recv()
+    m.close()
+    conn.send("closed")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["manager", "queue"])
+def test_a_server_that_exited_by_itself_is_reaped_at_the_next_close(name, backend) -> None:
+    """No thread and no SIGCHLD handler reaps it; the next open, close or destroy of a
+    manager/queue handle in its starter does (one waitpid(WNOHANG) per started server)."""
+    import multiprocessing as mp
+    import pickle
+
+    import shareit
+    from helpers import proc_state, wait_until
+
+    fork = mp.get_context("fork")
+    m = shareit.open(name, backend=backend, timeout=5.0)
+    other = shareit.open(f"{name}-2", backend=backend, timeout=5.0)  # (its close reaps)
+    pid = m._proc.pid
+    parent_end, child_end = fork.Pipe()
+    p = fork.Process(target=_attach_then_leave, args=(pickle.dumps(m), child_end))
+    p.start()
+    try:
+        assert parent_end.poll(30) and parent_end.recv() == "attached"
+        m.close()
+        parent_end.send("go")
+        assert parent_end.poll(30) and parent_end.recv() == "closed"
+    finally:
+        p.join(30)
+    assert p.exitcode == 0
+    wait_until(lambda: proc_state(pid) in (b"Z", b"X"), what="the server exited")
+    # (a thread group's leader shows Z while its other threads are still exiting: wait
+    # until it can be reaped, without reaping it)
+    wait_until(lambda: os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+               is not None, what="the server reapable")
+    assert proc_state(pid) == b"Z"  # no thread, no SIGCHLD handler: nothing reaped it yet
+    other.close()
+    assert proc_state(pid) == b"X", "the exited server is still a zombie of its starter"
