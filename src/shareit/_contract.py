@@ -239,29 +239,23 @@ class MappingBase(MutableMapping[Any, Any]):
         released by the kernel when its holder dies; the first taker after a holder
         died in a generic bulk write rolls that write back (:meth:`_rollback_journal`).
         """
-        for _ in range(3):
-            if self._filelock is None:
-                self._filelock = FileLock(self._lock_path(), create=False)
-            lock = self._filelock
-            outermost = not lock.held()
+        if self._filelock is None:
+            self._filelock = FileLock(self._lock_path(), create=False)
+        lock = self._filelock
+        outermost = not lock.held()
+        try:
+            if not lock.acquire(timeout):
+                return False
+        except FileNotFoundError:
+            raise self._lock_gone() from None
+        if outermost:
             try:
-                if not lock.acquire(timeout):
-                    return False
-            except FileNotFoundError:
-                raise self._lock_gone() from None
-            if not outermost:
-                return True
-            try:
-                if self._lock_is_current(lock):
-                    self._rollback_journal()
-                    return True
+                self._check_lock_file(lock)
+                self._rollback_journal()
             except BaseException:
                 lock.release()
                 raise
-            lock.release()  # the file was replaced since this handle opened it: open it again
-            lock.close()
-            self._filelock = None
-        raise self._lock_gone()
+        return True
 
     def _lock_gone(self) -> BackendDiedError:
         return BackendDiedError(
@@ -269,10 +263,11 @@ class MappingBase(MutableMapping[Any, Any]):
             f"another mapping of that name now); open it again"
         )
 
-    def _lock_is_current(self, lock: FileLock) -> bool:
-        """With ``lock`` just taken: whether its descriptor is the file at its path now (False:
-        replaced since it was opened), and of this handle's mapping (BackendDiedError if the
-        file is gone, or holds the identity of another mapping than the one first seen)."""
+    def _check_lock_file(self, lock: FileLock) -> None:
+        """With ``lock`` just taken: its descriptor must be the file at its path now, holding
+        the identity this handle first saw. Only ``_create_lock`` makes that file, so one
+        gone or replaced means this handle's mapping was destroyed (and perhaps the name
+        created again): BackendDiedError, and the journal at the path is never touched."""
         fd = lock.fileno()
         st = os.fstat(fd)
         try:
@@ -280,13 +275,12 @@ class MappingBase(MutableMapping[Any, Any]):
         except FileNotFoundError:
             raise self._lock_gone() from None
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
-            return False
+            raise self._lock_gone()
         token = os.pread(fd, _TOKEN_SIZE, 0)
         if self._lock_token is None:
             self._lock_token = token
-        elif token != self._lock_token:
+        elif token != self._lock_token:  # (cannot differ on the same file; belt and braces)
             raise self._lock_gone()
-        return True
 
     def _lock_release(self) -> None:
         if self._filelock is None:
