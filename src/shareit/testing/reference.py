@@ -31,10 +31,12 @@ five methods. Set ``backend`` and ``capabilities`` truthfully (the suite reads
 them to decide what to test). Provide ``_create`` (make the shared object;
 publish the record of a named one with ``self._publish()``), ``_attach_record``,
 ``_handle``/``_from_handle``, and ``_cleanup_record``/``_destroy`` for the files
-or server state you add. Then make your reads lock-free, and replace
-``snapshot``, ``_update_items`` and ``clear`` with one atomic step each, when
-you need the speed. Register it through the ``shareit.backends`` entry-point
-group, and run ``shareit.testing.SharedMappingSuite`` on it.
+or server state you add (in ``_destroy``, only while ``self._still_mine()`` says the
+name is still this handle's mapping: a late ``destroy()`` through a handle of a
+mapping destroyed and created again since must spare the new one). Then make
+your reads lock-free, and replace ``snapshot``, ``_update_items`` and ``clear``
+with one atomic step each, when you need the speed. Register it through the
+``shareit.backends`` entry-point group, and run ``shareit.testing.SharedMappingSuite`` on it.
 
 Configuration
 -------------
