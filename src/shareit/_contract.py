@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import secrets
 from abc import abstractmethod
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from typing import Any, ClassVar
 
 from . import _codec, _runtime
 from ._locks import FileLock
+from ._records import Record
 from .config import Config
-from .errors import BackendDiedError, ClosedError, ConfigError, lock_timeout
+from .errors import BackendDiedError, ClosedError, ConfigError, RecordError, lock_timeout
 
 __all__ = ["MappingBase", "Capabilities", "MISSING", "STRUCTURAL_OPTIONS", "LockContext"]
 
@@ -132,6 +134,8 @@ class MappingBase(MutableMapping[Any, Any]):
         self._vt = _codec.VALUE_TYPES[vt] if vt else None
         self._declared = frozenset(config.keys) if config.keys else None
         self._filelock: FileLock | None = None
+        #: The identity in the default lock's file, as first seen by this handle.
+        self._lock_token: bytes | None = None
 
     # ------------------------------------------------------------ abstract hooks
 
@@ -178,13 +182,31 @@ class MappingBase(MutableMapping[Any, Any]):
             self._filelock.close()
 
     def _destroy(self) -> None:
-        """Remove the shared object for everyone, then :meth:`_close`."""
-        if self._stem is not None:
-            for kind in _LOCK_FILES:
-                _unlink_quiet(_runtime.path(self._stem, kind))
-        if self._name is not None:
-            _runtime.remove_meta(self._name)
+        """Remove the shared object for everyone, then :meth:`_close`.
+
+        A named one's files go only while its record is still this handle's mapping
+        (or there is none): through a handle of a mapping destroyed and created again
+        since, the new one is left alone. (``destroy()`` holds the name's lock.)"""
+        mine, record = self._still_mine()
+        if mine:
+            if self._stem is not None:
+                for kind in _LOCK_FILES:
+                    _unlink_quiet(_runtime.path(self._stem, kind))
+            if self._name is not None:
+                _runtime.remove_meta(self._name, expect=record)
         self._close()
+
+    def _still_mine(self) -> tuple[bool, Record | None]:
+        """Whether the files of this handle's name are still its mapping's, and the record
+        found: an anonymous stem is its own; a name is, while its record is the one this
+        handle joined -- or while it has none (held under the name's lock: then nothing
+        else of that name lives, and what is left are leftovers)."""
+        if self._name is None:
+            return True, None
+        record = _runtime.read_meta_quiet(self._name)
+        if record is None:
+            return True, None
+        return record["created"] == self._created, record
 
     def _lock_path(self) -> str:
         if self._stem is None:
@@ -197,8 +219,18 @@ class MappingBase(MutableMapping[Any, Any]):
     def _create_lock(self) -> None:
         """Make the default lock's file: a backend that keeps the default lock calls this
         in ``_create``, before the mapping can be reached. A handle never creates it, so
-        one used after ``destroy()`` raises BackendDiedError and leaves nothing behind."""
-        os.close(_runtime.open_private(self._lock_path(), os.O_RDWR, create=True))
+        one used after ``destroy()`` raises BackendDiedError and leaves nothing behind.
+
+        Leftovers of the stem (a lock file or journal of a killed creator or writer of an
+        earlier mapping of this name) are removed first; the new lock file holds a random
+        identity, which the undo journal carries (see :meth:`_rollback_journal`)."""
+        for kind in _LOCK_FILES:
+            _unlink_quiet(_runtime.path(self._lock_path().rpartition(_runtime.SEP)[0], kind))
+        fd = _runtime.open_private(self._lock_path(), os.O_RDWR, create=True)
+        try:
+            os.write(fd, secrets.token_bytes(_TOKEN_SIZE))
+        finally:
+            os.close(fd)
 
     def _lock_acquire(self, timeout: float) -> bool:
         """Take the mapping's lock (reentrant per thread) within ``timeout`` seconds.
@@ -209,21 +241,46 @@ class MappingBase(MutableMapping[Any, Any]):
         """
         if self._filelock is None:
             self._filelock = FileLock(self._lock_path(), create=False)
-        outermost = not self._filelock.held()
+        lock = self._filelock
+        outermost = not lock.held()
         try:
-            if not self._filelock.acquire(timeout):
+            if not lock.acquire(timeout):
                 return False
         except FileNotFoundError:
-            raise BackendDiedError(
-                f"mapping {self._label()} was destroyed (its lock file is gone); open it again"
-            ) from None
+            raise self._lock_gone() from None
         if outermost:
             try:
+                self._check_lock_file(lock)
                 self._rollback_journal()
             except BaseException:
-                self._filelock.release()
+                lock.release()
                 raise
         return True
+
+    def _lock_gone(self) -> BackendDiedError:
+        return BackendDiedError(
+            f"mapping {self._label()} was destroyed (its lock file is gone or belongs to "
+            f"another mapping of that name now); open it again"
+        )
+
+    def _check_lock_file(self, lock: FileLock) -> None:
+        """With ``lock`` just taken: its descriptor must be the file at its path now, holding
+        the identity this handle first saw. Only ``_create_lock`` makes that file, so one
+        gone or replaced means this handle's mapping was destroyed (and perhaps the name
+        created again): BackendDiedError, and the journal at the path is never touched."""
+        fd = lock.fileno()
+        st = os.fstat(fd)
+        try:
+            now = os.lstat(lock.path)
+        except FileNotFoundError:
+            raise self._lock_gone() from None
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            raise self._lock_gone()
+        token = os.pread(fd, _TOKEN_SIZE, 0)
+        if self._lock_token is None:
+            self._lock_token = token
+        elif token != self._lock_token:  # (cannot differ on the same file; belt and braces)
+            raise self._lock_gone()
 
     def _lock_release(self) -> None:
         if self._filelock is None:
@@ -235,13 +292,18 @@ class MappingBase(MutableMapping[Any, Any]):
     def _journal_path(self) -> str:
         return _runtime.path(self._lock_path().rpartition(_runtime.SEP)[0], "undo")
 
-    def _write_journal(self, undo: list[tuple[Any, Any]]) -> None:
-        """Before a generic bulk write (lock held): what to restore if this process dies."""
+    def _write_journal(self, undo: list[tuple[Any, Any]], kind: str = "update") -> None:
+        """Before a generic bulk write (lock held): what to restore if this process dies.
+
+        ``undo`` holds (key, old value or MISSING) in write order; ``kind`` is "update"
+        (restore those keys) or "clear" (``undo`` is the whole mapping: restore it, in
+        order). The journal carries the lock file's identity: one written for an earlier
+        mapping of this name is never replayed into a later one."""
         path = self._journal_path()
         tmp = path + ".tmp"
         _unlink_quiet(tmp)  # left by a holder killed while writing it
-        data = pickle.dumps([(k, v is not MISSING, None if v is MISSING else v)
-                             for k, v in undo], _codec.PROTOCOL)
+        entries = [(k, v is not MISSING, None if v is MISSING else v) for k, v in undo]
+        data = pickle.dumps((self._lock_token or b"", kind, entries), _codec.PROTOCOL)
         fd = _runtime.open_private(tmp, os.O_WRONLY, create=True)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -258,13 +320,36 @@ class MappingBase(MutableMapping[Any, Any]):
         except FileNotFoundError:
             return
         with os.fdopen(fd, "rb") as f:
-            undo = pickle.loads(f.read())  # (our own private file, written above)
-        for key, present, value in reversed(undo):  # idempotent: a rollback cut short reruns
+            blob = f.read()
+        try:
+            token, kind, entries = pickle.loads(blob)  # (our own private file, written above)
+            if not (type(token) is bytes and kind in ("update", "clear")
+                    and type(entries) is list
+                    and all(type(e) is tuple and len(e) == 3 for e in entries)):
+                raise ValueError("not a journal")
+        except Exception:
+            raise RecordError(
+                f"the undo journal {path} of mapping {self._label()} is malformed: it is not "
+                f"one shareit wrote; remove it (or destroy the mapping)"
+            ) from None
+        if token == (self._lock_token or b""):
+            self._replay_undo(kind, entries)  # idempotent: a rollback cut short reruns
+        _unlink_quiet(path)  # (another mapping's of this name: never replayed into this one)
+
+    def _replay_undo(self, kind: str, entries: list[tuple[Any, bool, Any]]) -> None:
+        """Restore what a journal of ``kind`` holds (see :meth:`_write_journal`)."""
+        if kind == "clear":  # the whole mapping, in its order: empty it, then refill it
+            for key in list(self):
+                self.pop(key, None)
+            for key, present, value in entries:
+                if present:
+                    self[key] = value
+            return
+        for key, present, value in reversed(entries):
             if present:
                 self[key] = value
             else:
                 self.pop(key, None)
-        _unlink_quiet(path)
 
     # ------------------------------------------------------------ identity
 
@@ -367,6 +452,8 @@ class MappingBase(MutableMapping[Any, Any]):
 
 #: The default lock's files: the lock, its undo journal, the journal being written.
 _LOCK_FILES = ("mutex", "undo", "undo.tmp")
+#: Bytes of random identity in a default lock's file.
+_TOKEN_SIZE = 16
 
 
 def unhashable(key: Any) -> TypeError:

@@ -130,9 +130,8 @@ class Lifecycle(DictBehaviour):
                 self._unjoin.detach()
                 name = self._named()
                 _lifetime.forget(name, self._created)
-                with _lifetime.name_lock(name, self._config.timeout) as lock:
-                    self._destroy()
-                    lock["remove"] = True
+                with _lifetime.name_lock(name, self._config.timeout):
+                    self._destroy()  # (the lock file goes with the record: not another's)
             else:
                 self._destroy()
         finally:

@@ -5,8 +5,11 @@ is SIGKILLed (FACTS.md). ``flock`` is released by the kernel when the last
 descriptor of its holder goes away, so a dead holder never blocks the rest.
 ``flock`` excludes separately opened descriptors even within one process, so
 :class:`FileLock` adds a thread lock for the threads of one process and
-reopens the file after ``fork`` (an inherited descriptor would share the
-parent's lock).
+reopens the file after ``fork``: a forked child closes the descriptors it
+inherited at once (an inherited one shares the parent's open file description,
+so it would keep the parent's lock held after the parent died, for as long as
+the child lives). The ``flock`` fallback of a robust mutex (:class:`FlockMutex`)
+does the same.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import fcntl
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -47,6 +51,24 @@ class FileLock:
         self._mutex = threading.Lock()
         self._owner: int | None = None
         self._depth = 0
+        #: In a forked child: (thread, depth) of the parent's hold at the fork, which
+        #: that thread's copy in the child still releases (without touching the lock).
+        self._inherited: tuple[int, int] | None = None
+        _file_locks.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child, before anything else runs: let go of the parent's lock."""
+        if self._fd >= 0:
+            os.close(self._fd)  # this process's copy only: the parent keeps its lock
+        self._fd, self._pid = -1, -1
+        if self._owner is not None:
+            self._inherited = (self._owner, self._depth)
+        self._mutex = threading.Lock()
+        self._owner, self._depth = None, 0
+
+    def fileno(self) -> int:
+        """This process's descriptor of the lock file (opened on first use)."""
+        return self._fileno()
 
     def _fileno(self) -> int:
         if self._pid != os.getpid():  # first use, or a forked child: never share the parent's lock
@@ -83,6 +105,10 @@ class FileLock:
 
     def release(self) -> None:
         if self._owner != threading.get_ident():
+            held = self._inherited
+            if held is not None and held[0] == threading.get_ident():  # held when we forked
+                self._inherited = (held[0], held[1] - 1) if held[1] > 1 else None
+                return
             raise RuntimeError("release of a lock this thread does not hold")
         self._depth -= 1
         if self._depth == 0:
@@ -211,6 +237,14 @@ class FlockMutex:
         self._fd = _open_lockfile(path, False)
         self._rlock = threading.RLock()
         self._depth = 0
+        _flock_mutexes.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: close the inherited descriptor (see :class:`FileLock`). The
+        child must build its own mutex; this one is unusable there."""
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
 
     def trylock(self) -> int:
         if not self._rlock.acquire(False):
@@ -251,7 +285,24 @@ class FlockMutex:
         pass
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+
+#: Every lock whose descriptor a forked child must close at once (see the module doc).
+_file_locks: weakref.WeakSet[FileLock] = weakref.WeakSet()
+_flock_mutexes: weakref.WeakSet[FlockMutex] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for lock in list(_file_locks):
+        lock._forked()
+    for mutex in list(_flock_mutexes):
+        mutex._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 _lib: ctypes.CDLL | None = None

@@ -141,21 +141,17 @@ class Operations(MappingBase):
         """Remove every key in one atomic step."""
         with self.lock():
             undo = list(self.snapshot().items())
-            self._write_journal(undo)
+            self._write_journal(undo, "clear")
             try:
                 for k, _ in undo:
                     del self[k]
             except BaseException:
-                self._restore(undo)
+                self._restore(undo, "clear")
                 raise
             self._end_journal()
 
-    def _restore(self, undo: list[tuple[Any, Any]]) -> None:
-        for k, old in reversed(undo):
-            if old is MISSING:
-                self.pop(k, None)
-            else:
-                self[k] = old
+    def _restore(self, undo: list[tuple[Any, Any]], kind: str = "update") -> None:
+        self._replay_undo(kind, [(k, v is not MISSING, v) for k, v in undo])
         self._end_journal()
 
     def _validated_items(self, other: Any, kwargs: Mapping[str, Any]) -> list[tuple[Any, Any]]:

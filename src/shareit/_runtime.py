@@ -50,9 +50,11 @@ _ANON_RE = re.compile(r"\+anon-[0-9]{1,10}-[0-9a-f]{8,32}")
 
 
 def base_dir() -> str:
+    """``$SHAREIT_RUNTIME_DIR`` made absolute (a relative one names a directory under the
+    current one: after a chdir, another directory, checked as such), else the default."""
     d = os.environ.get("SHAREIT_RUNTIME_DIR")
     if d:
-        return d
+        return d if d[0] == "/" else os.path.abspath(d)
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
@@ -93,7 +95,6 @@ def _check_base(base: str) -> None:
     group or others only when sticky (like /dev/shm and /tmp). A symlink is followed
     only if it, too, is ours or root's; then the same holds for its target's path.
     """
-    me = os.geteuid()
     real = os.path.realpath(base)
     parts = [base] if base != real else []
     head = real
@@ -104,36 +105,59 @@ def _check_base(base: str) -> None:
             break
         head = parent
     for p in parts:
-        st = os.lstat(p)
-        if st.st_uid not in (0, me):
-            raise _refuse(base, f"{p} belongs to {_owner_name(st.st_uid)}, who could replace "
-                                f"what is in it")
-        if stat.S_ISLNK(st.st_mode):
-            continue
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise _refuse(base, f"others could replace what is in {p} (mode "
-                                f"{stat.S_IMODE(st.st_mode):04o}, not sticky)")
+        _check_component(base, p, os.lstat(p))
 
 
-#: (base, euid) whose ancestors :func:`_check_base` passed. Only their owners -- this user
-#: or root, as checked -- can change them since, so the walk is not repeated.
+def _check_component(base: str, p: str, st: os.stat_result) -> None:
+    """Raise unless ``p`` (``base`` or above it; ``st`` its lstat) is one that only we or
+    root can replace what is in: owned by us or root, writable by others only if sticky."""
+    me = os.geteuid()
+    if st.st_uid not in (0, me):
+        raise _refuse(base, f"{p} belongs to {_owner_name(st.st_uid)}, who could replace "
+                            f"what is in it")
+    if stat.S_ISLNK(st.st_mode):
+        return
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise _refuse(base, f"others could replace what is in {p} (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}, not sticky)")
+
+
+#: (absolute base, euid) whose ancestors :func:`_check_base` passed. Only their owners --
+#: this user or root, as checked -- can change the ancestors since; the base itself is
+#: checked again at every call (one ``stat``: it may have been made writable by others).
 _bases_checked: set[tuple[str, int]] = set()
 
 
 def runtime_dir() -> str:
     """This user's private directory of shared objects, created and verified (see module doc).
 
-    The directory itself is checked at every call (one ``lstat``); the walk up its base's
-    ancestors once per process and base.
+    The directory and its base are checked at every call (one ``lstat``, one ``stat``);
+    the walk up the base's ancestors once per process and (absolute) base.
     """
-    base, euid = base_dir(), os.geteuid()
+    euid = os.geteuid()
+    env = os.environ.get("SHAREIT_RUNTIME_DIR")
+    st: os.stat_result | None = None
+    if env:
+        base = env if env[0] == "/" else os.path.abspath(env)
+    else:  # base_dir()'s default, with the one stat that also checks it below
+        try:
+            st = os.stat("/dev/shm")
+        except OSError:
+            pass
+        base = "/dev/shm" if st is not None and stat.S_ISDIR(st.st_mode) else base_dir()
     d = os.path.join(base, f"shareit-{euid}")
     if (base, euid) in _bases_checked:
         try:
+            if st is None or base != "/dev/shm":
+                st = os.stat(base)  # (through a symlink the walk checked)
+            _check_component(base, base, st)
             check_private(d, os.lstat(d), "dir")
             return d
         except FileNotFoundError:
             pass
+        except PermissionDeniedError:
+            _bases_checked.discard((base, euid))
+            raise
     if not os.path.lexists(base):
         os.makedirs(base, 0o700, exist_ok=True)
     _check_base(base)

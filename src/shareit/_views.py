@@ -4,12 +4,16 @@
 backend whose reads cost a round trip (``_prefetch_reads``), ``keys()`` also
 takes a snapshot and lets the reads that ``dict(d)`` and ``{**d}`` make next
 (CPython's generic merge: ``keys()``, then ``d[k]`` for each key in order) be
-served from it, so the copy costs one round trip and is consistent. Any other
-call ends that read sequence (``_end_prefetch``).
+served from it, so the copy costs one round trip and is consistent. Only the
+reads of that same call are: a read is served from the snapshot only if it comes
+from the very instruction (frame and offset) that listed the keys -- inside
+``dict(d)``, not a later ``d[k]`` after a loop over ``d.keys()``, which reads
+afresh. Any other call ends that read sequence (``_end_prefetch``).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from typing import Any, TypeVar
@@ -32,8 +36,21 @@ class _KeysView(KeysView[Any]):
         if not m._prefetch_reads:
             return iter(m)
         snap = m.snapshot()
-        m._prefetch_local().pending = iter(snap.items())
+        if snap:  # who lists the keys: a C merge (dict(d)) reads from this same instruction
+            caller = sys._getframe(1)
+            m._prefetch_local().pending = _Pending(list(snap.items()), id(caller),
+                                                   caller.f_code, caller.f_lasti)
         return iter(list(snap))
+
+
+class _Pending:
+    """A snapshot's items, for the reads of the call that listed its keys (see module doc)."""
+
+    __slots__ = ("items", "next", "frame", "code", "lasti")
+
+    def __init__(self, items: list[tuple[Any, Any]], frame: int, code: object, lasti: int):
+        self.items, self.next = items, 0
+        self.frame, self.code, self.lasti = frame, code, lasti
 
 
 class _SnapshotItemsView(ItemsView[Any, Any]):
@@ -65,15 +82,23 @@ class DictBehaviour(Operations):
 
     def _take_prefetched(self, key: Any) -> Any:
         """The value ``keys()`` fetched for ``key``, if it is the next read of that
-        sequence in this thread; else :data:`MISSING` (and the sequence is over)."""
+        sequence in this thread, made by the same call (the caller of ``__getitem__`` is
+        at the instruction that listed the keys); else :data:`MISSING` (and the sequence
+        is over)."""
         local = self.__dict__.get("_prefetch_tls")
-        pending = getattr(local, "pending", None)
+        pending: _Pending | None = getattr(local, "pending", None)
         if pending is None:
             return MISSING
         local.pending = None  # type: ignore[union-attr]  # (pending is set: so is local)
-        k, v = next(pending, (MISSING, None))
+        caller = sys._getframe(2)  # (1: the backend's __getitem__)
+        if (id(caller) != pending.frame or caller.f_lasti != pending.lasti
+                or caller.f_code is not pending.code):
+            return MISSING  # a read of a later call: never from an older snapshot
+        k, v = pending.items[pending.next]
         if k is key or k == key:
-            local.pending = pending  # type: ignore[union-attr]
+            pending.next += 1
+            if pending.next < len(pending.items):
+                local.pending = pending  # type: ignore[union-attr]
             return v
         return MISSING
 

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Any, NoReturn
 
@@ -148,6 +149,11 @@ class ForeignServerError(Exception):
         self.uid = uid
 
 
+class WrongKeyError(Exception):
+    """The server at the address does not know our key: it serves another mapping (the
+    name was destroyed and created again since this handle was made)."""
+
+
 @dataclass(eq=False)
 class Link:
     """A client's authenticated connection (one per thread of a process)."""
@@ -175,8 +181,11 @@ def connect(address: str, authkey: bytes, timeout: float, bound: float,
     conn = Connection(sock.detach())
     try:
         set_timeouts(conn, bound, bound)
-        answer_challenge(conn, authkey)
-        deliver_challenge(conn, authkey)
+        try:
+            answer_challenge(conn, authkey)
+            deliver_challenge(conn, authkey)
+        except AuthenticationError:
+            raise WrongKeyError() from None
         conn.send_bytes(encode(hello))
         server_pid = decode(conn.recv_bytes())[1]
     except BaseException:
@@ -380,8 +389,14 @@ _BOOT = "import sys; sys.path.insert(0, sys.argv[2]); from {module} import main;
 _started: list[subprocess.Popen[bytes]] = []
 
 
-def _reap_started() -> None:
+def reap_started() -> None:
+    """Reap the servers this process started that have exited (one ``waitpid(WNOHANG)``
+    each): called when a server is started, and when a manager/queue handle is opened,
+    closed or destroyed, so that one exiting by itself is not left a zombie for long."""
     _started[:] = [p for p in _started if p.poll() is None]
+
+
+_reap_started = reap_started  # (the name the tests use)
 
 
 def _forget_started_in_child() -> None:
@@ -396,7 +411,7 @@ def start_server(module: str, params: dict[str, Any], timeout: float) -> subproc
     (BackendUnavailableError, with the exit status, if it does not)."""
     import shareit
 
-    _reap_started()
+    reap_started()
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(shareit.__file__)))
     # Isolated (-I: no cwd, no PYTHON* variables, no user site) and run from /: with

@@ -144,6 +144,7 @@ class ManagerMapping(SharedMapping):
             key = bytes.fromhex(authkey)
         except ValueError:
             raise RecordError(f"the record of mapping {name!r} has a malformed auth key") from None
+        _rpc.reap_started()
         self = cls(name, config, address, key, name)
         self._call("len")  # fail now, with BackendDiedError, if the server is gone
         return self
@@ -176,6 +177,7 @@ class ManagerMapping(SharedMapping):
         return cls(name, config, _runtime.socket_path(stem), authkey, stem)
 
     def _close(self) -> None:
+        _rpc.reap_started()  # a server of ours that exited by itself meanwhile
         with self._links_lock:
             links, self._links = self._links, []
         for link in links:
@@ -197,13 +199,19 @@ class ManagerMapping(SharedMapping):
             self._proc = None
         if self._name is not None:
             record = _runtime.read_meta_quiet(self._name)
-            if record is not None and record["fields"].get("authkey") == self._authkey.hex():
-                _runtime.remove_meta(self._name)
-            if record is None or record["fields"].get("authkey") == self._authkey.hex():
-                _unlink_quiet(self._address)  # a killed server cannot remove its socket
+            mine = record is None or record["fields"].get("authkey") == self._authkey.hex()
+            if record is not None and mine:
+                _runtime.remove_meta(self._name, expect=record)
         else:
-            _unlink_quiet(self._address)
+            mine = True
+        if mine:  # (not through a handle of a mapping whose name was taken again since)
+            self._remove_server_files()
+        _rpc.reap_started()
         self._close()
+
+    def _remove_server_files(self) -> None:
+        """What the server leaves beside its record (its mapping is being destroyed)."""
+        _unlink_quiet(self._address)  # a killed server cannot remove its socket
 
     # ------------------------------------------------------------------ transport
 
@@ -228,6 +236,12 @@ class ManagerMapping(SharedMapping):
                 f"the server at the address of mapping {self._label()} "
                 f"({self._address.lstrip(chr(0))!r}) belongs to uid {exc.uid}, not you "
                 f"(uid {os.geteuid()}); refusing to use it"
+            ) from None
+        except _rpc.WrongKeyError:
+            raise BackendDiedError(
+                f"mapping {self._label()} was destroyed, and another mapping has this name "
+                f"now (its {self.server_title} does not know this handle's key); open it "
+                f"again by name"
             ) from None
         except (OSError, EOFError) as exc:
             raise self._died(exc) from None

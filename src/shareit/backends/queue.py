@@ -384,8 +384,8 @@ class QueueMapping(ManagerMapping):
         _live.pop(id(self), None)
         super()._close()
 
-    def _destroy(self) -> None:
-        super()._destroy()
+    def _remove_server_files(self) -> None:
+        super()._remove_server_files()
         try:
             os.unlink(self._seq_path)
         except FileNotFoundError:

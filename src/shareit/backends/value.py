@@ -600,5 +600,6 @@ class ValueMapping(SharedMapping):
                 words[i] |= _BULK | _BAD
         finally:
             self._lock_release()
-        if self._name is not None:
-            _runtime.remove_meta(self._name)
+        mine, record = self._still_mine()  # (not the record of a later mapping of the name)
+        if self._name is not None and mine:
+            _runtime.remove_meta(self._name, expect=record)

@@ -31,10 +31,12 @@ five methods. Set ``backend`` and ``capabilities`` truthfully (the suite reads
 them to decide what to test). Provide ``_create`` (make the shared object;
 publish the record of a named one with ``self._publish()``), ``_attach_record``,
 ``_handle``/``_from_handle``, and ``_cleanup_record``/``_destroy`` for the files
-or server state you add. Then make your reads lock-free, and replace
-``snapshot``, ``_update_items`` and ``clear`` with one atomic step each, when
-you need the speed. Register it through the ``shareit.backends`` entry-point
-group, and run ``shareit.testing.SharedMappingSuite`` on it.
+or server state you add (in ``_destroy``, only while ``self._still_mine()`` says the
+name is still this handle's mapping: a late ``destroy()`` through a handle of a
+mapping destroyed and created again since must spare the new one). Then make
+your reads lock-free, and replace ``snapshot``, ``_update_items`` and ``clear``
+with one atomic step each, when you need the speed. Register it through the
+``shareit.backends`` entry-point group, and run ``shareit.testing.SharedMappingSuite`` on it.
 
 Configuration
 -------------
@@ -143,7 +145,7 @@ class ReferenceMapping(SharedMapping):
     @classmethod
     def _create(cls, name: str | None, config: Config) -> ReferenceMapping:
         stem = name if name is not None else _runtime.anon_stem()
-        for kind in _FILES:  # left by a dead owner of the name
+        for kind in _FILES:  # left by a dead owner of the name (_create_lock: the lock's)
             _unlink_quiet(_runtime.path(stem, kind))
         self = cls(name, config, stem, secrets.token_hex(8))
         try:
@@ -191,10 +193,24 @@ class ReferenceMapping(SharedMapping):
         super()._cleanup_record(name, record)  # the default lock's files
 
     def _destroy(self) -> None:
-        for kind in _FILES:
-            if self._stem is not None:
-                _unlink_quiet(_runtime.path(self._stem, kind))
-        super()._destroy()  # the lock's files, the record, then _close()
+        if self._data_is_mine() and self._still_mine()[0]:
+            for p in (self._path, self._path + ".tmp"):  # (_FILES)
+                _unlink_quiet(p)
+        super()._destroy()  # the lock's files and the record (if still ours), then _close()
+
+    def _data_is_mine(self) -> bool:
+        """Whether ``STEM@data`` is missing, unreadable or this handle's mapping's -- not that
+        of a mapping created under this name since (whose files a late destroy() spares)."""
+        try:
+            fd = _runtime.open_private(self._path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        with os.fdopen(fd, "rb") as f:
+            try:
+                ident = pickle.loads(f.read())[0]  # (our own private file)
+            except Exception:
+                return True
+        return bool(ident == self._ident)
 
 
 def _write_replace(path: str, blob: bytes) -> None:
