@@ -21,7 +21,7 @@ FORK = mp.get_context("fork")
 OLD = {"n": 1, "s": "old", "keep": [1, 2]}
 
 
-def _encoded(key: str, value: object) -> tuple:
+def _encoded(key: object, value: object) -> tuple:
     kkind, kb = encode_key(key)
     return (key, kkind, kb, zlib.crc32(kb, kkind), *encode_value(value))
 
@@ -112,30 +112,37 @@ def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
         b.close()
 
 
-@pytest.mark.parametrize("key", ["s", "fresh"])
-@pytest.mark.parametrize("value", ["new", "new" * 10, b"\x00" * 24, [1, "two", (3.0,)], 7])
-def test_the_flat_writes_do_what_the_steps_do(key, value) -> None:
+@pytest.mark.parametrize("via", ["write_flat", "mapping"])
+@pytest.mark.parametrize("key", ["s", "fresh", b"b", 12])
+@pytest.mark.parametrize("value", ["new", "new" * 10, b"\x00" * 24, [1, "two", (3.0,)], 7, None])
+def test_the_flat_writes_do_what_the_steps_do(key, value, via) -> None:
     """``fastpath.write_flat`` does the commonest writes flat, for speed -- a value over
     a key's value that fits its room ("s"), a new key ("fresh") -- and must leave the
     bytes that ``enter``, ``Journal.begin``, ``put`` and ``Journal.commit`` leave, one
-    call after another (whichever of the two ran, both must agree)."""
+    call after another (whichever of the two ran, both must agree). ``d[k] = value``
+    (``via="mapping"``) calls them itself, with the value encoded once: the same bytes."""
     a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
+    placed = key != "fresh"
     try:
-        for m in (a, b):  # the same history: the same bytes; "s" gets room for 5 words
-            m.update({"pad": "x" * 20, "n": 1, "s": "old"})
-            m["s"] = "y" * 40
-            m["s"] = "old"
+        for m in (a, b):  # the same history: the same bytes; the key gets room for 5 words
+            m.update({"pad": "x" * 20, "n": 1, "s": "old", b"b": "old", 12: "old"})
+            for k in ("s", b"b", 12):
+                m[k] = "y" * 40
+                m[k] = "old"
         assert _state(a) == _state(b)
         item = _encoded(key, value)
         ta: Table = a._t
-        flat = key == "fresh" or type(value) in (str, bytes, list)
-        ta.journal.saved_header = key == "s"  # (Journal.begin resets it; flat paths do not)
-        ran = fastpath.write_flat(ta, *item)
-        assert ran == flat
-        if not ran:
-            ta.set(*item)  # (the steps, as the mapping would go on to)
+        flat = not placed or type(value) in (str, bytes, list)
+        ta.journal.saved_header = placed  # (Journal.begin resets it; flat paths do not)
+        if via == "mapping":
+            a[key] = value
+        else:
+            ran = fastpath.write_flat(ta, *item)
+            assert ran == flat
+            if not ran:
+                ta.set(*item)  # (the steps, as the mapping would go on to)
         if flat:
-            assert ta.journal.saved_header == (key == "s"), "the flat path ran"
+            assert ta.journal.saved_header == placed, "the flat path ran"
         tb: Table = b._t
         tb.enter()
         try:

@@ -24,8 +24,20 @@ from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
-from .fastpath import ABSENT, NOT_FLAT, remove_flat, store_number, write_flat
-from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT, V_STR
+from .fastpath import ABSENT, NOT_FLAT, insert, overwrite, remove_flat, store_number, write_flat
+from .layout import (
+    C_GROW,
+    C_GSEQ,
+    C_JSTATE,
+    C_STAMP,
+    J_INLINE,
+    K_STR,
+    LIVE,
+    V_BYTES,
+    V_FLOAT,
+    V_INT,
+    V_STR,
+)
 from .read import Got, lookup, read_entry
 from .read import length as _length
 from .segments import (
@@ -263,39 +275,71 @@ class ShmMapping(SharedMapping):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         tv = type(value)
-        if (tv is int or tv is float) and (type(key) is str or type(key) is int):
-            t = self._t
-            w = t.slots.get(key, -1) if self._plain else -1  # (1.0 or True: not here)
-            if w >= 0:  # the hot path, inline: Table.store_inline, repeated for speed
-                if tv is float:
-                    want, inline = _LIVE_FLOAT, f2i(value)
-                elif _INT64_MIN <= value <= _INT64_MAX:
-                    want, inline = _LIVE_INT, value
-                else:
-                    want = 0
-                lk = t.lock
-                rc = lk.trylock() if want else 1
-                if not rc or (want and self._contended(rc)):
-                    try:
-                        c = t.c
-                        g = t.g
-                        if (c[C_GSEQ] == t.epoch and not c[C_JSTATE] and not c[C_GROW]
-                                and g.u32[w * 2 + 5] & _LIVE_KIND == want):
-                            if L.FAULT:
-                                t.store_inline(w, inline)
+        tk = type(key)
+        if tv is int or tv is float:
+            if (tk is str or tk is int) and self._plain:  # (1.0 or True: not here)
+                t = self._t
+                w = t.slots.get(key, -1)
+                if w >= 0:  # the hot path, inline: Table.store_inline, repeated for speed
+                    if tv is float:
+                        want, inline = _LIVE_FLOAT, f2i(value)
+                    elif _INT64_MIN <= value <= _INT64_MAX:
+                        want, inline = _LIVE_INT, value
+                    else:
+                        want = 0
+                    lk = t.lock
+                    rc = lk.trylock() if want else 1
+                    if not rc or (want and self._contended(rc)):
+                        try:
+                            c = t.c
+                            g = t.g
+                            if (c[C_GSEQ] == t.epoch and not c[C_JSTATE] and not c[C_GROW]
+                                    and g.u32[w * 2 + 5] & _LIVE_KIND == want):
+                                if L.FAULT:
+                                    t.store_inline(w, inline)
+                                    return
+                                c[C_JSTATE] = (w << 2) | J_INLINE
+                                stamp = c[C_STAMP] + 1
+                                c[C_STAMP] = stamp
+                                q = g.q
+                                q[w] = 2 * stamp + 1
+                                g.qs[w + 3] = inline
+                                q[w] = 2 * stamp + 2
+                                c[C_JSTATE] = 0
                                 return
-                            c[C_JSTATE] = (w << 2) | J_INLINE
-                            stamp = c[C_STAMP] + 1
-                            c[C_STAMP] = stamp
-                            q = g.q
-                            q[w] = 2 * stamp + 1
-                            g.qs[w + 3] = inline
-                            q[w] = 2 * stamp + 2
-                            c[C_JSTATE] = 0
-                            return
-                    finally:
-                        lk.unlock()
-        if type(key) is not str or self._declared is not None:
+                        finally:
+                            lk.unlock()
+        elif self._plain and (tk is str or tk is bytes or tk is int):
+            # a heap value (or None, a bool): the value encoded once, the key only if needed
+            if tv is str:
+                vkind, vinl, vraw = V_STR, 0, value.encode("utf-8", "surrogatepass")
+            elif tv is bytes:
+                vkind, vinl, vraw = V_BYTES, 0, value
+            else:
+                vkind, vinl, vraw = encode_value(value)
+            t = self._t
+            w = t.slots.get(key, -1)  # (empty once closed)
+            if w >= 0:  # a key this process placed: in its room if it fits
+                if vraw is not None and overwrite(t, key, w, vkind, vraw):
+                    return
+            else:
+                if tk is str:
+                    kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
+                else:
+                    kkind, kb = encode_key(key)
+                h = _crc32(kb, kkind)
+                if self._closed:
+                    self._check_open()
+                if insert(t, key, kkind, kb, h, vkind, vinl, vraw):
+                    return
+                t.set(key, kkind, kb, h, vkind, vinl, vraw)
+                return
+            kkind, kb = encode_key(key)
+            if self._closed:
+                self._check_open()
+            t.set(key, kkind, kb, _crc32(kb, kkind), vkind, vinl, vraw)
+            return
+        if tk is not str or self._declared is not None:
             key = self._check_key(key)
         if self._vt is not None:
             value = self._vt.coerce(value)
