@@ -83,7 +83,10 @@ class ShmMapping(SharedMapping):
         notes="no server; lock-free reads; flock + undo journal for writes",
     )
 
-    def __init__(self, name: str | None, config: Config, seg: str, cmm: Any):
+    def __init__(self, name: str | None, config: Config, seg: str, cmm: Any,
+                 g: L.Generation | None = None):
+        """``g``: the first generation, just created and mapped (``_create``: each segment
+        is mapped once); else the current one is mapped."""
         super().__init__(name, config)
         self._seg = seg
         self._t = t = Table(seg, cmm, self._label(), config.timeout, config.capacity or 0)
@@ -92,7 +95,10 @@ class ShmMapping(SharedMapping):
         self._cache = t.cache.entries  # (the hot read path looks here first)
         self._plain = self._declared is None and self._vt is None  # d[k] = number may go fast
         _live[id(self)] = self
-        t.map_current()
+        if g is not None:
+            t.adopt(g)
+        else:
+            t.map_current()
 
     # ------------------------------------------------------------------ segments
 
@@ -103,8 +109,9 @@ class ShmMapping(SharedMapping):
             unlink_quiet(path)
         cmm = create_file(ctrl_path(seg), L.CTRL_SIZE)
         c = bytes_view(cmm).cast("Q")
+        g = None
         try:
-            L.Generation.create(seg, 1, config.capacity or 8, (config.capacity or 8) * 16).close()
+            g = L.Generation.create(seg, 1, config.capacity or 8, (config.capacity or 8) * 16)
             if robust_mutex_available():
                 RobustMutex.init(cmm, L.MUTEX_OFFSET)
                 c[L.C_LOCKKIND] = L.LOCK_ROBUST
@@ -112,11 +119,13 @@ class ShmMapping(SharedMapping):
                 c[L.C_LOCKKIND] = L.LOCK_FLOCK
             c[L.C_LAYOUT], c[L.C_GEN], c[L.C_GSEQ], c[L.C_MAGIC] = L.LAYOUT, 1, 2, L.MAGIC
             c.release()
-            self = cls(name, config, seg, cmm)
+            self = cls(name, config, seg, cmm, g)
         except BaseException:
             release_quietly(c)
+            if g is not None:
+                g.close()  # (twice, after the handle's finalizer ran: harmless)
             unmap(cmm)
-            del c, cmm  # (the traceback keeps this frame: it must not keep the mapping)
+            del c, cmm, g  # (the traceback keeps this frame: it must not keep the mapping)
             for path in all_paths(seg):
                 unlink_quiet(path)
             raise

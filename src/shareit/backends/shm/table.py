@@ -103,11 +103,11 @@ class Table:
                 continue  # replaced by a newer generation meanwhile
             if self.g is not None:
                 self.g.close()
-            self._adopt(g)
+            self.adopt(g)
             return
         raise self.died()
 
-    def _adopt(self, g: L.Generation) -> None:
+    def adopt(self, g: L.Generation) -> None:
         self.g, self.gen, self.epoch, self.q = g, g.gen, g.gen * 2, g.q
         self.maps.g = g
         self.forget()
@@ -490,7 +490,7 @@ class Table:
         unlink_quiet(old.path)
         c[C_GROW] = 0
         old.close()
-        self._adopt(new)
+        self.adopt(new)
 
     def rebuild(self, extra_entries: int = 0, extra_heap: int = 0, empty: bool = False,
                 changes: Any = None) -> None:
