@@ -189,11 +189,14 @@ def test_a_flat_write_after_a_writer_died_in_one(name, step: str) -> None:
         d.close()
 
 
+@pytest.mark.parametrize("via", ["probe", "slots"])
 @pytest.mark.parametrize("want", [False, True])
 @pytest.mark.parametrize("key", ["s", "n", "pad", "absent"])
-def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool) -> None:
+def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool, via: str) -> None:
     """``fastpath.remove_flat`` (``del``, ``pop``) must leave the bytes that ``enter``,
-    ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` leave."""
+    ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` leave -- finding the key by
+    a probe, or (``via="slots"``, as ``del d[k]`` does for a key this process placed) by
+    its entry, with its index slot from the entry's hash."""
     a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
     try:
         for m in (a, b):
@@ -203,7 +206,9 @@ def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool) -> None:
         _, kkind, kb, h, *_ = _encoded(key, None)
         ta: Table = a._t
         ta.journal.saved_header = True  # (Journal.begin resets it; the flat path does not)
-        got_a = fastpath.remove_flat(ta, key, kkind, kb, h, want)
+        w = ta.slots.get(key, -1) if via == "slots" else -1
+        assert (w >= 0) == (via == "slots" and key != "absent")
+        got_a = fastpath.remove_flat(ta, key, kkind, kb, h, want, w)
         assert got_a is not fastpath.NOT_FLAT and ta.journal.saved_header
         tb: Table = b._t
         tb.enter()

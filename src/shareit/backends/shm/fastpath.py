@@ -36,6 +36,7 @@ from .layout import (
     C_WRITER,
     CACHE_MAX,
     DELETED,
+    EMPTY,
     ENTRY_BYTES,
     H_GARBAGE,
     H_LIVE,
@@ -71,6 +72,7 @@ _ZEROS = bytes(8)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _JB = JOURNAL_WORD * 8  # the journal's first byte in the control segment
 ABSENT = object()  # (remove: no such key)
+_IBASE = HEADER_BYTES // 4  # the index's first int32
 
 
 def write_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
@@ -235,14 +237,18 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
 NOT_FLAT = object()  # (remove_flat: not a common case, nothing done)
 
 
-def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool) -> Any:
+def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
+                w: int = -1) -> Any:
     """``Table.remove`` flat, when the lock is free and nothing needs repair: the stores of
     ``enter``, ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` in their order,
     with their fault points. The key's value with ``want`` (else None), ``ABSENT`` if
-    there is no such key, ``NOT_FLAT`` (nothing done) for the Table's steps to do it."""
+    there is no such key, ``NOT_FLAT`` (nothing done) for the Table's steps to do it.
+
+    ``w``: the key's entry from ``t.slots`` (a key this process placed; ``kkind``, ``kb``
+    and ``h`` are then unused): no probe, its index slot found from the entry's hash."""
     lk = t.lock
-    if lk.depth or lk.forkgen != _runtime.fork_generation:
-        return NOT_FLAT
+    if lk.depth or (w < 0 and lk.forkgen != _runtime.fork_generation):
+        return NOT_FLAT  # (a key in slots: this process set its lock up)
     rc = lk.trylock()
     if rc:
         if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
@@ -255,13 +261,33 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool) -
         if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1:
             return NOT_FLAT  # (gen: as in overwrite)
         c[C_WRITER] = lk.pid
-        e, slot = probe(g, kkind, kb, h)
-        if e < 0:
-            return ABSENT
-        w = g.ew + e * 4
-        u = w * 2
         u32 = g.u32
-        meta = u32[u + 5]
+        if w < 0:
+            e, slot = probe(g, kkind, kb, h)
+            if e < 0:
+                return ABSENT
+            w = g.ew + e * 4
+            meta = u32[w * 2 + 5]
+        else:  # the key's entry, if still live (else another process deleted it: probe)
+            meta = u32[w * 2 + 5]
+            if w != t.slots.get(key, -1) or not meta & LIVE:
+                return NOT_FLAT
+            e = (w - g.ew) >> 2
+            i32 = g.i32
+            isize = g.isize
+            slot = u32[w * 2 + 2] % isize
+            for _ in range(isize):
+                x = i32[_IBASE + slot]
+                if x == e:
+                    break
+                if x == EMPTY:
+                    return NOT_FLAT  # (never, in a sound table)
+                slot += 1
+                if slot == isize:
+                    slot = 0
+            else:
+                return NOT_FLAT
+        u = w * 2
         inline = g.qs[w + 3]
         value = None
         if want:

@@ -400,7 +400,14 @@ class ShmMapping(SharedMapping):
 
     def _remove(self, key: Any, want: bool) -> Any:
         """Delete ``key`` in one locked step: its value with ``want``; ``ABSENT`` if none."""
-        if type(key) is str and self._declared is None:
+        tk = type(key)
+        if self._declared is None and (tk is str or tk is bytes or tk is int):
+            w = self._t.slots.get(key, -1)  # a key this process placed: no encoding, no probe
+            if w >= 0:
+                got = remove_flat(self._t, key, 0, b"", 0, want, w)
+                if got is not NOT_FLAT:
+                    return got
+        if tk is str and self._declared is None:
             kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
         else:
             key = self._check_key(key)
