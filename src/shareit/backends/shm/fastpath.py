@@ -4,14 +4,19 @@ In pure Python a call costs about as much as a store to shared memory, so the
 writes that dominate real workloads are done here by one function each, with
 every step inline, instead of by the Table's steps one call after another:
 
-- :func:`write_flat`: a str/bytes/pickled value over a key this process placed
-  whose room it fits (written in place), and a new key; the lock is free and
-  nothing needs repair. Each does the very stores, in the same order and with the
-  same fault points, as ``Table.enter``, ``Journal.begin``, ``Table.put`` and
-  ``Journal.commit``; ``tests/test_shm_table.py`` pins the bytes they leave to
-  those of the steps. Anything else returns False, having changed nothing, and
-  the caller takes the steps.
-- :func:`remove_flat`: ``del`` and ``pop`` of a key, pinned the same way.
+- :func:`overwrite`: a str/bytes/pickled value over a key this process placed
+  (its entry from ``Table.slots``: no key encoding, no probe) whose room it fits,
+  written in place; :func:`insert`: a new key; :func:`write_flat` picks one of
+  the two. The lock is free and nothing needs repair. Each does the very stores,
+  in the same order and with the same fault points, as ``Table.enter``,
+  ``Journal.begin``, ``Table.put`` and ``Journal.commit`` (a journal's records
+  written with one ``pack_into``); ``tests/test_shm_table.py`` pins the bytes
+  they leave, called directly and through ``d[k] = value``, to those of the
+  steps. Anything else returns False, having changed nothing, and the caller
+  takes the steps.
+- :func:`remove_flat`: ``del`` and ``pop`` of a key, found by a probe or, for a
+  key this process placed, from its slot (the index slot from the entry's
+  hash); pinned the same way.
 - :func:`store_number`: ``d[k] = number`` and ``incr`` for a key whose entry
   holds a number: :meth:`Table.store_inline` under a ``trylock``.
   (``ShmMapping.__setitem__`` repeats that store inline once more; pinned too.)
