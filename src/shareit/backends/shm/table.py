@@ -512,6 +512,12 @@ class Table:
         that keeps the live entries in their order (``build_generation``), so a key placed
         before a rebuild still takes the flat paths after it. Keys whose entry is no longer
         live are left out."""
+        if old.q[L.H_LIVE] == old.q[L.H_USED]:  # nothing deleted (growth): same numbers
+            shift = new.ew - old.ew
+            try:
+                return {k: w + shift for k, w in self.slots.items()}
+            except RuntimeError:  # another thread of ours changed it meanwhile
+                return {}
         np = L.numpy()
         try:
             keys = list(self.slots)
