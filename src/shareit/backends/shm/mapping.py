@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ... import _runtime
+from ..._codec import dumps
 from ..._locks import RobustMutex, robust_mutex_available
 from ...base import MISSING, Capabilities, SharedMapping, _add, _check_number
 from ...config import Config
@@ -36,6 +37,7 @@ from .layout import (
     V_BYTES,
     V_FLOAT,
     V_INT,
+    V_PICKLE,
     V_STR,
 )
 from .read import Got, lookup, read_entry
@@ -324,8 +326,10 @@ class ShmMapping(SharedMapping):
                 vkind, vinl, vraw = V_STR, 0, value.encode("utf-8", "surrogatepass")
             elif tv is bytes:
                 vkind, vinl, vraw = V_BYTES, 0, value
-            else:
+            elif value is None or tv is bool:
                 vkind, vinl, vraw = encode_value(value)
+            else:  # (not int, not float: encode_value's last case, without the call)
+                vkind, vinl, vraw = V_PICKLE, 0, dumps(value)
             t = self._t
             w = t.slots.get(key, -1)  # (empty once closed)
             if w >= 0:  # a key this process placed: in its room if it fits
