@@ -26,7 +26,7 @@ Features
   dead heap bytes, is rebuilt into a new generation segment that attached
   processes follow (2.25x per rebuild below 32k entries, 1.5x above; the writer
   keeps its key -> entry slots); ``capacity`` is only the starting size. A
-  rewritten key keeps its heap room: a value of up to 16 KB that fits it is
+  rewritten key keeps its heap room: a value of up to 63.5 KB that fits it is
   written in place (journaled), one that does not is appended with half its size
   to spare.
 - The owner's ``close()`` or exit removes the segments unless ``persist=True``.
