@@ -281,17 +281,19 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
             i32 = g.i32
             isize = g.isize
             slot = u32[w * 2 + 2] % isize
-            for _ in range(isize):
-                x = i32[_IBASE + slot]
-                if x == e:
-                    break
-                if x == EMPTY:
-                    return NOT_FLAT  # (never, in a sound table)
-                slot += 1
-                if slot == isize:
-                    slot = 0
-            else:
-                return NOT_FLAT
+            x = i32[_IBASE + slot]
+            if x != e:  # (past its home slot: collisions)
+                for _ in range(isize):
+                    if x == EMPTY:
+                        return NOT_FLAT  # (never, in a sound table)
+                    slot += 1
+                    if slot == isize:
+                        slot = 0
+                    x = i32[_IBASE + slot]
+                    if x == e:
+                        break
+                else:
+                    return NOT_FLAT
         u = w * 2
         inline = g.qs[w + 3]
         value = None
@@ -327,17 +329,18 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
         _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, u32[u + 2], klen, u32[u + 4], meta & ~LIVE, inline)
         q[w] = 2 * stamp + 2
         g.i32[HEADER_BYTES // 4 + slot] = DELETED
-        q[H_LIVE] -= 1
-        q[H_GARBAGE] += garbage
+        live = q[H_LIVE] - 1
+        q[H_LIVE] = live
+        garbage += q[H_GARBAGE]
+        q[H_GARBAGE] = garbage
         if fault:
             L.fault("before_commit")
         c[C_JSTATE] = 0  # commit
         c[C_TSEQ] += 1
         t.slots.pop(key, None)
-        used, live = q[H_USED], q[H_LIVE]
-        if (used > 64 and live < used // 4) or (q[H_GARBAGE] > 4096
-                                                and q[H_GARBAGE] * 2 > q[H_TOP]):
-            t.maybe_compact()
+        used = q[H_USED]
+        if (used > 64 and live < used // 4) or (garbage > 4096 and garbage * 2 > q[H_TOP]):
+            t.maybe_compact()  # (the very test it makes, here without a call)
         return value
     finally:
         lk.unlock()
