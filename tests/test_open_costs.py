@@ -82,3 +82,35 @@ def test_a_runtime_dir_removed_meanwhile_is_made_and_checked_again(
     monkeypatch.setenv("SHAREIT_RUNTIME_DIR", str(loose))
     with pytest.raises(shareit.PermissionDeniedError, match="not sticky"):
         shareit.open(backend="shm")
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "anonymous"])
+def test_shm_open_maps_each_segment_once(monkeypatch: pytest.MonkeyPatch, named: bool) -> None:
+    """Creating a shm mapping maps its control segment and its first generation once each
+    (#14: the generation was created, unmapped and mapped again), and so does attaching;
+    real segment files, every mapping counted at ``segments.map_fd``."""
+    from shareit.backends.shm import segments
+
+    sizes: list[int] = []
+    real = segments.map_fd
+
+    def counted(fd: int, size: int) -> Any:
+        sizes.append(size)
+        return real(fd, size)
+
+    monkeypatch.setattr(segments, "map_fd", counted)
+    name = f"oc-{uuid.uuid4().hex[:8]}" if named else None
+    d = shareit.open(name, backend="shm")
+    try:
+        assert len(sizes) == 2, f"create mapped {len(sizes)} segments: {sizes}"
+        d["k"] = "v"
+        sizes.clear()
+        other = shareit.open(name, backend="shm") if named else d.__reduce__()[0](
+            *d.__reduce__()[1])
+        try:
+            assert len(sizes) == 2, f"attach mapped {len(sizes)} segments: {sizes}"
+            assert other["k"] == "v"
+        finally:
+            other.close()
+    finally:
+        d.close()

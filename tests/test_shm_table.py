@@ -21,7 +21,7 @@ FORK = mp.get_context("fork")
 OLD = {"n": 1, "s": "old", "keep": [1, 2]}
 
 
-def _encoded(key: str, value: object) -> tuple:
+def _encoded(key: object, value: object) -> tuple:
     kkind, kb = encode_key(key)
     return (key, kkind, kb, zlib.crc32(kb, kkind), *encode_value(value))
 
@@ -112,30 +112,37 @@ def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
         b.close()
 
 
-@pytest.mark.parametrize("key", ["s", "fresh"])
-@pytest.mark.parametrize("value", ["new", "new" * 10, b"\x00" * 24, [1, "two", (3.0,)], 7])
-def test_the_flat_writes_do_what_the_steps_do(key, value) -> None:
+@pytest.mark.parametrize("via", ["write_flat", "mapping"])
+@pytest.mark.parametrize("key", ["s", "fresh", b"b", 12])
+@pytest.mark.parametrize("value", ["new", "new" * 10, b"\x00" * 24, [1, "two", (3.0,)], 7, None])
+def test_the_flat_writes_do_what_the_steps_do(key, value, via) -> None:
     """``fastpath.write_flat`` does the commonest writes flat, for speed -- a value over
     a key's value that fits its room ("s"), a new key ("fresh") -- and must leave the
     bytes that ``enter``, ``Journal.begin``, ``put`` and ``Journal.commit`` leave, one
-    call after another (whichever of the two ran, both must agree)."""
+    call after another (whichever of the two ran, both must agree). ``d[k] = value``
+    (``via="mapping"``) calls them itself, with the value encoded once: the same bytes."""
     a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
+    placed = key != "fresh"
     try:
-        for m in (a, b):  # the same history: the same bytes; "s" gets room for 5 words
-            m.update({"pad": "x" * 20, "n": 1, "s": "old"})
-            m["s"] = "y" * 40
-            m["s"] = "old"
+        for m in (a, b):  # the same history: the same bytes; the key gets room for 5 words
+            m.update({"pad": "x" * 20, "n": 1, "s": "old", b"b": "old", 12: "old"})
+            for k in ("s", b"b", 12):
+                m[k] = "y" * 40
+                m[k] = "old"
         assert _state(a) == _state(b)
         item = _encoded(key, value)
         ta: Table = a._t
-        flat = key == "fresh" or type(value) in (str, bytes, list)
-        ta.journal.saved_header = key == "s"  # (Journal.begin resets it; flat paths do not)
-        ran = fastpath.write_flat(ta, *item)
-        assert ran == flat
-        if not ran:
-            ta.set(*item)  # (the steps, as the mapping would go on to)
+        flat = not placed or type(value) in (str, bytes, list)
+        ta.journal.saved_header = placed  # (Journal.begin resets it; flat paths do not)
+        if via == "mapping":
+            a[key] = value
+        else:
+            ran = fastpath.write_flat(ta, *item)
+            assert ran == flat
+            if not ran:
+                ta.set(*item)  # (the steps, as the mapping would go on to)
         if flat:
-            assert ta.journal.saved_header == (key == "s"), "the flat path ran"
+            assert ta.journal.saved_header == placed, "the flat path ran"
         tb: Table = b._t
         tb.enter()
         try:
@@ -182,11 +189,14 @@ def test_a_flat_write_after_a_writer_died_in_one(name, step: str) -> None:
         d.close()
 
 
+@pytest.mark.parametrize("via", ["probe", "slots"])
 @pytest.mark.parametrize("want", [False, True])
 @pytest.mark.parametrize("key", ["s", "n", "pad", "absent"])
-def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool) -> None:
+def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool, via: str) -> None:
     """``fastpath.remove_flat`` (``del``, ``pop``) must leave the bytes that ``enter``,
-    ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` leave."""
+    ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` leave -- finding the key by
+    a probe, or (``via="slots"``, as ``del d[k]`` does for a key this process placed) by
+    its entry, with its index slot from the entry's hash."""
     a, b = shareit.open(backend="shm"), shareit.open(backend="shm")
     try:
         for m in (a, b):
@@ -196,7 +206,9 @@ def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool) -> None:
         _, kkind, kb, h, *_ = _encoded(key, None)
         ta: Table = a._t
         ta.journal.saved_header = True  # (Journal.begin resets it; the flat path does not)
-        got_a = fastpath.remove_flat(ta, key, kkind, kb, h, want)
+        w = ta.slots.get(key, -1) if via == "slots" else -1
+        assert (w >= 0) == (via == "slots" and key != "absent")
+        got_a = fastpath.remove_flat(ta, key, kkind, kb, h, want, w)
         assert got_a is not fastpath.NOT_FLAT and ta.journal.saved_header
         tb: Table = b._t
         tb.enter()
@@ -225,5 +237,38 @@ def test_a_flat_remove_that_compacts() -> None:
         assert d.snapshot() == {f"k{i}": str(i) for i in range(280, 300)} and d.verify() == []
         with d.lock():  # the lock is free again
             d["x"] = 1
+    finally:
+        d.close()
+
+
+def test_slots_survive_rebuilds() -> None:
+    """A rebuild keeps the live entries in order, so this process's key -> entry slots are
+    carried over (the flat writes go on for keys placed before it): each must name the
+    entry a probe finds, through growth and compaction alike."""
+    d = shareit.open(backend="shm")
+    try:
+        gen = d.info()["generation"]
+        for i in range(300):  # grows several times
+            d[f"k{i}"] = str(i)
+        t: Table = d._t
+        assert d.info()["generation"] > gen and len(t.slots) == 300
+
+        def check() -> None:
+            for key, w in t.slots.items():
+                _, kkind, kb, h, *_ = _encoded(key, None)
+                e, _ = t.find(t.g, kkind, kb, h)
+                assert e >= 0 and t.g.ew + e * 4 == w, key
+
+        check()
+        gen = d.info()["generation"]
+        for i in range(250):  # compacts (live < used / 4)
+            del d[f"k{i}"]
+        assert d.info()["generation"] > gen
+        check()
+        assert set(t.slots) <= {f"k{i}" for i in range(250, 300)}
+        for i in range(250, 300):
+            d[f"k{i}"] = "new" + str(i)  # in place, flat, after the rebuilds
+        assert d.snapshot() == {f"k{i}": "new" + str(i) for i in range(250, 300)}
+        assert d.verify() == []
     finally:
         d.close()

@@ -4,14 +4,19 @@ In pure Python a call costs about as much as a store to shared memory, so the
 writes that dominate real workloads are done here by one function each, with
 every step inline, instead of by the Table's steps one call after another:
 
-- :func:`write_flat`: a str/bytes/pickled value over a key this process placed
-  whose room it fits (written in place), and a new key; the lock is free and
-  nothing needs repair. Each does the very stores, in the same order and with the
-  same fault points, as ``Table.enter``, ``Journal.begin``, ``Table.put`` and
-  ``Journal.commit``; ``tests/test_shm_table.py`` pins the bytes they leave to
-  those of the steps. Anything else returns False, having changed nothing, and
-  the caller takes the steps.
-- :func:`remove_flat`: ``del`` and ``pop`` of a key, pinned the same way.
+- :func:`overwrite`: a str/bytes/pickled value over a key this process placed
+  (its entry from ``Table.slots``: no key encoding, no probe) whose room it fits,
+  written in place; :func:`insert`: a new key; :func:`write_flat` picks one of
+  the two. The lock is free and nothing needs repair. Each does the very stores,
+  in the same order and with the same fault points, as ``Table.enter``,
+  ``Journal.begin``, ``Table.put`` and ``Journal.commit`` (a journal's records
+  written with one ``pack_into``); ``tests/test_shm_table.py`` pins the bytes
+  they leave, called directly and through ``d[k] = value``, to those of the
+  steps. Anything else returns False, having changed nothing, and the caller
+  takes the steps.
+- :func:`remove_flat`: ``del`` and ``pop`` of a key, found by a probe or, for a
+  key this process placed, from its slot (the index slot from the entry's
+  hash); pinned the same way.
 - :func:`store_number`: ``d[k] = number`` and ``incr`` for a key whose entry
   holds a number: :meth:`Table.store_inline` under a ``trylock``.
   (``ShmMapping.__setitem__`` repeats that store inline once more; pinned too.)
@@ -26,7 +31,6 @@ from ... import _runtime
 from . import layout as L
 from .codec import decode_value, f2i, i2f
 from .layout import (
-    C_GEN,
     C_GROW,
     C_GSEQ,
     C_JCOUNT,
@@ -37,6 +41,7 @@ from .layout import (
     C_WRITER,
     CACHE_MAX,
     DELETED,
+    EMPTY,
     ENTRY_BYTES,
     H_GARBAGE,
     H_LIVE,
@@ -58,90 +63,127 @@ from .read import probe
 if TYPE_CHECKING:
     from .table import Table
 
-_PACK_RECORD = struct.Struct("<QQ").pack  # a journal record's (offset, nbytes)
+#: The journal of an overwrite in place, whole but for the value's old bytes: the entry's
+#: record (offset, 32, its bytes), then the value's record head (offset, nbytes).
+_PACK_ENTRY_RECORD = struct.Struct("<QQ32sQQ").pack_into
+#: The journal of an insert: the data header's record, then the index word's.
+_PACK_HEADER_RECORD = struct.Struct("<QQ64sQQ8s").pack_into
+_HEADER_RECORD_WORDS = (16 + HEADER_BYTES + 16 + 8) >> 3
+#: The journal of a delete: the data header's, the entry's and the index word's records.
+_PACK_REMOVE_RECORD = struct.Struct("<QQ64sQQ32sQQ8s").pack_into
+_REMOVE_RECORD_WORDS = (16 + HEADER_BYTES + 16 + ENTRY_BYTES + 16 + 8) >> 3
 _PACK_ENTRY_TAIL = struct.Struct("<IIIIq").pack_into  # an entry's words after its version
 _ZEROS = bytes(8)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _JB = JOURNAL_WORD * 8  # the journal's first byte in the control segment
 ABSENT = object()  # (remove: no such key)
+_IBASE = HEADER_BYTES // 4  # the index's first int32
 
 
 def write_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
                vraw: bytes | None) -> bool:
     """One whole write, flat, if it is one of the common cases (see the module
     docstring); False, with nothing changed, for the Table's steps to do it."""
+    w = t.slots.get(key, -1)
+    if w >= 0:
+        return vraw is not None and overwrite(t, key, w, vkind, vraw)
+    return insert(t, key, kkind, kb, h, vkind, vinl, vraw)
+
+
+def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
+    """A heap value over the value of a key this process placed (``w``: its entry's data
+    word, from ``t.slots``), written in place in the key's room if it fits; False, with
+    nothing changed, otherwise. (A key in ``slots`` means this process set its lock up:
+    a forked child's ``slots`` start empty.)"""
     lk = t.lock
-    if lk.depth or lk.forkgen != _runtime.fork_generation:
-        return False  # lock() held by a thread of ours, or not set up in this process
-    slots = t.slots
-    w = slots.get(key, -1)
-    if w >= 0 and vraw is None:
-        return False
+    if lk.depth:
+        return False  # lock() held by a thread of ours
     rc = lk.trylock()
     if rc:
         if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
             lk.mutex.make_consistent()
             lk.unlock()
         return False
-    # the lock is held: from here on, everything read is what the steps would read
+    # the lock is held: from here on, everything read is what the steps would read. (gen
+    # needs no check: it changes only with grow set until the epoch names the new one.)
     c = t.c
-    g = t.g
-    if (c[C_GSEQ] != t.epoch or c[C_GEN] != t.gen or c[C_JSTATE] or c[C_GROW]
-            or c[C_TSEQ] & 1 or g is None or w != slots.get(key, -1)):
+    if (c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1
+            or w != t.slots.get(key, -1)):
         lk.unlock()  # (repairs, growth, another thread's remap: the steps do it)
         return False
-    if w >= 0:  # a key this process placed: a value over its value, in its room
-        assert vraw is not None
-        u32 = g.u32
-        old_meta = u32[w * 2 + 5]
-        old = g.qs[w + 3]
-        words = (len(vraw) + 7) >> 3
-        spare = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT) - words
-        if (not old_meta & LIVE or (old_meta & 0xFF) not in HEAP_KINDS or spare < 0
-                or words > INPLACE_MAX_WORDS):
-            lk.unlock()
-            return False
-        fault = L.FAULT
-        c[C_WRITER] = lk.pid
-        c[C_JWORDS] = 0  # begin
-        c[C_JCOUNT] = 0
-        c[C_TSEQ] += 1
-        c[C_JSTATE] = J_JOURNAL
-        if fault:
-            L.fault("after_begin")
-        voff = old & 0xFFFFFFFF
-        hb = g.hoff + voff * 8
-        n = words * 8
-        mm = g.mm  # journal: the entry, then the value's words
-        blob = (_PACK_RECORD(w * 8, ENTRY_BYTES) + mm[w * 8 : w * 8 + ENTRY_BYTES]
-                + _PACK_RECORD(hb, n) + mm[hb : hb + n])
-        t.cmv[_JB : _JB + len(blob)] = blob
-        c[C_JWORDS] = len(blob) >> 3
-        c[C_JCOUNT] = 2
-        stamp = c[C_STAMP] + 1
-        c[C_STAMP] = stamp
-        q = g.q
-        q[w] = 2 * stamp + 1  # odd: being written
-        if fault:
-            L.fault("mid_entry")
-        g.mv[hb : hb + n] = vraw + _ZEROS[: -len(vraw) & 7] if len(vraw) & 7 else vraw
-        u32[w * 2 + 5] = vkind | (kkind << 8) | LIVE | spare << SPARE_SHIFT
-        g.qs[w + 3] = voff | (len(vraw) << 32)
-        q[w] = 2 * stamp + 2
-        if fault:
-            L.fault("after_write")
-            L.fault("before_commit")
-        c[C_JSTATE] = 0  # commit
-        c[C_TSEQ] += 1
+    g = t.g
+    u32 = g.u32
+    qs = g.qs
+    old_meta = u32[w * 2 + 5]
+    old = qs[w + 3]
+    n = len(vraw)
+    words = (n + 7) >> 3
+    spare = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT) - words
+    if (not old_meta & LIVE or (old_meta & 0xFF) not in HEAP_KINDS or spare < 0
+            or words > INPLACE_MAX_WORDS):
         lk.unlock()
-        return True
-    # a key this process has not placed: a new key, appended
+        return False
+    fault = L.FAULT
+    c[C_WRITER] = lk.pid
+    c[C_JCOUNT] = 0  # begin (jwords: set once, below; only Journal.save reads it)
+    c[C_TSEQ] += 1
+    c[C_JSTATE] = J_JOURNAL
+    if fault:
+        L.fault("after_begin")
+    voff = old & 0xFFFFFFFF
+    hb = g.hoff + voff * 8
+    nb = words * 8
+    mv = g.mv  # journal: the entry, then the value's words
+    cmv = t.cmv
+    _PACK_ENTRY_RECORD(cmv, _JB, w * 8, ENTRY_BYTES, g.mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb)
+    cmv[_JB + 64 : _JB + 64 + nb] = mv[hb : hb + nb]
+    c[C_JWORDS] = 8 + words
+    c[C_JCOUNT] = 2
+    stamp = c[C_STAMP] + 1
+    c[C_STAMP] = stamp
+    q = g.q
+    q[w] = 2 * stamp + 1  # odd: being written
+    if fault:
+        L.fault("mid_entry")
+    mv[hb : hb + nb] = vraw + _ZEROS[: nb - n] if n & 7 else vraw
+    u32[w * 2 + 5] = vkind | (old_meta & 0xFF00) | LIVE | spare << SPARE_SHIFT  # (key kind kept)
+    qs[w + 3] = voff | (n << 32)
+    q[w] = 2 * stamp + 2
+    if fault:
+        L.fault("after_write")
+        L.fault("before_commit")
+    c[C_JSTATE] = 0  # commit
+    c[C_TSEQ] += 1
+    lk.unlock()
+    return True
+
+
+def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
+           vraw: bytes | None) -> bool:
+    """A new key, appended (the stores of ``enter``, ``Journal.begin``, ``Table.put`` and
+    ``Journal.commit``); False, with nothing changed, if the key exists, the table has no
+    room, or anything needs repair."""
+    lk = t.lock
+    if lk.depth or lk.forkgen != _runtime.fork_generation:
+        return False  # lock() held by a thread of ours, or not set up in this process
+    rc = lk.trylock()
+    if rc:
+        if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
+            lk.mutex.make_consistent()
+            lk.unlock()
+        return False
+    c = t.c
+    if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1:
+        lk.unlock()  # (repairs, growth: the steps do it)
+        return False
+    g = t.g
     q = g.q
     used = q[H_USED]
+    nk = len(kb)
     if vraw is None:
-        data = kb + _ZEROS[: -len(kb) & 7] if len(kb) & 7 else kb
+        data = kb + _ZEROS[: -nk & 7] if nk & 7 else kb
     else:
-        data = kb + _ZEROS[: -len(kb) & 7] + vraw + _ZEROS[: -len(vraw) & 7]
+        data = kb + _ZEROS[: -nk & 7] + vraw + _ZEROS[: -len(vraw) & 7]
     words = len(data) >> 3
     try:
         e, slot = probe(g, kkind, kb, h)
@@ -154,37 +196,36 @@ def write_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vi
         return False
     fault = L.FAULT
     c[C_WRITER] = lk.pid
-    c[C_JWORDS] = 0  # begin
-    c[C_JCOUNT] = 0
+    c[C_JCOUNT] = 0  # begin (jwords: set once, below; only Journal.save reads it)
     c[C_TSEQ] += 1
     c[C_JSTATE] = J_JOURNAL
     if fault:
         L.fault("after_begin")
     ioff = HEADER_BYTES + (slot * 4 & ~7)
     mm = g.mm  # journal: the header, then the index word
-    blob = (_PACK_RECORD(0, HEADER_BYTES) + mm[0:HEADER_BYTES] + _PACK_RECORD(ioff, 8)
-            + mm[ioff : ioff + 8])
-    t.cmv[_JB : _JB + len(blob)] = blob
-    c[C_JWORDS] = len(blob) >> 3
+    _PACK_HEADER_RECORD(t.cmv, _JB, 0, HEADER_BYTES, mm[0:HEADER_BYTES], ioff, 8,
+                        mm[ioff : ioff + 8])
+    c[C_JWORDS] = _HEADER_RECORD_WORDS
     c[C_JCOUNT] = 2
     q[H_TOP] = top + words  # the key and the value, after the heap top
     b = g.hoff + top * 8
     g.mv[b : b + len(data)] = data
     if vraw is not None:
-        vinl = (top + ((len(kb) + 7) >> 3)) | (len(vraw) << 32)
+        vinl = (top + ((nk + 7) >> 3)) | (len(vraw) << 32)
     stamp = c[C_STAMP] + 1
     c[C_STAMP] = stamp
     w = g.ew + used * 4
     q[w] = 2 * stamp + 1  # odd: being written
     if fault:
         L.fault("mid_entry")
-    _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, h, len(kb), top, vkind | (kkind << 8) | LIVE, vinl)
+    _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, h, nk, top, vkind | (kkind << 8) | LIVE, vinl)
     q[w] = 2 * stamp + 2
     q[H_USED] = used + 1
     q[H_LIVE] += 1
     g.i32[HEADER_BYTES // 4 + slot] = used
     if fault:
         L.fault("after_write")
+    slots = t.slots
     if len(slots) >= CACHE_MAX:
         from .table import _drop_oldest
 
@@ -201,14 +242,18 @@ def write_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vi
 NOT_FLAT = object()  # (remove_flat: not a common case, nothing done)
 
 
-def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool) -> Any:
+def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
+                w: int = -1) -> Any:
     """``Table.remove`` flat, when the lock is free and nothing needs repair: the stores of
     ``enter``, ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` in their order,
     with their fault points. The key's value with ``want`` (else None), ``ABSENT`` if
-    there is no such key, ``NOT_FLAT`` (nothing done) for the Table's steps to do it."""
+    there is no such key, ``NOT_FLAT`` (nothing done) for the Table's steps to do it.
+
+    ``w``: the key's entry from ``t.slots`` (a key this process placed; ``kkind``, ``kb``
+    and ``h`` are then unused): no probe, its index slot found from the entry's hash."""
     lk = t.lock
-    if lk.depth or lk.forkgen != _runtime.fork_generation:
-        return NOT_FLAT
+    if lk.depth or (w < 0 and lk.forkgen != _runtime.fork_generation):
+        return NOT_FLAT  # (a key in slots: this process set its lock up)
     rc = lk.trylock()
     if rc:
         if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
@@ -218,17 +263,38 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool) -
     try:
         c = t.c
         g = t.g
-        if (c[C_GSEQ] != t.epoch or c[C_GEN] != t.gen or c[C_JSTATE] or c[C_GROW]
-                or c[C_TSEQ] & 1):
-            return NOT_FLAT
+        if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1:
+            return NOT_FLAT  # (gen: as in overwrite)
         c[C_WRITER] = lk.pid
-        e, slot = probe(g, kkind, kb, h)
-        if e < 0:
-            return ABSENT
-        w = g.ew + e * 4
-        u = w * 2
         u32 = g.u32
-        meta = u32[u + 5]
+        if w < 0:
+            e, slot = probe(g, kkind, kb, h)
+            if e < 0:
+                return ABSENT
+            w = g.ew + e * 4
+            meta = u32[w * 2 + 5]
+        else:  # the key's entry, if still live (else another process deleted it: probe)
+            meta = u32[w * 2 + 5]
+            if w != t.slots.get(key, -1) or not meta & LIVE:
+                return NOT_FLAT
+            e = (w - g.ew) >> 2
+            i32 = g.i32
+            isize = g.isize
+            slot = u32[w * 2 + 2] % isize
+            x = i32[_IBASE + slot]
+            if x != e:  # (past its home slot: collisions)
+                for _ in range(isize):
+                    if x == EMPTY:
+                        return NOT_FLAT  # (never, in a sound table)
+                    slot += 1
+                    if slot == isize:
+                        slot = 0
+                    x = i32[_IBASE + slot]
+                    if x == e:
+                        break
+                else:
+                    return NOT_FLAT
+        u = w * 2
         inline = g.qs[w + 3]
         value = None
         if want:
@@ -238,19 +304,17 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool) -
                 raw = bytes(g.mv[start : start + (inline >> 32)])
             value = decode_value(meta & 0xFF, inline, raw)  # (before: a bad pickle raises)
         fault = L.FAULT
-        c[C_JWORDS] = 0  # begin
-        c[C_JCOUNT] = 0
+        c[C_JCOUNT] = 0  # begin (jwords: set once, below)
         c[C_TSEQ] += 1
         c[C_JSTATE] = J_JOURNAL
         if fault:
             L.fault("after_begin")
         ioff = HEADER_BYTES + (slot * 4 & ~7)
         mm = g.mm  # journal: the header, the entry, the index word
-        blob = (_PACK_RECORD(0, HEADER_BYTES) + mm[0:HEADER_BYTES]
-                + _PACK_RECORD(w * 8, ENTRY_BYTES) + mm[w * 8 : w * 8 + ENTRY_BYTES]
-                + _PACK_RECORD(ioff, 8) + mm[ioff : ioff + 8])
-        t.cmv[_JB : _JB + len(blob)] = blob
-        c[C_JWORDS] = len(blob) >> 3
+        _PACK_REMOVE_RECORD(t.cmv, _JB, 0, HEADER_BYTES, mm[0:HEADER_BYTES], w * 8,
+                            ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES], ioff, 8,
+                            mm[ioff : ioff + 8])
+        c[C_JWORDS] = _REMOVE_RECORD_WORDS
         c[C_JCOUNT] = 3
         klen = u32[u + 3]
         garbage = (klen + 7) // 8
@@ -265,17 +329,18 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool) -
         _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, u32[u + 2], klen, u32[u + 4], meta & ~LIVE, inline)
         q[w] = 2 * stamp + 2
         g.i32[HEADER_BYTES // 4 + slot] = DELETED
-        q[H_LIVE] -= 1
-        q[H_GARBAGE] += garbage
+        live = q[H_LIVE] - 1
+        q[H_LIVE] = live
+        garbage += q[H_GARBAGE]
+        q[H_GARBAGE] = garbage
         if fault:
             L.fault("before_commit")
         c[C_JSTATE] = 0  # commit
         c[C_TSEQ] += 1
         t.slots.pop(key, None)
-        used, live = q[H_USED], q[H_LIVE]
-        if (used > 64 and live < used // 4) or (q[H_GARBAGE] > 4096
-                                                and q[H_GARBAGE] * 2 > q[H_TOP]):
-            t.maybe_compact()
+        used = q[H_USED]
+        if (used > 64 and live < used // 4) or (garbage > 4096 and garbage * 2 > q[H_TOP]):
+            t.maybe_compact()  # (the very test it makes, here without a call)
         return value
     finally:
         lk.unlock()

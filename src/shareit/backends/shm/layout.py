@@ -84,9 +84,10 @@ IMMUTABLE_KINDS = frozenset({V_INT, V_FLOAT, V_STR, V_BYTES, V_NONE, V_TRUE, V_F
 LIVE = 1 << 16
 SPARE_SHIFT = 17  # meta >> SPARE_SHIFT: the spare heap words after a heap value
 SPARE_MAX = (1 << 15) - 1
-#: A heap value of up to this many words that fits its key's room is overwritten in place
-#: (its old bytes journaled); a larger one is appended (the journal holds 8,160 words).
-INPLACE_MAX_WORDS = 2048
+#: A heap value of up to this many words (63.5 KB) that fits its key's room is overwritten
+#: in place, its old bytes journaled: with the entry's record, as much as the journal's
+#: 8,160 words hold (a batch that fills it is rebuilt instead); a larger one is appended.
+INPLACE_MAX_WORDS = 8128
 
 # key kinds
 K_STR, K_BYTES, K_INT, K_TUPLE = range(1, 5)

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ... import _runtime
+from ..._codec import dumps
 from ..._locks import RobustMutex, robust_mutex_available
 from ...base import MISSING, Capabilities, SharedMapping, _add, _check_number
 from ...config import Config
@@ -24,8 +25,21 @@ from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
-from .fastpath import ABSENT, NOT_FLAT, remove_flat, store_number, write_flat
-from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT, V_STR
+from .fastpath import ABSENT, NOT_FLAT, insert, overwrite, remove_flat, store_number, write_flat
+from .layout import (
+    C_GROW,
+    C_GSEQ,
+    C_JSTATE,
+    C_STAMP,
+    J_INLINE,
+    K_STR,
+    LIVE,
+    V_BYTES,
+    V_FLOAT,
+    V_INT,
+    V_PICKLE,
+    V_STR,
+)
 from .read import Got, lookup, read_entry
 from .read import length as _length
 from .segments import (
@@ -71,7 +85,10 @@ class ShmMapping(SharedMapping):
         notes="no server; lock-free reads; flock + undo journal for writes",
     )
 
-    def __init__(self, name: str | None, config: Config, seg: str, cmm: Any):
+    def __init__(self, name: str | None, config: Config, seg: str, cmm: Any,
+                 g: L.Generation | None = None):
+        """``g``: the first generation, just created and mapped (``_create``: each segment
+        is mapped once); else the current one is mapped."""
         super().__init__(name, config)
         self._seg = seg
         self._t = t = Table(seg, cmm, self._label(), config.timeout, config.capacity or 0)
@@ -80,7 +97,10 @@ class ShmMapping(SharedMapping):
         self._cache = t.cache.entries  # (the hot read path looks here first)
         self._plain = self._declared is None and self._vt is None  # d[k] = number may go fast
         _live[id(self)] = self
-        t.map_current()
+        if g is not None:
+            t.adopt(g)
+        else:
+            t.map_current()
 
     # ------------------------------------------------------------------ segments
 
@@ -91,8 +111,9 @@ class ShmMapping(SharedMapping):
             unlink_quiet(path)
         cmm = create_file(ctrl_path(seg), L.CTRL_SIZE)
         c = bytes_view(cmm).cast("Q")
+        g = None
         try:
-            L.Generation.create(seg, 1, config.capacity or 8, (config.capacity or 8) * 16).close()
+            g = L.Generation.create(seg, 1, config.capacity or 8, (config.capacity or 8) * 16)
             if robust_mutex_available():
                 RobustMutex.init(cmm, L.MUTEX_OFFSET)
                 c[L.C_LOCKKIND] = L.LOCK_ROBUST
@@ -100,11 +121,13 @@ class ShmMapping(SharedMapping):
                 c[L.C_LOCKKIND] = L.LOCK_FLOCK
             c[L.C_LAYOUT], c[L.C_GEN], c[L.C_GSEQ], c[L.C_MAGIC] = L.LAYOUT, 1, 2, L.MAGIC
             c.release()
-            self = cls(name, config, seg, cmm)
+            self = cls(name, config, seg, cmm, g)
         except BaseException:
             release_quietly(c)
+            if g is not None:
+                g.close()  # (twice, after the handle's finalizer ran: harmless)
             unmap(cmm)
-            del c, cmm  # (the traceback keeps this frame: it must not keep the mapping)
+            del c, cmm, g  # (the traceback keeps this frame: it must not keep the mapping)
             for path in all_paths(seg):
                 unlink_quiet(path)
             raise
@@ -263,39 +286,73 @@ class ShmMapping(SharedMapping):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         tv = type(value)
-        if (tv is int or tv is float) and (type(key) is str or type(key) is int):
-            t = self._t
-            w = t.slots.get(key, -1) if self._plain else -1  # (1.0 or True: not here)
-            if w >= 0:  # the hot path, inline: Table.store_inline, repeated for speed
-                if tv is float:
-                    want, inline = _LIVE_FLOAT, f2i(value)
-                elif _INT64_MIN <= value <= _INT64_MAX:
-                    want, inline = _LIVE_INT, value
-                else:
-                    want = 0
-                lk = t.lock
-                rc = lk.trylock() if want else 1
-                if not rc or (want and self._contended(rc)):
-                    try:
-                        c = t.c
-                        g = t.g
-                        if (c[C_GSEQ] == t.epoch and not c[C_JSTATE] and not c[C_GROW]
-                                and g.u32[w * 2 + 5] & _LIVE_KIND == want):
-                            if L.FAULT:
-                                t.store_inline(w, inline)
+        tk = type(key)
+        if tv is int or tv is float:
+            if (tk is str or tk is int) and self._plain:  # (1.0 or True: not here)
+                t = self._t
+                w = t.slots.get(key, -1)
+                if w >= 0:  # the hot path, inline: Table.store_inline, repeated for speed
+                    if tv is float:
+                        want, inline = _LIVE_FLOAT, f2i(value)
+                    elif _INT64_MIN <= value <= _INT64_MAX:
+                        want, inline = _LIVE_INT, value
+                    else:
+                        want = 0
+                    lk = t.lock
+                    rc = lk.trylock() if want else 1
+                    if not rc or (want and self._contended(rc)):
+                        try:
+                            c = t.c
+                            g = t.g
+                            if (c[C_GSEQ] == t.epoch and not c[C_JSTATE] and not c[C_GROW]
+                                    and g.u32[w * 2 + 5] & _LIVE_KIND == want):
+                                if L.FAULT:
+                                    t.store_inline(w, inline)
+                                    return
+                                c[C_JSTATE] = (w << 2) | J_INLINE
+                                stamp = c[C_STAMP] + 1
+                                c[C_STAMP] = stamp
+                                q = g.q
+                                q[w] = 2 * stamp + 1
+                                g.qs[w + 3] = inline
+                                q[w] = 2 * stamp + 2
+                                c[C_JSTATE] = 0
                                 return
-                            c[C_JSTATE] = (w << 2) | J_INLINE
-                            stamp = c[C_STAMP] + 1
-                            c[C_STAMP] = stamp
-                            q = g.q
-                            q[w] = 2 * stamp + 1
-                            g.qs[w + 3] = inline
-                            q[w] = 2 * stamp + 2
-                            c[C_JSTATE] = 0
-                            return
-                    finally:
-                        lk.unlock()
-        if type(key) is not str or self._declared is not None:
+                        finally:
+                            lk.unlock()
+        elif self._plain and (tk is str or tk is bytes or tk is int):
+            # a heap value (or None, a bool): the value encoded once, the key only if needed
+            if tv is str:
+                vkind, vinl, vraw = V_STR, 0, value.encode("utf-8", "surrogatepass")
+            elif tv is bytes:
+                vkind, vinl, vraw = V_BYTES, 0, value
+            elif value is None or tv is bool:
+                vkind, vinl, vraw = encode_value(value)
+            else:  # (not int, not float: encode_value's last case, without the call)
+                vkind, vinl, vraw = V_PICKLE, 0, dumps(value)
+            t = self._t
+            w = t.slots.get(key, -1)  # (empty once closed)
+            if w >= 0:  # a key this process placed: in its room if it fits
+                if vraw is not None and overwrite(t, key, w, vkind, vraw):
+                    return
+            else:
+                if tk is str:
+                    kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
+                else:
+                    kkind, kb = encode_key(key)
+                h = _crc32(kb, kkind)
+                if self._closed:
+                    self._check_open()
+                if insert(t, key, kkind, kb, h, vkind, vinl, vraw):
+                    return
+                t.set(key, kkind, kb, h, vkind, vinl, vraw)
+                return
+            kkind, kb = encode_key(key)
+            if self._closed:
+                self._check_open()
+            t.set(key, kkind, kb, _crc32(kb, kkind), vkind, vinl, vraw)
+            return
+        if tk is not str or self._declared is not None:
             key = self._check_key(key)
         if self._vt is not None:
             value = self._vt.coerce(value)
@@ -347,7 +404,14 @@ class ShmMapping(SharedMapping):
 
     def _remove(self, key: Any, want: bool) -> Any:
         """Delete ``key`` in one locked step: its value with ``want``; ``ABSENT`` if none."""
-        if type(key) is str and self._declared is None:
+        tk = type(key)
+        if self._declared is None and (tk is str or tk is bytes or tk is int):
+            w = self._t.slots.get(key, -1)  # a key this process placed: no encoding, no probe
+            if w >= 0:
+                got = remove_flat(self._t, key, 0, b"", 0, want, w)
+                if got is not NOT_FLAT:
+                    return got
+        if tk is str and self._declared is None:
             kkind, kb = K_STR, key.encode("utf-8", "surrogatepass")
         else:
             key = self._check_key(key)

@@ -103,11 +103,11 @@ class Table:
                 continue  # replaced by a newer generation meanwhile
             if self.g is not None:
                 self.g.close()
-            self._adopt(g)
+            self.adopt(g)
             return
         raise self.died()
 
-    def _adopt(self, g: L.Generation) -> None:
+    def adopt(self, g: L.Generation) -> None:
         self.g, self.gen, self.epoch, self.q = g, g.gen, g.gen * 2, g.q
         self.maps.g = g
         self.forget()
@@ -216,11 +216,14 @@ class Table:
         self.epoch = c[L.C_GEN] * 2
         self.forget()
 
-    def abort(self) -> None:
-        """Roll back the open transaction (the lock is held: readers never saw it)."""
+    def abort(self, forget: bool = True) -> None:
+        """Roll back the open transaction (the lock is held: readers never saw it).
+        ``forget=False``: one ``put`` that raised ``Grow``, which it does before it changes
+        any data or slot, so what this process cached still holds."""
         self.journal.rollback(self.g)
         self.journal.finish()
-        self.forget()
+        if forget:
+            self.forget()
 
     # ------------------------------------------------------------------ entries
 
@@ -354,7 +357,7 @@ class Table:
             try:
                 self.put(key, kkind, kb, h, vkind, vinl, vraw)
             except L.Grow:
-                self.abort()
+                self.abort(forget=False)
                 self.write_one(key, kkind, kb, h, vkind, vinl, vraw)  # (grows first)
             except BaseException:
                 self.abort()
@@ -376,7 +379,7 @@ class Table:
             try:
                 self.put(key, kkind, kb, h, vkind, vinl, vraw)
             except L.Grow:
-                self.abort()
+                self.abort(forget=False)
                 words = (len(kb) + 7) // 8 + (len(vraw or b"") + 7) // 8
                 self.rebuild(extra_entries=1, extra_heap=words * 8 + 8)
                 continue
@@ -490,7 +493,7 @@ class Table:
         unlink_quiet(old.path)
         c[C_GROW] = 0
         old.close()
-        self._adopt(new)
+        self.adopt(new)
 
     def rebuild(self, extra_entries: int = 0, extra_heap: int = 0, empty: bool = False,
                 changes: Any = None) -> None:
@@ -498,7 +501,36 @@ class Table:
         ``changes``: see ``build_generation``), then switch to it. If the new generation
         cannot be built (``CapacityError``: no room for it), the old one stays, unchanged."""
         old = self.g
-        self.switch(old, self.build(old.gen + 1, extra_entries, extra_heap, empty, changes))
+        new = self.build(old.gen + 1, extra_entries, extra_heap, empty, changes)
+        moved = None if empty or not self.slots else self._moved_slots(old, new)
+        self.switch(old, new)
+        if moved:
+            self.slots.update(moved)
+
+    def _moved_slots(self, old: L.Generation, new: L.Generation) -> dict[Any, int]:
+        """This process's slots (key -> entry data word) in ``new``, a rebuild of ``old``
+        that keeps the live entries in their order (``build_generation``), so a key placed
+        before a rebuild still takes the flat paths after it. Keys whose entry is no longer
+        live are left out."""
+        if old.q[L.H_LIVE] == old.q[L.H_USED]:  # nothing deleted (growth): same numbers
+            shift = new.ew - old.ew
+            try:
+                return {k: w + shift for k, w in self.slots.items()}
+            except RuntimeError:  # another thread of ours changed it meanwhile
+                return {}
+        np = L.numpy()
+        try:
+            keys = list(self.slots)
+            ws = np.fromiter(self.slots.values(), dtype=np.int64, count=len(keys))
+        except RuntimeError:  # another thread of ours changed it meanwhile
+            return {}
+        used = int(old.q[L.H_USED])
+        live = (old.entries()["meta"][:used] & LIVE) != 0
+        e = (ws - old.ew) // 4
+        ok = live[e]
+        rank = np.cumsum(live) - 1  # old entry -> its number in new
+        new_ws = (new.ew + rank[e[ok]] * 4).tolist()
+        return dict(zip([k for k, good in zip(keys, ok.tolist()) if good], new_ws))
 
     def rebuild_with(self, encoded: list[Encoded], heap_bytes: int) -> None:
         """Build a new generation holding the current data plus ``encoded``, then switch.
