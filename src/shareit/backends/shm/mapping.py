@@ -26,7 +26,7 @@ from . import numeric
 from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
 from .fastpath import ABSENT, NOT_FLAT, remove_flat, store_number, write_flat
 from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT, V_STR
-from .read import Got, lookup, read_entry
+from .read import AGAIN, Got, get_str, lookup, read_entry, reread
 from .read import length as _length
 from .segments import (
     all_paths,
@@ -47,6 +47,7 @@ _LIVE_KIND = LIVE | 0xFF
 _LIVE_INT, _LIVE_FLOAT = LIVE | V_INT, LIVE | V_FLOAT
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _LOCKFREE_READS = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+_NOHIT = (None, None, None, None, None, None, None, None, None)  # (a cache miss, see .cache)
 _live: weakref.WeakValueDictionary[int, ShmMapping] = weakref.WeakValueDictionary()
 
 
@@ -205,19 +206,18 @@ class ShmMapping(SharedMapping):
         return got[0], got[1]
 
     def __getitem__(self, key: Any) -> Any:
-        hit = self._cache.get(key)
+        hit = self._cache.get(key, _NOHIT)
+        fast, c, e, q, w, ver, value, _, kt = hit
+        if fast is type(key) and c[C_GSEQ] == e and q[w] == ver:
+            return value  # (the hit: see .cache)
         t = self._t
-        if hit is not None and hit[4] is type(key):
-            if t.c[C_GSEQ] == t.epoch and t.q[hit[0]] == hit[1]:
-                return hit[2] if hit[3] else _loads(hit[2])
+        if kt is type(key):  # cached, but changed since (or a pickled value): its entry
+            value = reread(t, key, hit)
+            if value is not AGAIN:
+                return value
         if type(key) is str and self._declared is None and not self._closed and _LOCKFREE_READS:
-            kb = key.encode("utf-8", "surrogatepass")  # (the cache miss of a str key: inline)
-            got = lookup(t, K_STR, kb, _crc32(kb, K_STR))
-            if len(got) > 2:
-                t.cache.remember(key, got)
-            elif not got[0]:
-                raise KeyError(key)
-            return got[1]
+            kb = key.encode("utf-8", "surrogatepass")  # (the cache miss of a str key)
+            return get_str(t, key, kb, _crc32(kb, K_STR))
         self._check_open()
         found, value = self._read(self._check_key(key))
         if not found:
