@@ -20,6 +20,7 @@ its value changed moves to the end).
 
 from __future__ import annotations
 
+from itertools import islice
 from typing import Any
 
 from . import layout as L
@@ -72,16 +73,24 @@ class ReadCache:
         are within three quarters of ``CACHE_BYTES``."""
         cache = self.entries
         target = L.CACHE_BYTES * 3 // 4
-        freed, victims = 0, list[Any]()
+        pop = cache.pop
         try:
-            for k, hit in cache.items():  # insertion order: the oldest first
-                if len(victims) >= want and self.nbytes - freed <= target:
-                    break
-                victims.append(k)
-                freed += hit[7]
+            victims = list(islice(cache, want))  # insertion order: the oldest first
+            nbytes = self.nbytes
+            for k in victims:
+                hit = pop(k, None)
+                if hit is not None:
+                    nbytes -= hit[7]
+            if nbytes > target:  # (big values: one more pass, by bytes)
+                victims = []
+                for k, hit in cache.items():
+                    if nbytes <= target:
+                        break
+                    victims.append(k)
+                    nbytes -= hit[7]
+                for k in victims:
+                    pop(k, None)
         except RuntimeError:  # another thread of ours changed it meanwhile: start afresh
             self.clear()
             return
-        for k in victims:
-            cache.pop(k, None)
-        self.nbytes = max(0, self.nbytes - freed)
+        self.nbytes = max(0, nbytes)
