@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import platform
+import struct
 import weakref
 import zlib
 from collections.abc import Iterator, Mapping
@@ -23,9 +24,21 @@ from ...config import Config
 from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
-from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
+from .codec import decode_keys, decode_values, encode_key, encode_value, f2i, i2f
 from .fastpath import ABSENT, NOT_FLAT, remove_flat, store_number, write_flat
-from .layout import C_GROW, C_GSEQ, C_JSTATE, C_STAMP, J_INLINE, K_STR, LIVE, V_FLOAT, V_INT, V_STR
+from .layout import (
+    C_GROW,
+    C_GSEQ,
+    C_JSTATE,
+    C_STAMP,
+    C_TSEQ,
+    J_INLINE,
+    K_STR,
+    LIVE,
+    V_FLOAT,
+    V_INT,
+    V_STR,
+)
 from .read import AGAIN, Got, get_str, lookup, read_entry, reread
 from .read import length as _length
 from .segments import (
@@ -42,6 +55,7 @@ from .segments import (
 from .table import Table
 
 _loads = pickle.loads
+_ENTRY = struct.Struct("<QIIIIq").unpack_from  # an entry: ver, hash, klen, koff, meta, value
 _crc32 = zlib.crc32
 _LIVE_KIND = LIVE | 0xFF
 _LIVE_INT, _LIVE_FLOAT = LIVE | V_INT, LIVE | V_FLOAT
@@ -207,11 +221,20 @@ class ShmMapping(SharedMapping):
 
     def __getitem__(self, key: Any) -> Any:
         hit = self._cache.get(key, _NOHIT)
-        fast, c, e, q, w, ver, value, _, kt = hit
+        fast, c, e, q, w, ver, value, size, kt = hit
         if fast is type(key) and c[C_GSEQ] == e and q[w] == ver:
             return value  # (the hit: see .cache)
         t = self._t
         if kt is type(key):  # cached, but changed since (or a pickled value): its entry
+            if not size and c[C_GSEQ] == e:
+                # a number: replaced by a number? (read.reread's commonest case, inline)
+                t1 = c[C_TSEQ]
+                nver, _, _, _, meta, inline = _ENTRY(t.g.mv, w * 8)
+                if (meta & _LIVE_KIND in (_LIVE_INT, _LIVE_FLOAT) and not (nver | t1) & 1
+                        and q is t.q and q[w] == nver and c[C_TSEQ] == t1 and c[C_GSEQ] == e):
+                    value = inline if meta & 0xFF == V_INT else i2f(inline)
+                    self._cache[key] = (kt, c, e, q, w, nver, value, 0, kt)
+                    return value
             value = reread(t, key, hit)
             if value is not AGAIN:
                 return value
