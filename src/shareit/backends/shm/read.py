@@ -23,7 +23,10 @@ Values are cached only after validation, so a cache never holds a write that
 did not commit; rollbacks restore exactly the committed bytes (versions
 included), so a cache entry that matches after a rollback is committed data.
 
-Whole-table copies follow the same protocol (:mod:`.copies`).
+Three entry points, cheapest first: :func:`reread` (a cached read whose version moved:
+the key's own entry, no probe), :func:`get_str` (a str key's cache miss: probe, read and
+cache insert in one frame) and :func:`lookup` (any key; :func:`read` for anything but the
+common case). Whole-table copies follow the same protocol (:mod:`.copies`).
 """
 
 from __future__ import annotations
