@@ -3,8 +3,8 @@ writer on the same mapping costs a reader of a hot key.
 
 Run: python benchmarks/shm_read_scaling.py [--rounds 5] [--seconds 0.5] [--keys 1000]
 
-90/10: P forked processes each run a loop of 9 reads and 1 write (a number) over the
-same ``--keys`` str keys for ``--seconds``; total ops/s is the sum. Every read of a key
+90/10: P forked processes each run a random plan of reads (90%) and writes of a number
+(10%) of the same ``--keys`` str keys for ``--seconds``; total ops/s is the sum. Every read of a key
 another process wrote since this one last read it misses the read cache's version check.
 Writer cost: one process reads one hot key while a second process (a) sleeps or (b) sets
 another key to numbers in a loop; the ratio b/a is what the writer costs the reader.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import random
 import statistics
 import time
 import uuid
@@ -24,20 +25,19 @@ import shareit
 
 
 def _mix(d: Any, keys: list[str], seed: int, start: Any, seconds: float, out: Any) -> None:
-    n = len(keys)
-    i, ops = seed * 7919, 0
+    rnd = random.Random(seed)
+    plan = [(rnd.choice(keys), rnd.random() < 0.1) for _ in range(10_000)]  # (key, write?)
+    ops = 0
     start.wait()
     cpu = time.process_time()
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
-        for _ in range(100):
-            i += 1
-            k = keys[(i * 2654435761) % n]
-            if i % 10 == 0:
-                d[k] = i
+        for k, write in plan:
+            if write:
+                d[k] = ops
             else:
                 d[k]
-        ops += 100
+        ops += len(plan)
     out.put((ops, time.process_time() - cpu))
 
 
