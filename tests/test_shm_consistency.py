@@ -101,6 +101,38 @@ def test_a_writer_killed_before_commit_is_never_visible(d, op: str) -> None:
     assert d.verify() == []
 
 
+def rewrite_all(d, step: int) -> None:
+    if step == 0:
+        d.update({"n": "now a str", "s": [1, "now pickled"], "keep": 7, "f": "x" * 30})
+        del d["gone"]
+        del d["back"]
+        d["back"] = "reinserted"  # a new entry: the cached one stays deleted
+    else:
+        d.update({"n": 3, "s": "str again", "keep": [2], "f": "y" * 20, "gone": 1.5})
+    os._exit(0)
+
+
+def test_a_cached_reads_follow_committed_writes_of_every_kind(d) -> None:
+    """Reads this process cached, re-read from their entries after another process
+    changed them (the value's kind, deleted, deleted and inserted again, in place)."""
+    d.update({"n": 1, "s": "old", "keep": [1, 2], "f": "x" * 40, "gone": 0, "back": 0})
+    before = dict(d.items())
+    assert {k: d[k] for k in before} == before  # all cached, twice
+    assert {k: d[k] for k in before} == before
+    for step, want in enumerate([
+            {"n": "now a str", "s": [1, "now pickled"], "keep": 7, "f": "x" * 30,
+             "back": "reinserted"},
+            {"n": 3, "s": "str again", "keep": [2], "f": "y" * 20, "gone": 1.5,
+             "back": "reinserted"}]):
+        child = FORK.Process(target=rewrite_all, args=(d, step))
+        child.start()
+        assert join_all([child]) == [0]
+        for k in before:
+            assert d.get(k, "<absent>") == want.get(k, "<absent>"), k
+            assert d.get(k, "<absent>") == want.get(k, "<absent>"), k  # (now cached)
+        assert d.verify() == []
+
+
 # ---------------------------------------------------------------------------- b. reads never wait
 
 

@@ -208,7 +208,7 @@ def test_the_read_cache_is_bounded_in_bytes(name) -> None:
             for i in range(100):
                 assert e[f"v{i}"][:1] == bytes([i])
                 assert e._t.cache.nbytes <= L.CACHE_BYTES
-        cached = sum(len(hit[2]) for hit in e._cache.values() if isinstance(hit[2], bytes))
+        cached = sum(hit[7] for hit in e._cache.values())
         assert cached == e._t.cache.nbytes and 0 < cached <= L.CACHE_BYTES
         assert e["v99"][:1] == bytes([99]) and e["v0"][:1] == bytes([0])  # evicted: read again
         big = b"z" * (L.CACHE_VALUE_MAX + 1)

@@ -8,10 +8,7 @@ allocated in full and mapped without a descriptor (:mod:`.segments`):
 
 ``NAME@ctl`` -- the control segment, fixed size. Words (uint64):
 
-    0 magic   1 layout   2 gen (DESTROYED once destroyed)
-    3 epoch: gen * 2 (1 once destroyed); changes only when a new generation is published.
-      A reader's cached value is valid while the epoch equals its own and the
-      entry's version is unchanged: two word reads.
+    0 magic   1 layout   2 gen (DESTROYED once destroyed)   3 unused (the epoch until layout 4)
     4 stamp (entry versions; only grows, also for inline writes)   5 jstate (1: an undo
     journal is valid; w << 2 | 2: the inline value word of the entry at data word w is
     being replaced)   6 jcount  7 jwords   8 grow target gen   9 writer pid (``inspect``)
@@ -20,6 +17,11 @@ allocated in full and mapped without a descriptor (:mod:`.segments`):
       commit (or the rollback that repairs it) is complete. Lock-free readers that see it
       odd read the last committed state: the data with the journal's pre-images laid
       over it (:mod:`.read`).
+    24 epoch (``C_GSEQ``), alone on its cache line (bytes 192..255): gen * 2 (1 once
+      destroyed); changes only when a new generation is published. A reader's cached
+      value is valid while the epoch equals its own and the entry's version is unchanged:
+      two word reads. Every write changes words 4..11, so a reader that read the epoch
+      from their cache line lost it to each write of another process (layout 5).
 
   then the undo journal: records of (offset, nbytes, old bytes) of the current
   generation's data segment, saved before a write changes them. Every record is
@@ -59,7 +61,8 @@ from .segments import (
 )
 
 MAGIC = 0x5348415245495431  # "SHAREIT1"
-LAYOUT = 4  # 4: spare words (meta bits 17..31), values overwritten in place; 3: tseq
+LAYOUT = 5  # 5: the epoch at word 24 (its own cache line); 4: spare words (meta bits
+# 17..31), values overwritten in place; 3: tseq
 DESTROYED = 1 << 62
 CTRL_SIZE = 1 << 16
 MUTEX_OFFSET = 128  # the writer lock (a robust pthread mutex) lives in control bytes 128..191
@@ -67,8 +70,10 @@ JOURNAL_WORD = 32  # the journal starts at control word 32
 JOURNAL_WORDS = CTRL_SIZE // 8 - JOURNAL_WORD
 
 # control words
-(C_MAGIC, C_LAYOUT, C_GEN, C_GSEQ, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER,
+(C_MAGIC, C_LAYOUT, C_GEN, _C_UNUSED, C_STAMP, C_JSTATE, C_JCOUNT, C_JWORDS, C_GROW, C_WRITER,
  C_LOCKKIND, C_TSEQ) = range(12)
+C_GSEQ = 24  # the epoch: the one control word a cache hit reads, on a cache line of its own
+assert C_GSEQ * 8 >= MUTEX_OFFSET + 64 and (C_GSEQ + 8) <= JOURNAL_WORD
 LOCK_ROBUST, LOCK_FLOCK = 1, 2
 J_JOURNAL, J_INLINE = 1, 2  # jstate: an undo journal is valid / one inline word in flight
 # data header words

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import platform
+import struct
 import weakref
 import zlib
 from collections.abc import Iterator, Mapping
@@ -24,13 +25,14 @@ from ...config import Config
 from ...errors import BackendDiedError, ConfigError, NotFoundError
 from . import layout as L
 from . import numeric
-from .codec import decode_keys, decode_values, encode_key, encode_value, f2i
+from .codec import decode_keys, decode_values, encode_key, encode_value, f2i, i2f
 from .fastpath import ABSENT, NOT_FLAT, insert, overwrite, remove_flat, store_number, write_flat
 from .layout import (
     C_GROW,
     C_GSEQ,
     C_JSTATE,
     C_STAMP,
+    C_TSEQ,
     J_INLINE,
     K_STR,
     LIVE,
@@ -40,7 +42,7 @@ from .layout import (
     V_PICKLE,
     V_STR,
 )
-from .read import Got, lookup, read_entry
+from .read import AGAIN, Got, get_str, lookup, read_entry, reread
 from .read import length as _length
 from .segments import (
     all_paths,
@@ -56,11 +58,13 @@ from .segments import (
 from .table import Table
 
 _loads = pickle.loads
+_ENTRY = struct.Struct("<QIIIIq").unpack_from  # an entry: ver, hash, klen, koff, meta, value
 _crc32 = zlib.crc32
 _LIVE_KIND = LIVE | 0xFF
 _LIVE_INT, _LIVE_FLOAT = LIVE | V_INT, LIVE | V_FLOAT
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _LOCKFREE_READS = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+_NOHIT = (None, None, None, None, None, None, None, None, None)  # (a cache miss, see .cache)
 _live: weakref.WeakValueDictionary[int, ShmMapping] = weakref.WeakValueDictionary()
 
 
@@ -228,19 +232,27 @@ class ShmMapping(SharedMapping):
         return got[0], got[1]
 
     def __getitem__(self, key: Any) -> Any:
-        hit = self._cache.get(key)
+        hit = self._cache.get(key, _NOHIT)
+        fast, c, e, q, w, ver, value, size, kt = hit
+        if fast is type(key) and c[C_GSEQ] == e and q[w] == ver:
+            return value  # (the hit: see .cache)
         t = self._t
-        if hit is not None and hit[4] is type(key):
-            if t.c[C_GSEQ] == t.epoch and t.q[hit[0]] == hit[1]:
-                return hit[2] if hit[3] else _loads(hit[2])
+        if kt is type(key):  # cached, but changed since (or a pickled value): its entry
+            if not size and c[C_GSEQ] == e:
+                # a number: replaced by a number? (read.reread's commonest case, inline)
+                t1 = c[C_TSEQ]
+                nver, _, _, _, meta, inline = _ENTRY(t.g.mv, w * 8)
+                if (meta & _LIVE_KIND in (_LIVE_INT, _LIVE_FLOAT) and not (nver | t1) & 1
+                        and q is t.q and q[w] == nver and c[C_TSEQ] == t1 and c[C_GSEQ] == e):
+                    value = inline if meta & 0xFF == V_INT else i2f(inline)
+                    self._cache[key] = (kt, c, e, q, w, nver, value, 0, kt)
+                    return value
+            value = reread(t, key, hit)
+            if value is not AGAIN:
+                return value
         if type(key) is str and self._declared is None and not self._closed and _LOCKFREE_READS:
-            kb = key.encode("utf-8", "surrogatepass")  # (the cache miss of a str key: inline)
-            got = lookup(t, K_STR, kb, _crc32(kb, K_STR))
-            if len(got) > 2:
-                t.cache.remember(key, got)
-            elif not got[0]:
-                raise KeyError(key)
-            return got[1]
+            kb = key.encode("utf-8", "surrogatepass")  # (the cache miss of a str key)
+            return get_str(t, key, kb, _crc32(kb, K_STR))
         self._check_open()
         found, value = self._read(self._check_key(key))
         if not found:

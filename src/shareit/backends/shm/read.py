@@ -23,7 +23,10 @@ Values are cached only after validation, so a cache never holds a write that
 did not commit; rollbacks restore exactly the committed bytes (versions
 included), so a cache entry that matches after a rollback is committed data.
 
-Whole-table copies follow the same protocol (:mod:`.copies`).
+Three entry points, cheapest first: :func:`reread` (a cached read whose version moved:
+the key's own entry, no probe), :func:`get_str` (a str key's cache miss: probe, read and
+cache insert in one frame) and :func:`lookup` (any key; :func:`read` for anything but the
+common case). Whole-table copies follow the same protocol (:mod:`.copies`).
 """
 
 from __future__ import annotations
@@ -37,23 +40,27 @@ from typing import TYPE_CHECKING, Any
 from ...errors import lock_timeout
 from . import layout as L
 from .codec import decode_value
-from .layout import C_GSEQ, C_JCOUNT, C_JSTATE, C_TSEQ, J_INLINE, LIVE, V_INT, V_STR
+from .layout import C_GSEQ, C_JCOUNT, C_JSTATE, C_TSEQ, J_INLINE, K_STR, LIVE, V_INT, V_STR
 
 _HEAP_KINDS = L.HEAP_KINDS
+_CACHE_MAX = L.CACHE_MAX
+_CACHE_BYTES, _CACHE_VALUE_MAX = L.CACHE_BYTES, L.CACHE_VALUE_MAX
 
 if TYPE_CHECKING:
     from .table import Table
 
 _PACK_WORD = struct.Struct("<Q").pack_into
+_loads = pickle.loads
 _ENTRY = struct.Struct("<QIIIIq").unpack_from  # ver, hash, klen, koff, meta, value
 
 #: What a read of moving bytes may raise.
 TORN = (IndexError, ValueError, OverflowError, KeyError, TypeError, EOFError,
         pickle.UnpicklingError)
 
-#: A read: ``(found, value)``, or ``(True, value, w, ver, kind, raw)`` for a value that
-#: may be cached once the read is validated (data word of its entry, version, kind, heap
-#: bytes); None: retry.
+#: A read: ``(found, value)``, or ``(True, value, w, ver, kind, raw, c, epoch, q)`` for a
+#: value that may be cached once the read is validated (data word of its entry, version,
+#: kind, heap bytes, the control words, the epoch it was validated against and the words
+#: of the generation it was read in); None: retry.
 Got = tuple[Any, ...]
 
 
@@ -106,7 +113,7 @@ def read_entry(t: Table, kkind: int, kb: bytes, h: int) -> Got | None:
         raw = bytes(g.mv[start : start + (inline >> 32)])
     if g.q[w] != ver or not meta & L.LIVE:
         return None
-    return (True, decode_value(kind, inline, raw), w, ver, kind, raw)
+    return (True, decode_value(kind, inline, raw), w, ver, kind, raw, t.c, t.epoch, g.q)
 
 
 # ---------------------------------------------------------------------- the journal overlay
@@ -247,7 +254,8 @@ def lookup(t: Table, kkind: int, kb: bytes, h: int) -> Got:
             isize, eoff, hoff = g.isize, g.eoff, g.hoff
             klen = len(kb)
             j = h % isize
-            for _ in range(isize):
+            n = isize
+            while n:
                 e = i32[16 + j]  # (the index starts at byte HEADER_BYTES)
                 if e >= 0:
                     ver, eh, ekl, koff, meta, inline = _ENTRY(mv, eoff + e * 32)
@@ -259,7 +267,8 @@ def lookup(t: Table, kkind: int, kb: bytes, h: int) -> Got:
                             start = hoff + (inline & 0xFFFFFFFF) * 8
                             raw = mm[start : start + (inline >> 32)]
                         w = (eoff >> 3) + e * 4
-                        if (ver & 1 or not meta & LIVE or g.q[w] != ver or c[C_TSEQ] != t1
+                        q = g.q
+                        if (ver & 1 or not meta & LIVE or q[w] != ver or c[C_TSEQ] != t1
                                 or c[C_GSEQ] != e1):
                             break
                         if kind == V_STR:
@@ -268,7 +277,7 @@ def lookup(t: Table, kkind: int, kb: bytes, h: int) -> Got:
                             value = inline
                         else:
                             value = decode_value(kind, inline, raw)
-                        return (True, value, w, ver, kind, raw)
+                        return (True, value, w, ver, kind, raw, c, e1, q)
                 elif e == -1:  # EMPTY: absent
                     if c[C_TSEQ] == t1 and c[C_GSEQ] == e1:
                         return (False, None)
@@ -276,9 +285,122 @@ def lookup(t: Table, kkind: int, kb: bytes, h: int) -> Got:
                 j += 1
                 if j == isize:
                     j = 0
+                n -= 1
         except TORN:
             pass
     return read(t, kkind, kb, h)
+
+
+#: What :func:`reread` returns when the key must be looked up.
+AGAIN: Any = object()
+
+
+def reread(t: Table, key: Any, hit: tuple[Any, ...]) -> Any:
+    """A cached read (:mod:`.cache`) that did not hold: the key's value now, read from its
+    own entry without a probe -- within one generation an entry belongs to one key for
+    good (new keys are appended; a rollback only removes entries no reader validated) --
+    and cached; or :data:`AGAIN`: :func:`lookup` it (another generation, a transaction in
+    flight, the key deleted, the entry mid-write). The same validation as :func:`lookup`."""
+    fast, c, e1, q, w, ver0, cached, size0, kt = hit
+    t1 = c[C_TSEQ]
+    g = t.g
+    if c[C_GSEQ] != e1 or q is not g.q:
+        return AGAIN
+    try:
+        ver, _, _, _, meta, inline = _ENTRY(g.mv, w * 8)
+        if ver == ver0:  # unchanged (a pickled value: a copy per read), or rolled back
+            return cached if fast is not None else _loads(cached)
+        if t1 & 1:
+            return AGAIN
+        kind = meta & 0xFF
+        raw = None
+        if kind in _HEAP_KINDS:
+            start = g.hoff + (inline & 0xFFFFFFFF) * 8
+            raw = g.mm[start : start + (inline >> 32)]
+        if (ver & 1 or not meta & LIVE or q[w] != ver or c[C_TSEQ] != t1
+                or c[C_GSEQ] != e1):
+            return AGAIN
+        if kind == V_STR:
+            value: Any = raw.decode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+        elif kind == V_INT:
+            value = inline
+        else:
+            value = decode_value(kind, inline, raw)
+    except TORN:
+        return AGAIN
+    if raw is None and not size0:  # a number for a number: replaced where it is
+        t.cache.entries[key] = (kt, c, e1, q, w, ver, value, 0, kt)
+    else:
+        t.cache.remember(key, (True, value, w, ver, kind, raw, c, e1, q))
+    return value
+
+
+def get_str(t: Table, key: str, kb: bytes, h: int) -> Any:
+    """``t[key]`` for a str key that missed the read cache, cached: :func:`lookup` and
+    :meth:`.cache.ReadCache.remember` in one frame for the commonest case (no transaction
+    in flight, the entry not being written, an immutable value with room in the cache),
+    :func:`read` for the rest. ``kb``: the key encoded, ``h`` its hash. Raises KeyError
+    when the key is absent."""
+    c = t.c
+    e1 = c[C_GSEQ]
+    t1 = c[C_TSEQ]
+    g = t.g
+    if e1 == t.epoch and not t1 & 1:
+        try:
+            i32, mm, mv = g.i32, g.mm, g.mv
+            isize, eoff, hoff = g.isize, g.eoff, g.hoff
+            klen = len(kb)
+            j = h % isize
+            n = isize
+            while n:
+                e = i32[16 + j]  # (the index starts at byte HEADER_BYTES)
+                if e >= 0:
+                    ver, eh, ekl, koff, meta, inline = _ENTRY(mv, eoff + e * 32)
+                    if eh == h and ekl == klen and (meta >> 8) & 0xFF == K_STR \
+                            and mm[hoff + koff * 8 : hoff + koff * 8 + klen] == kb:
+                        kind = meta & 0xFF
+                        raw = None
+                        if kind in _HEAP_KINDS:
+                            start = hoff + (inline & 0xFFFFFFFF) * 8
+                            raw = mm[start : start + (inline >> 32)]
+                        w = (eoff >> 3) + e * 4
+                        q = g.q
+                        if (ver & 1 or not meta & LIVE or q[w] != ver or c[C_TSEQ] != t1
+                                or c[C_GSEQ] != e1):
+                            break
+                        if kind == V_STR:
+                            value: Any = raw.decode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+                            size = len(raw)  # type: ignore[arg-type]
+                        elif kind == V_INT:
+                            value, size = inline, 0
+                        else:
+                            value = decode_value(kind, inline, raw)
+                            size = -1  # (the general case: remember)
+                        cache = t.cache
+                        ents = cache.entries
+                        if (0 <= size <= _CACHE_VALUE_MAX and len(ents) < _CACHE_MAX
+                                and key not in ents and cache.nbytes + size <= _CACHE_BYTES):
+                            ents[key] = (str, c, e1, q, w, ver, value, size, str)
+                            cache.nbytes += size
+                        else:
+                            cache.remember(key, (True, value, w, ver, kind, raw, c, e1, q))
+                        return value
+                elif e == -1:  # EMPTY: absent
+                    if c[C_TSEQ] == t1 and c[C_GSEQ] == e1:
+                        raise KeyError(key)
+                    break
+                j += 1
+                if j == isize:
+                    j = 0
+                n -= 1
+        except TORN:
+            pass
+    got = read(t, K_STR, kb, h)
+    if len(got) > 2:
+        t.cache.remember(key, got)
+    elif not got[0]:
+        raise KeyError(key)
+    return got[1]
 
 
 def length(t: Table) -> int:
