@@ -339,7 +339,7 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
         c[C_TSEQ] += 1
         t.slots.pop(key, None)
         used = q[H_USED]
-        if (used > 64 and live < used // 4) or (garbage > 4096 and garbage * 2 > q[H_TOP]):
+        if (used > 64 and live < used // 4) or (garbage > 4096 and garbage * 4 > q[H_TOP] * 3):
             t.maybe_compact()  # (the very test it makes, here without a call)
         return value
     finally:
