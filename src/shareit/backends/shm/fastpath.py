@@ -74,6 +74,10 @@ _PACK_REMOVE_RECORD = struct.Struct("<QQ64sQQ32sQQ8s").pack_into
 _REMOVE_RECORD_WORDS = (16 + HEADER_BYTES + 16 + ENTRY_BYTES + 16 + 8) >> 3
 _PACK_ENTRY_TAIL = struct.Struct("<IIIIq").pack_into  # an entry's words after its version
 _ZEROS = bytes(8)
+#: An insert's key and value, each padded with zeros to whole words, in one call (~150 ns
+#: less than joining them first): one ``pack_into`` per size pair, for sizes up to 512 B each.
+_PACK_HEAP: dict[int, Any] = {}
+_PACK_MAX_WORDS = 64
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _JB = JOURNAL_WORD * 8  # the journal's first byte in the control segment
 ABSENT = object()  # (remove: no such key)
@@ -180,11 +184,9 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
     q = g.q
     used = q[H_USED]
     nk = len(kb)
-    if vraw is None:
-        data = kb + _ZEROS[: -nk & 7] if nk & 7 else kb
-    else:
-        data = kb + _ZEROS[: -nk & 7] + vraw + _ZEROS[: -len(vraw) & 7]
-    words = len(data) >> 3
+    kw = (nk + 7) >> 3
+    vw = 0 if vraw is None else (len(vraw) + 7) >> 3
+    words = kw + vw
     try:
         e, slot = probe(g, kkind, kb, h)
     except BaseException:
@@ -209,7 +211,14 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
     c[C_JCOUNT] = 2
     q[H_TOP] = top + words  # the key and the value, after the heap top
     b = g.hoff + top * 8
-    g.mv[b : b + len(data)] = data
+    if kw <= _PACK_MAX_WORDS and vw <= _PACK_MAX_WORDS:  # one call, padded with zeros
+        pack = _PACK_HEAP.get(kw << 8 | vw)
+        if pack is None:
+            pack = _PACK_HEAP[kw << 8 | vw] = struct.Struct(f"{kw * 8}s{vw * 8}s").pack_into
+        pack(g.mv, b, kb, b"" if vraw is None else vraw)
+    else:
+        data = kb + _ZEROS[: -nk & 7] + (b"" if vraw is None else vraw + _ZEROS[: -len(vraw) & 7])
+        g.mv[b : b + len(data)] = data
     if vraw is not None:
         vinl = (top + ((nk + 7) >> 3)) | (len(vraw) << 32)
     stamp = c[C_STAMP] + 1
