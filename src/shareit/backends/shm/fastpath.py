@@ -79,6 +79,7 @@ _ZEROS = bytes(8)
 _PACK_HEAP: dict[int, Any] = {}
 _PACK_MAX_WORDS = 64
 _PACK_VALUE: dict[int, Any] = {}  # (the same for an overwrite's value)
+_PACK_RECORDS: dict[int, Any] = {}  # (and its journal: _PACK_ENTRY_RECORD + the old words)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _JB = JOURNAL_WORD * 8  # the journal's first byte in the control segment
 ABSENT = object()  # (remove: no such key)
@@ -140,8 +141,16 @@ def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
     nb = words * 8
     mv = g.mv  # journal: the entry, then the value's words
     cmv = t.cmv
-    _PACK_ENTRY_RECORD(cmv, _JB, w * 8, ENTRY_BYTES, g.mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb)
-    cmv[_JB + 64 : _JB + 64 + nb] = mv[hb : hb + nb]
+    mm = g.mm
+    if words <= _PACK_MAX_WORDS:  # both records whole in one call (~85 ns less)
+        pack = _PACK_RECORDS.get(words)
+        if pack is None:
+            pack = _PACK_RECORDS[words] = struct.Struct(f"<QQ32sQQ{nb}s").pack_into
+        pack(cmv, _JB, w * 8, ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb,
+             mm[hb : hb + nb])
+    else:
+        _PACK_ENTRY_RECORD(cmv, _JB, w * 8, ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb)
+        cmv[_JB + 64 : _JB + 64 + nb] = mv[hb : hb + nb]
     c[C_JWORDS] = 8 + words
     c[C_JCOUNT] = 2
     stamp = c[C_STAMP] + 1
