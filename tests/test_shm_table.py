@@ -295,3 +295,18 @@ def test_slots_survive_rebuilds() -> None:
         assert d.verify() == []
     finally:
         d.close()
+
+
+def test_an_unpicklable_value_says_what_would_work() -> None:
+    """``d[k] = object`` pickles inline (no _codec.dumps frame) and keeps its error."""
+    import threading
+
+    d = shareit.open(backend="shm")
+    try:
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            d["x"] = threading.Lock()
+        assert "x" not in d
+        d["x"] = [1, ("a", 2.5)]
+        assert d["x"] == [1, ("a", 2.5)]
+    finally:
+        d.close()
