@@ -241,6 +241,29 @@ def test_a_flat_remove_that_compacts() -> None:
         d.close()
 
 
+def test_regrowth_after_a_compaction_takes_few_rebuilds() -> None:
+    """A batch deleted then the next inserted: the compactions shrink the table (memory
+    follows the live data), and it grows back towards its size in one or two rebuilds
+    (was one per 2.25x step), with no more than a bounded multiple of spare room."""
+    d = shareit.open(backend="shm")
+    try:
+        for r in range(3):
+            for i in range(3000):
+                d[f"r{r}-{i}"] = "v" * 10
+            peak = d.info()["capacity"]
+            for i in range(3000):
+                del d[f"r{r}-{i}"]
+            info = d.info()
+            assert info["capacity"] < peak // 8 and len(d) == 0
+        gen = d.info()["generation"]
+        for i in range(3000):
+            d[f"x{i}"] = "v" * 10
+        assert d.info()["generation"] - gen <= 3 and d.info()["capacity"] <= peak
+        assert len(d) == 3000 and d.verify() == []
+    finally:
+        d.close()
+
+
 def test_slots_survive_rebuilds() -> None:
     """A rebuild keeps the live entries in order, so this process's key -> entry slots are
     carried over (the flat writes go on for keys placed before it): each must name the
@@ -270,5 +293,20 @@ def test_slots_survive_rebuilds() -> None:
             d[f"k{i}"] = "new" + str(i)  # in place, flat, after the rebuilds
         assert d.snapshot() == {f"k{i}": "new" + str(i) for i in range(250, 300)}
         assert d.verify() == []
+    finally:
+        d.close()
+
+
+def test_an_unpicklable_value_says_what_would_work() -> None:
+    """``d[k] = object`` pickles inline (no _codec.dumps frame) and keeps its error."""
+    import threading
+
+    d = shareit.open(backend="shm")
+    try:
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            d["x"] = threading.Lock()
+        assert "x" not in d
+        d["x"] = [1, ("a", 2.5)]
+        assert d["x"] == [1, ("a", 2.5)]
     finally:
         d.close()

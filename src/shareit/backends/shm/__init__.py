@@ -31,7 +31,8 @@ Features
   goes on, so every key holds its old or its new value.
 - Grows without limit: a full table, or one that is mostly deleted entries or
   dead heap bytes, is rebuilt into a new generation segment that attached
-  processes follow (2.25x per rebuild below 32k entries, 1.5x above; the writer
+  processes follow (2.25x per rebuild below 32k entries, 1.5x above, up to 8x that when
+  it grows back after a compaction; the writer
   keeps its key -> entry slots); ``capacity`` is only the starting size. A
   rewritten key keeps its heap room: a value of up to 63.5 KB that fits it is
   written in place (journaled), one that does not is appended with half its size

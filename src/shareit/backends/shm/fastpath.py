@@ -74,6 +74,12 @@ _PACK_REMOVE_RECORD = struct.Struct("<QQ64sQQ32sQQ8s").pack_into
 _REMOVE_RECORD_WORDS = (16 + HEADER_BYTES + 16 + ENTRY_BYTES + 16 + 8) >> 3
 _PACK_ENTRY_TAIL = struct.Struct("<IIIIq").pack_into  # an entry's words after its version
 _ZEROS = bytes(8)
+#: An insert's key and value, each padded with zeros to whole words, in one call (~150 ns
+#: less than joining them first): one ``pack_into`` per size pair, for sizes up to 512 B each.
+_PACK_HEAP: dict[int, Any] = {}
+_PACK_MAX_WORDS = 64
+_PACK_VALUE: dict[int, Any] = {}  # (the same for an overwrite's value)
+_PACK_RECORDS: dict[int, Any] = {}  # (and its journal: _PACK_ENTRY_RECORD + the old words)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _JB = JOURNAL_WORD * 8  # the journal's first byte in the control segment
 ABSENT = object()  # (remove: no such key)
@@ -135,8 +141,16 @@ def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
     nb = words * 8
     mv = g.mv  # journal: the entry, then the value's words
     cmv = t.cmv
-    _PACK_ENTRY_RECORD(cmv, _JB, w * 8, ENTRY_BYTES, g.mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb)
-    cmv[_JB + 64 : _JB + 64 + nb] = mv[hb : hb + nb]
+    mm = g.mm
+    if words <= _PACK_MAX_WORDS:  # both records whole in one call (~85 ns less)
+        pack = _PACK_RECORDS.get(words)
+        if pack is None:
+            pack = _PACK_RECORDS[words] = struct.Struct(f"<QQ32sQQ{nb}s").pack_into
+        pack(cmv, _JB, w * 8, ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb,
+             mm[hb : hb + nb])
+    else:
+        _PACK_ENTRY_RECORD(cmv, _JB, w * 8, ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb)
+        cmv[_JB + 64 : _JB + 64 + nb] = mv[hb : hb + nb]
     c[C_JWORDS] = 8 + words
     c[C_JCOUNT] = 2
     stamp = c[C_STAMP] + 1
@@ -145,7 +159,15 @@ def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
     q[w] = 2 * stamp + 1  # odd: being written
     if fault:
         L.fault("mid_entry")
-    mv[hb : hb + nb] = vraw + _ZEROS[: nb - n] if n & 7 else vraw
+    if not n & 7:
+        mv[hb : hb + nb] = vraw
+    elif words <= _PACK_MAX_WORDS:  # padded with zeros by one cached pack_into (~85 ns less)
+        pack = _PACK_VALUE.get(words)
+        if pack is None:
+            pack = _PACK_VALUE[words] = struct.Struct(f"{nb}s").pack_into
+        pack(mv, hb, vraw)
+    else:
+        mv[hb : hb + nb] = vraw + _ZEROS[: nb - n]
     u32[w * 2 + 5] = vkind | (old_meta & 0xFF00) | LIVE | spare << SPARE_SHIFT  # (key kind kept)
     qs[w + 3] = voff | (n << 32)
     q[w] = 2 * stamp + 2
@@ -180,11 +202,9 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
     q = g.q
     used = q[H_USED]
     nk = len(kb)
-    if vraw is None:
-        data = kb + _ZEROS[: -nk & 7] if nk & 7 else kb
-    else:
-        data = kb + _ZEROS[: -nk & 7] + vraw + _ZEROS[: -len(vraw) & 7]
-    words = len(data) >> 3
+    kw = (nk + 7) >> 3
+    vw = 0 if vraw is None else (len(vraw) + 7) >> 3
+    words = kw + vw
     try:
         e, slot = probe(g, kkind, kb, h)
     except BaseException:
@@ -209,7 +229,14 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
     c[C_JCOUNT] = 2
     q[H_TOP] = top + words  # the key and the value, after the heap top
     b = g.hoff + top * 8
-    g.mv[b : b + len(data)] = data
+    if kw <= _PACK_MAX_WORDS and vw <= _PACK_MAX_WORDS:  # one call, padded with zeros
+        pack = _PACK_HEAP.get(kw << 8 | vw)
+        if pack is None:
+            pack = _PACK_HEAP[kw << 8 | vw] = struct.Struct(f"{kw * 8}s{vw * 8}s").pack_into
+        pack(g.mv, b, kb, b"" if vraw is None else vraw)
+    else:
+        data = kb + _ZEROS[: -nk & 7] + (b"" if vraw is None else vraw + _ZEROS[: -len(vraw) & 7])
+        g.mv[b : b + len(data)] = data
     if vraw is not None:
         vinl = (top + ((nk + 7) >> 3)) | (len(vraw) << 32)
     stamp = c[C_STAMP] + 1
@@ -339,7 +366,7 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
         c[C_TSEQ] += 1
         t.slots.pop(key, None)
         used = q[H_USED]
-        if (used > 64 and live < used // 4) or (garbage > 4096 and garbage * 2 > q[H_TOP]):
+        if (used > 64 and live < used // 4) or (garbage > 4096 and garbage * 4 > q[H_TOP] * 3):
             t.maybe_compact()  # (the very test it makes, here without a call)
         return value
     finally:

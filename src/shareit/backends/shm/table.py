@@ -61,7 +61,7 @@ class Table:
     """One process's handle on an shm table (see the module docstring)."""
 
     __slots__ = ("seg", "label", "timeout", "cap_hint", "cmm", "cmv", "c", "maps", "lock",
-                 "g", "gen", "epoch", "q", "slots", "cache", "over", "journal")
+                 "g", "gen", "epoch", "q", "slots", "cache", "over", "journal", "peak")
 
     find = staticmethod(probe)  # (entry, index slot) of a key, or (-1, where it would go)
 
@@ -79,6 +79,7 @@ class Table:
         self.cache = ReadCache()
         self.over: Any = None  # the journal overlay last built (:mod:`.read`)
         self.journal = Journal(self.c, self.cmv)
+        self.peak = 0  # the capacity this process's last compaction shrank from (regrowth)
         # (the caller maps the current generation: map_current)
 
     # ------------------------------------------------------------------ generations mapped
@@ -381,7 +382,9 @@ class Table:
             except L.Grow:
                 self.abort(forget=False)
                 words = (len(kb) + 7) // 8 + (len(vraw or b"") + 7) // 8
-                self.rebuild(extra_entries=1, extra_heap=words * 8 + 8)
+                self.rebuild(extra_entries=1, extra_heap=words * 8 + 8, regrow=self.peak)
+                if self.g.cap >= self.peak:
+                    self.peak = 0
                 continue
             except BaseException:
                 self.abort()
@@ -465,7 +468,7 @@ class Table:
     # ------------------------------------------------------------------ new generations
 
     def build(self, target: int, extra_entries: int = 0, extra_heap: int = 0,
-              empty: bool = False, changes: Any = None) -> L.Generation:
+              empty: bool = False, changes: Any = None, regrow: int = 0) -> L.Generation:
         """``build_generation`` with ``grow`` set while it runs; on any failure (no room in
         the runtime dir, above all) nothing of the new generation is left behind."""
         from .build import build_generation  # (numpy: imported by the first rebuild only)
@@ -474,7 +477,7 @@ class Table:
         c[C_GROW] = target
         try:
             return build_generation(self.seg, self.g, target, extra_entries, extra_heap,
-                                    empty, self.cap_hint, c, changes)
+                                    empty, self.cap_hint, c, changes, regrow)
         except BaseException:
             unlink_quiet(data_path(self.seg, target))  # (its mapping: with its frame)
             c[C_GROW] = 0
@@ -496,12 +499,12 @@ class Table:
         self.adopt(new)
 
     def rebuild(self, extra_entries: int = 0, extra_heap: int = 0, empty: bool = False,
-                changes: Any = None) -> None:
+                changes: Any = None, regrow: int = 0) -> None:
         """Copy the live entries into a new generation with room to spare (and with
         ``changes``: see ``build_generation``), then switch to it. If the new generation
         cannot be built (``CapacityError``: no room for it), the old one stays, unchanged."""
         old = self.g
-        new = self.build(old.gen + 1, extra_entries, extra_heap, empty, changes)
+        new = self.build(old.gen + 1, extra_entries, extra_heap, empty, changes, regrow)
         moved = None if empty or not self.slots else self._moved_slots(old, new)
         self.switch(old, new)
         if moved:
@@ -558,12 +561,14 @@ class Table:
         self.switch(old, new)
 
     def maybe_compact(self) -> None:
-        """Rebuild when deleted entries or dead heap bytes dominate, so lookups stay short.
+        """Rebuild when deleted entries outnumber live ones 3 to 1, or dead heap bytes the
+        live ones (a delete round that empties the table compacts ~log4 times, not log2).
         Optional: with no room for the compacted copy, the table stays as it is."""
         q = self.g.q
         used, live = q[L.H_USED], q[L.H_LIVE]
         if (used > 64 and live < used // 4) or (q[L.H_GARBAGE] > 4096
-                                                and q[L.H_GARBAGE] * 2 > q[L.H_TOP]):
+                                                and q[L.H_GARBAGE] * 4 > q[L.H_TOP] * 3):
+            self.peak = max(self.peak, self.g.cap)
             try:
                 self.rebuild()
             except CapacityError:
