@@ -6,7 +6,8 @@ by every flat path when ``layout.FAULT`` is set), replaced *in the child only* b
 that reports the step on a pipe and SIGSTOPs or SIGKILLs itself. Every wait on another
 process is an event, a pipe or a /proc poll, bounded by a deadline.
 
-Findings are ``xfail(strict=True)``; every other test is a guard that held.
+Each finding was a strict xfail until fixed; the tests now guard the fixes (the reasons
+are kept as comments), with the guards that held from the start.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ SPARE_REASON = ("in-place overwrite of a small value over a >256 KB room: spare 
                 "mid-write (fastpath.overwrite: with the writer lock held and never released)")
 
 
-@pytest.mark.xfail(strict=True, reason=SPARE_REASON)
+# Was: SPARE_REASON (fixed: no in-place write whose spare would not fit)
 def test_small_value_over_a_huge_one_by_the_placing_process(shm) -> None:
     shm["k"] = b"x" * 300_000  # appended, spare 0: room = 37,500 words
     shm["k"] = b"y" * 1000  # in place: spare 37,375 > SPARE_MAX
@@ -218,7 +219,7 @@ def _write_with_timeout(name: str, conn) -> None:
     d.close()
 
 
-@pytest.mark.xfail(strict=True, reason=SPARE_REASON + "; the lock leaks to other processes")
+# Was: SPARE_REASON, and the lock leaked to other processes (fixed)
 def test_a_failed_in_place_overwrite_does_not_keep_the_writer_lock(shm, name) -> None:
     shm["k"] = b"x" * 300_000
     try:
@@ -240,7 +241,7 @@ def _place_huge(name: str) -> None:
     d.close()
 
 
-@pytest.mark.xfail(strict=True, reason=SPARE_REASON + " (Table.put: rolled back, ValueError)")
+# Was: SPARE_REASON in Table.put: rolled back, ValueError (fixed)
 def test_small_value_over_a_huge_one_placed_by_another_process(shm, name) -> None:
     shm["pad"] = 1
     p = FORK.Process(target=_place_huge, args=(name,))
@@ -789,10 +790,8 @@ INTERRUPT_REASON = ("fastpath.overwrite/insert have no try/finally: an exception
 
 
 @pytest.mark.parametrize("op, step", [
-    pytest.param("overwrite", "mid_entry",
-                 marks=pytest.mark.xfail(strict=True, reason=INTERRUPT_REASON)),
-    pytest.param("insert", "after_write",
-                 marks=pytest.mark.xfail(strict=True, reason=INTERRUPT_REASON)),
+    ("overwrite", "mid_entry"),  # was INTERRUPT_REASON (fixed: fastpath._abandon)
+    ("insert", "after_write"),  # was INTERRUPT_REASON (fixed)
     ("remove", "mid_entry"),  # guard: remove_flat unlocks in its finally; next writer rolls back
     ("steps", "mid_entry"),  # guard: Table.set aborts and unlocks
 ])
@@ -851,9 +850,8 @@ def _read_k(name: str, conn) -> None:
     d.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the inline numeric store does not check tseq & 1: "
-                   "between EOWNERDEAD's unlock and the recovery it writes under a dead "
-                   "writer's overlay; readers return the pre-overlay value after it returned")
+# Was a strict xfail: the inline numeric store did not check tseq & 1, so between
+# EOWNERDEAD's unlock and the recovery it wrote under a dead writer's overlay (fixed).
 def test_inline_store_in_the_gap_after_a_writer_died_mid_commit(name) -> None:
     d3 = shareit.open(name, backend="shm")
     d2 = None

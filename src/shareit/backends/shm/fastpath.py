@@ -53,6 +53,7 @@ from .layout import (
     J_JOURNAL,
     JOURNAL_WORD,
     LIVE,
+    SPARE_MAX,
     SPARE_SHIFT,
     V_FLOAT,
     V_INT,
@@ -126,56 +127,62 @@ def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
     words = (n + 7) >> 3
     spare = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT) - words
     if (not old_meta & LIVE or (old_meta & 0xFF) not in HEAP_KINDS or spare < 0
-            or words > INPLACE_MAX_WORDS):
+            or spare > SPARE_MAX or words > INPLACE_MAX_WORDS):  # (spare: 15 bits of meta)
         lk.unlock()
         return False
-    fault = L.FAULT
-    c[C_WRITER] = lk.pid
-    c[C_JCOUNT] = 0  # begin (jwords: set once, below; only Journal.save reads it)
-    c[C_TSEQ] += 1
-    c[C_JSTATE] = J_JOURNAL
-    if fault:
-        L.fault("after_begin")
-    voff = old & 0xFFFFFFFF
-    hb = g.hoff + voff * 8
-    nb = words * 8
-    mv = g.mv  # journal: the entry, then the value's words
-    cmv = t.cmv
-    mm = g.mm
-    if words <= _PACK_MAX_WORDS:  # both records whole in one call (~85 ns less)
-        pack = _PACK_RECORDS.get(words)
-        if pack is None:
-            pack = _PACK_RECORDS[words] = struct.Struct(f"<QQ32sQQ{nb}s").pack_into
-        pack(cmv, _JB, w * 8, ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb,
-             mm[hb : hb + nb])
-    else:
-        _PACK_ENTRY_RECORD(cmv, _JB, w * 8, ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb)
-        cmv[_JB + 64 : _JB + 64 + nb] = mv[hb : hb + nb]
-    c[C_JWORDS] = 8 + words
-    c[C_JCOUNT] = 2
-    stamp = c[C_STAMP] + 1
-    c[C_STAMP] = stamp
-    q = g.q
-    q[w] = 2 * stamp + 1  # odd: being written
-    if fault:
-        L.fault("mid_entry")
-    if not n & 7:
-        mv[hb : hb + nb] = vraw
-    elif words <= _PACK_MAX_WORDS:  # padded with zeros by one cached pack_into (~85 ns less)
-        pack = _PACK_VALUE.get(words)
-        if pack is None:
-            pack = _PACK_VALUE[words] = struct.Struct(f"{nb}s").pack_into
-        pack(mv, hb, vraw)
-    else:
-        mv[hb : hb + nb] = vraw + _ZEROS[: nb - n]
-    u32[w * 2 + 5] = vkind | (old_meta & 0xFF00) | LIVE | spare << SPARE_SHIFT  # (key kind kept)
-    qs[w + 3] = voff | (n << 32)
-    q[w] = 2 * stamp + 2
-    if fault:
-        L.fault("after_write")
-        L.fault("before_commit")
-    c[C_JSTATE] = 0  # commit
-    c[C_TSEQ] += 1
+    try:
+        fault = L.FAULT
+        c[C_WRITER] = lk.pid
+        c[C_JCOUNT] = 0  # begin (jwords: set once, below; only Journal.save reads it)
+        c[C_TSEQ] += 1
+        c[C_JSTATE] = J_JOURNAL
+        if fault:
+            L.fault("after_begin")
+        voff = old & 0xFFFFFFFF
+        hb = g.hoff + voff * 8
+        nb = words * 8
+        mv = g.mv  # journal: the entry, then the value's words
+        cmv = t.cmv
+        mm = g.mm
+        if words <= _PACK_MAX_WORDS:  # both records whole in one call (~85 ns less)
+            pack = _PACK_RECORDS.get(words)
+            if pack is None:
+                pack = _PACK_RECORDS[words] = struct.Struct(f"<QQ32sQQ{nb}s").pack_into
+            pack(cmv, _JB, w * 8, ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES], hb, nb,
+                 mm[hb : hb + nb])
+        else:
+            _PACK_ENTRY_RECORD(cmv, _JB, w * 8, ENTRY_BYTES, mm[w * 8 : w * 8 + ENTRY_BYTES],
+                               hb, nb)
+            cmv[_JB + 64 : _JB + 64 + nb] = mv[hb : hb + nb]
+        c[C_JWORDS] = 8 + words
+        c[C_JCOUNT] = 2
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        q = g.q
+        q[w] = 2 * stamp + 1  # odd: being written
+        if fault:
+            L.fault("mid_entry")
+        if not n & 7:
+            mv[hb : hb + nb] = vraw
+        elif words <= _PACK_MAX_WORDS:  # padded with zeros by one cached pack_into (~85 ns less)
+            pack = _PACK_VALUE.get(words)
+            if pack is None:
+                pack = _PACK_VALUE[words] = struct.Struct(f"{nb}s").pack_into
+            pack(mv, hb, vraw)
+        else:
+            mv[hb : hb + nb] = vraw + _ZEROS[: nb - n]
+        # (the key's kind kept)
+        u32[w * 2 + 5] = vkind | (old_meta & 0xFF00) | LIVE | spare << SPARE_SHIFT
+        qs[w + 3] = voff | (n << 32)
+        q[w] = 2 * stamp + 2
+        if fault:
+            L.fault("after_write")
+            L.fault("before_commit")
+        c[C_JSTATE] = 0  # commit
+        c[C_TSEQ] += 1
+    except BaseException:  # (KeyboardInterrupt, a raising signal handler: undo, unlock)
+        _abandon(t)
+        raise
     lk.unlock()
     return True
 
@@ -214,56 +221,77 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
     if e >= 0 or slot < 0 or used >= g.cap or top + words > g.heapw:
         lk.unlock()  # (an existing key, or no room: the steps do it, growing the table)
         return False
-    fault = L.FAULT
-    c[C_WRITER] = lk.pid
-    c[C_JCOUNT] = 0  # begin (jwords: set once, below; only Journal.save reads it)
-    c[C_TSEQ] += 1
-    c[C_JSTATE] = J_JOURNAL
-    if fault:
-        L.fault("after_begin")
-    ioff = HEADER_BYTES + (slot * 4 & ~7)
-    mm = g.mm  # journal: the header, then the index word
-    _PACK_HEADER_RECORD(t.cmv, _JB, 0, HEADER_BYTES, mm[0:HEADER_BYTES], ioff, 8,
-                        mm[ioff : ioff + 8])
-    c[C_JWORDS] = _HEADER_RECORD_WORDS
-    c[C_JCOUNT] = 2
-    q[H_TOP] = top + words  # the key and the value, after the heap top
-    b = g.hoff + top * 8
-    if kw <= _PACK_MAX_WORDS and vw <= _PACK_MAX_WORDS:  # one call, padded with zeros
-        pack = _PACK_HEAP.get(kw << 8 | vw)
-        if pack is None:
-            pack = _PACK_HEAP[kw << 8 | vw] = struct.Struct(f"{kw * 8}s{vw * 8}s").pack_into
-        pack(g.mv, b, kb, b"" if vraw is None else vraw)
-    else:
-        data = kb + _ZEROS[: -nk & 7] + (b"" if vraw is None else vraw + _ZEROS[: -len(vraw) & 7])
-        g.mv[b : b + len(data)] = data
-    if vraw is not None:
-        vinl = (top + ((nk + 7) >> 3)) | (len(vraw) << 32)
-    stamp = c[C_STAMP] + 1
-    c[C_STAMP] = stamp
-    w = g.ew + used * 4
-    q[w] = 2 * stamp + 1  # odd: being written
-    if fault:
-        L.fault("mid_entry")
-    _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, h, nk, top, vkind | (kkind << 8) | LIVE, vinl)
-    q[w] = 2 * stamp + 2
-    q[H_USED] = used + 1
-    q[H_LIVE] += 1
-    g.i32[HEADER_BYTES // 4 + slot] = used
-    if fault:
-        L.fault("after_write")
-    slots = t.slots
-    if len(slots) >= CACHE_MAX:
-        from .table import _drop_oldest
+    try:
+        fault = L.FAULT
+        c[C_WRITER] = lk.pid
+        c[C_JCOUNT] = 0  # begin (jwords: set once, below; only Journal.save reads it)
+        c[C_TSEQ] += 1
+        c[C_JSTATE] = J_JOURNAL
+        if fault:
+            L.fault("after_begin")
+        ioff = HEADER_BYTES + (slot * 4 & ~7)
+        mm = g.mm  # journal: the header, then the index word
+        _PACK_HEADER_RECORD(t.cmv, _JB, 0, HEADER_BYTES, mm[0:HEADER_BYTES], ioff, 8,
+                            mm[ioff : ioff + 8])
+        c[C_JWORDS] = _HEADER_RECORD_WORDS
+        c[C_JCOUNT] = 2
+        q[H_TOP] = top + words  # the key and the value, after the heap top
+        b = g.hoff + top * 8
+        if kw <= _PACK_MAX_WORDS and vw <= _PACK_MAX_WORDS:  # one call, padded with zeros
+            pack = _PACK_HEAP.get(kw << 8 | vw)
+            if pack is None:
+                pack = _PACK_HEAP[kw << 8 | vw] = struct.Struct(f"{kw * 8}s{vw * 8}s").pack_into
+            pack(g.mv, b, kb, b"" if vraw is None else vraw)
+        else:
+            data = kb + _ZEROS[: -nk & 7]
+            if vraw is not None:
+                data += vraw + _ZEROS[: -len(vraw) & 7]
+            g.mv[b : b + len(data)] = data
+        if vraw is not None:
+            vinl = (top + ((nk + 7) >> 3)) | (len(vraw) << 32)
+        stamp = c[C_STAMP] + 1
+        c[C_STAMP] = stamp
+        w = g.ew + used * 4
+        q[w] = 2 * stamp + 1  # odd: being written
+        if fault:
+            L.fault("mid_entry")
+        _PACK_ENTRY_TAIL(g.mv, w * 8 + 8, h, nk, top, vkind | (kkind << 8) | LIVE, vinl)
+        q[w] = 2 * stamp + 2
+        q[H_USED] = used + 1
+        q[H_LIVE] += 1
+        g.i32[HEADER_BYTES // 4 + slot] = used
+        if fault:
+            L.fault("after_write")
+        slots = t.slots
+        if len(slots) >= CACHE_MAX:
+            from .table import _drop_oldest
 
-        _drop_oldest(slots, CACHE_MAX // 8)
-    slots[key] = w
-    if fault:
-        L.fault("before_commit")
-    c[C_JSTATE] = 0  # commit
-    c[C_TSEQ] += 1
+            _drop_oldest(slots, CACHE_MAX // 8)
+        slots[key] = w
+        if fault:
+            L.fault("before_commit")
+        c[C_JSTATE] = 0  # commit
+        c[C_TSEQ] += 1
+    except BaseException:  # (KeyboardInterrupt, a raising signal handler: undo, unlock)
+        _abandon(t)
+        raise
     lk.unlock()
     return True
+
+
+def _abandon(t: Table) -> None:
+    """A flat write interrupted inside its transaction by an exception: roll it back (the
+    journal is whole before any data changes) and forget what this process cached (an
+    insert records its entry before the commit) -- or, cut between the commit's two stores,
+    finish the commit -- and release the lock, as ``Table.set`` does."""
+    c = t.c
+    try:
+        if c[C_JSTATE]:
+            t.abort()
+        elif c[C_TSEQ] & 1:  # between begin's stores, or the commit's: nothing to undo
+            c[C_TSEQ] += 1
+    finally:
+        t.lock.unlock()
 
 
 NOT_FLAT = object()  # (remove_flat: not a common case, nothing done)
@@ -393,7 +421,7 @@ def store_number(t: Table, key: Any, kind: int, inline: int, delta: Any, vt: Any
             return False
     try:
         c = t.c
-        if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW]:
+        if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1:
             return False
         g = t.g
         meta = g.u32[w * 2 + 5]

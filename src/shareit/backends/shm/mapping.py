@@ -318,6 +318,7 @@ class ShmMapping(SharedMapping):
                             c = t.c
                             g = t.g
                             if (c[C_GSEQ] == t.epoch and not c[C_JSTATE] and not c[C_GROW]
+                                    and not c[C_TSEQ] & 1
                                     and g.u32[w * 2 + 5] & _LIVE_KIND == want):
                                 if L.FAULT:
                                     t.store_inline(w, inline)

@@ -277,7 +277,8 @@ class Table:
                 room = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT)  # the key's words
                 if vraw is not None:
                     words = (len(vraw) + 7) >> 3
-                    in_place = words <= room and words <= INPLACE_MAX_WORDS
+                    in_place = (words <= room and words <= INPLACE_MAX_WORDS
+                                and room - words <= SPARE_MAX)  # (spare: 15 bits of meta)
                     if in_place:  # over the old value, in the key's own room: the old
                         # bytes and the entry journaled first, the version odd from before
                         # the bytes change until after the entry's fields do
