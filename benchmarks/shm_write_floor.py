@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import struct
 import tempfile
@@ -134,6 +135,7 @@ def main() -> None:
                     txn.put(b"s", values[i & 255].encode())
         ops["lmdb put (txn per op)"] = lmdb_set
         closers.append(env.close)
+        closers.append(lambda: shutil.rmtree(tmp, ignore_errors=True))  # (after env.close)
     except ImportError:
         pass
     shipped(n)  # warm: the first write in this process sets its lock up
