@@ -14,6 +14,7 @@ import signal
 import pytest
 
 import shareit
+import shareit.testing  # noqa: F401  (registers the "reference" backend)
 
 FORK = mp.get_context("fork")
 TIMEOUT = 10.0
@@ -125,3 +126,149 @@ def test_prefetch_reused_frame_serves_stale_read(name, backend):
     finally:
         _finish(p)
         d.close()
+
+
+# ---------------------------------------------------------------- 2. the undo journal
+
+from dataclasses import dataclass  # noqa: E402
+
+from helpers import gone, wait_until  # noqa: E402
+from shareit import _runtime  # noqa: E402
+from shareit.errors import PermissionDeniedError  # noqa: E402
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+
+_STALL: list = []  # in a child only: [conn, skips left]
+
+
+@dataclass(frozen=True)
+class Park:
+    """Pickling it (once armed, in a child) tells the parent and parks until killed."""
+
+    n: int = 0
+
+    def __reduce__(self):
+        if _STALL:
+            conn, skip = _STALL
+            if skip > 0:
+                _STALL[1] = skip - 1
+            else:
+                _STALL.clear()
+                conn.send("parked")
+                conn.recv()  # until SIGKILLed (or the parent closes its end)
+        return (Park, (self.n,))
+
+
+def _kill_parked(target, args) -> None:
+    parent_end, child_end = FORK.Pipe()
+    p = FORK.Process(target=target, args=(*args, child_end))
+    p.start()
+    try:
+        assert parent_end.poll(TIMEOUT), "the child never parked"
+        assert parent_end.recv() == "parked"
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(TIMEOUT)
+        wait_until(lambda: gone(p.pid), "the killed writer gone")
+    finally:
+        if p.is_alive():
+            p.kill()
+        p.join(TIMEOUT)
+        parent_end.close()
+
+
+def _update_parks(name, conn) -> None:
+    d = shareit.open(name, backend="reference")
+    _STALL[:] = [conn, 0]
+    d.update({"a": -1, "n1": 1, "n2": Park(2), "n3": 3})
+
+
+def _clear_parks(name, conn) -> None:
+    d = shareit.open(name, backend="reference")
+    _STALL[:] = [conn, 1]  # skip the journal's pickling of the Park key
+    d.clear()
+
+
+def _fresh_view(name, conn) -> None:
+    d = shareit.open(name, backend="reference")
+    try:
+        with d.lock():
+            conn.send(("ok", list(d.snapshot().items())))
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(("error", repr(exc)))
+    finally:
+        d.close()
+
+
+def _view_from_another_process(name):
+    parent_end, child_end = FORK.Pipe()
+    p = FORK.Process(target=_fresh_view, args=(name, child_end))
+    p.start()
+    try:
+        assert parent_end.poll(TIMEOUT)
+        kind, value = parent_end.recv()
+    finally:
+        p.join(TIMEOUT)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert kind == "ok", value
+    return value
+
+
+@pytest.mark.parametrize("op", ["update", "clear"])
+def test_journal_guard_sigkill_mid_bulk_write_rolled_back_by_next_taker(name, op):
+    """A writer SIGKILLed half-way through update()/clear(): the next taker, a fresh handle
+    in a third process, sees exactly the state before, in its order; no journal is left."""
+    d = shareit.open(name, backend="reference")
+    try:
+        d.update({"a": 1, Park(9): 2, "z": 3})
+        before = list(d.snapshot().items())
+        _kill_parked(_update_parks if op == "update" else _clear_parks, (name,))
+        assert os.path.exists(_runtime.path(name, "undo")), "no journal left by the killed writer"
+        assert _view_from_another_process(name) == before
+        assert not os.path.exists(_runtime.path(name, "undo"))
+        assert list(d.snapshot().items()) == before
+    finally:
+        d.destroy()
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@root_only
+@pytest.mark.parametrize("how", ["other_user", "group_readable"])
+def test_journal_guard_planted_journal_with_right_identity_is_refused(name, attacker, tmp_path, how):
+    """A journal carrying the right lock identity but content that runs code when unpickled,
+    owned by another user (or readable by others): refused, never unpickled or replayed."""
+    import pickle
+
+    d = shareit.open(name, backend="reference")
+    marker = str(tmp_path / "pwned")
+    try:
+        d["a"] = 1
+        with d.lock():  # learn the identity the journal must carry
+            token = d._lock_token
+        assert token
+        path = _runtime.path(name, "undo")
+        with open(path, "wb") as f:
+            f.write(pickle.dumps((token, "update", [("a", True, _Evil(marker))])))
+        if how == "other_user":
+            os.chown(path, attacker[0], attacker[1])
+            os.chmod(path, 0o600)
+        else:
+            os.chmod(path, 0o644)
+        with pytest.raises(PermissionDeniedError):
+            with d.lock():
+                pass
+        assert not os.path.exists(marker), "the planted journal was unpickled"
+        os.unlink(path)
+        assert d["a"] == 1
+    finally:
+        if os.path.exists(_runtime.path(name, "undo")):
+            os.unlink(_runtime.path(name, "undo"))
+        d.destroy()
