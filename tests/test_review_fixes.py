@@ -272,3 +272,83 @@ def test_journal_guard_planted_journal_with_right_identity_is_refused(name, atta
         if os.path.exists(_runtime.path(name, "undo")):
             os.unlink(_runtime.path(name, "undo"))
         d.destroy()
+
+
+# ---------------------------------------------------------------- 3. runtime_dir re-checks
+
+
+def _runtime_dir_after_swap(base: str, target: str, conn) -> None:
+    """In a child: use `base` (a real dir), then replace it by a symlink to `target`."""
+    try:
+        os.environ["SHAREIT_RUNTIME_DIR"] = base
+        first = _runtime.runtime_dir()
+        os.rename(base, base + ".old")
+        os.symlink(target, base)
+        try:
+            second = _runtime.runtime_dir()
+            conn.send(("accepted", first, second))
+        except PermissionDeniedError as exc:
+            conn.send(("refused", first, str(exc)))
+        try:  # what a process using that base for the first time says
+            _runtime._bases_checked.clear()
+            _runtime.runtime_dir()
+            conn.send("fresh accepted")
+        except PermissionDeniedError:
+            conn.send("fresh refused")
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(("error", repr(exc), ""))
+    finally:
+        conn.close()
+
+
+def _run_swap(base, target):
+    parent_end, child_end = FORK.Pipe(duplex=False)
+    p = FORK.Process(target=_runtime_dir_after_swap, args=(base, target, child_end))
+    p.start()
+    child_end.close()
+    try:
+        assert parent_end.poll(TIMEOUT)
+        kind, first, detail = parent_end.recv()
+        assert parent_end.poll(TIMEOUT)
+        fresh = parent_end.recv()
+    finally:
+        p.join(TIMEOUT)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert kind != "error", first
+    return kind, fresh
+
+
+@root_only
+@pytest.mark.xfail(strict=True, reason=(
+    "runtime_dir() caches the ancestor walk per base *string*: after the base is replaced "
+    "by a symlink (ours) to a dir under another user's directory, the per-call re-check "
+    "stat()s through the symlink and checks only the target itself (ours, 0700), not the "
+    "target's ancestors -- a path a fresh process refuses is accepted by one that used "
+    "the base before"))
+def test_runtime_dir_base_swapped_for_symlink_into_foreign_dir_is_refused(tmp_path, attacker):
+    base = str(tmp_path / "base")
+    os.mkdir(base, 0o700)
+    evil = tmp_path / "evil"
+    evil.mkdir(mode=0o755)
+    os.chown(evil, attacker[0], attacker[1])  # the attacker can rename what is in it
+    target = evil / "target"
+    target.mkdir(mode=0o700)
+    (target / f"shareit-{os.geteuid()}").mkdir(mode=0o700)
+    kind, fresh = _run_swap(base, str(target))
+    assert fresh == "fresh refused"  # the first-use walk does see the foreign ancestor
+    assert kind == "refused", "a cached base swapped for a symlink into a foreign dir is used"
+
+
+@root_only
+def test_runtime_dir_guard_base_swapped_for_symlink_to_foreign_dir_is_refused(tmp_path, attacker):
+    """The base replaced by a symlink straight to another user's dir: refused."""
+    base = str(tmp_path / "base")
+    os.mkdir(base, 0o700)
+    target = tmp_path / "theirs"
+    target.mkdir(mode=0o700)
+    (target / f"shareit-{os.geteuid()}").mkdir(mode=0o700)
+    os.chown(target, attacker[0], attacker[1])
+    kind, fresh = _run_swap(base, str(target))
+    assert (kind, fresh) == ("refused", "fresh refused")
