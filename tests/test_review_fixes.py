@@ -352,3 +352,101 @@ def test_runtime_dir_guard_base_swapped_for_symlink_to_foreign_dir_is_refused(tm
     os.chown(target, attacker[0], attacker[1])
     kind, fresh = _run_swap(base, str(target))
     assert (kind, fresh) == ("refused", "fresh refused")
+
+
+# ---------------------------------------------------------------- 4. forked children
+
+
+def _try_lock(name, conn) -> None:
+    d = shareit.open(name, backend="reference", timeout=0.3)
+    try:
+        with d.lock(timeout=0.3):
+            conn.send("got it")
+    except shareit.LockTimeoutError:
+        conn.send("timed out")
+    finally:
+        d.close()
+
+
+def _third_process_can_lock(name) -> bool:
+    parent_end, child_end = FORK.Pipe()
+    p = FORK.Process(target=_try_lock, args=(name, child_end))
+    p.start()
+    try:
+        assert parent_end.poll(TIMEOUT)
+        return parent_end.recv() == "got it"
+    finally:
+        p.join(TIMEOUT)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _in_forked_child(d) -> list:
+    """What the child of a fork made inside the parent's `with d.lock()` manages to do."""
+    out = []
+    for what, fn in (
+        ("set", lambda: d.__setitem__("c", 1)),
+        ("update", lambda: d.update({"c": 1, "p": 99})),
+        ("clear", d.clear),
+        ("pop", lambda: d.pop("p")),
+        ("nested lock", lambda: d.lock(timeout=0.2).acquire()),
+    ):
+        try:
+            fn()
+            out.append((what, "done"))
+        except shareit.LockTimeoutError:
+            out.append((what, "timed out"))
+        except Exception as exc:  # noqa: BLE001
+            out.append((what, type(exc).__name__))
+    return out
+
+
+def test_fork_guard_child_of_a_lock_holder_neither_writes_nor_releases(name):
+    """Forked while the parent holds d.lock(): the child's writes wait for the parent's
+    lock (time out), and the child leaving the `with` -- or exiting -- leaves the parent's
+    hold intact (a third process still cannot take the lock)."""
+    d = shareit.open(name, backend="reference", timeout=0.3)
+    try:
+        d["p"] = 1
+        r, w = os.pipe()
+        with d.lock():
+            d["p"] = 2
+            pid = os.fork()
+            if pid == 0:  # the child: inside the parent's `with` block
+                code = 1
+                try:
+                    import pickle
+                    res = _in_forked_child(d)
+                    code = 0
+                finally:
+                    if code:
+                        os._exit(code)
+                # leaving the parent's `with` below releases nothing; then try again
+            else:
+                os.close(w)
+                with os.fdopen(r, "rb") as f:
+                    data = f.read()  # until the child exits (EOF), bounded by its timeouts
+                _, status = os.waitpid(pid, 0)
+                assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+                import pickle
+                res, after = pickle.loads(data)
+                assert all(v == "timed out" for _, v in res), res
+                assert after == "timed out", "the child took the lock the parent holds"
+                assert not _third_process_can_lock(name), "the parent's hold was released"
+                assert d.snapshot() == {"p": 2}
+        if pid == 0:
+            try:
+                try:
+                    with d.lock(timeout=0.2):
+                        after = "got it"
+                except shareit.LockTimeoutError:
+                    after = "timed out"
+                os.close(r)
+                os.write(w, pickle.dumps((res, after)))
+            finally:
+                os._exit(0)
+        assert _third_process_can_lock(name)
+        assert d.snapshot() == {"p": 2}
+    finally:
+        d.destroy()
