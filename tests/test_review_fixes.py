@@ -20,9 +20,36 @@ FORK = mp.get_context("fork")
 TIMEOUT = 10.0
 
 
-def _writer(name: str, backend: str, go, done) -> None:
+@pytest.fixture(scope="module")
+def redis_url():
+    import shutil
+    import tempfile
+
+    try:
+        from test_redis import start_server
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"no redis: {exc}")
+    tmp = tempfile.mkdtemp(prefix="shareit-review3-redis-")
+    sock = os.path.join(tmp, "redis.sock")
+    try:
+        proc = start_server(sock)
+    except Exception as exc:  # noqa: BLE001
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"no redis-server: {exc}")
+    yield f"unix://{sock}"
+    proc.terminate()
+    proc.wait(30)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def opts(request, backend):
+    return {"url": request.getfixturevalue("redis_url")} if backend == "redis" else {}
+
+
+def _writer(name: str, backend: str, opts: dict, go, done) -> None:
     """Another process: on `go`, overwrite d['a'] and report the write complete."""
-    d = shareit.open(name, backend=backend, timeout=5.0)
+    d = shareit.open(name, backend=backend, timeout=5.0, **opts)
     try:
         assert go.wait(TIMEOUT)
         d["a"] = "new"
@@ -31,9 +58,25 @@ def _writer(name: str, backend: str, go, done) -> None:
         d.close()
 
 
-def _start_writer(name, backend):
+def _writer_loop(name: str, backend: str, opts: dict, conn) -> None:
+    """Another process: each value received is written to d['a'], then acknowledged."""
+    d = shareit.open(name, backend=backend, timeout=5.0, **opts)
+    try:
+        while True:
+            if not conn.poll(TIMEOUT):
+                return
+            v = conn.recv()
+            if v is None:
+                return
+            d["a"] = v
+            conn.send("written")
+    finally:
+        d.close()
+
+
+def _start_writer(name, backend, opts):
     go, done = FORK.Event(), FORK.Event()
-    p = FORK.Process(target=_writer, args=(name, backend, go, done))
+    p = FORK.Process(target=_writer, args=(name, backend, opts, go, done))
     p.start()
     return p, go, done
 
@@ -55,12 +98,12 @@ def _let_write(go, done):
 # ---------------------------------------------------------------- 1. keys() prefetch
 
 
-@pytest.mark.parametrize("backend", ["manager"])
+@pytest.mark.parametrize("backend", ["manager", "redis"])
 @pytest.mark.parametrize("shape", ["comprehension", "one_line_loop", "generator", "map"])
-def test_prefetch_guard_later_reads_are_fresh(name, backend, shape):
+def test_prefetch_guard_later_reads_are_fresh(name, backend, shape, opts):
     """Reads that start after another process's write completed see that write."""
-    d = shareit.open(name, backend=backend, create=True, timeout=5.0)
-    p, go, done = _start_writer(name, backend)
+    d = shareit.open(name, backend=backend, create=True, timeout=5.0, **opts)
+    p, go, done = _start_writer(name, backend, opts)
     try:
         d.update({"a": "old", "b": "old"})
         if shape == "comprehension":
@@ -80,7 +123,7 @@ def test_prefetch_guard_later_reads_are_fresh(name, backend, shape):
             assert next(it) == "new"
     finally:
         _finish(p)
-        d.close()
+        d.destroy()
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -89,10 +132,10 @@ def test_prefetch_guard_later_reads_are_fresh(name, backend, shape):
     "matches both, so a read made after another process's completed write is served from "
     "the older snapshot (the pending snapshot is never dropped when the listing call "
     "did not read)"))
-@pytest.mark.parametrize("backend", ["manager"])
-def test_prefetch_same_call_site_serves_stale_read(name, backend):
-    d = shareit.open(name, backend=backend, create=True, timeout=5.0)
-    p, go, done = _start_writer(name, backend)
+@pytest.mark.parametrize("backend", ["manager", "redis"])
+def test_prefetch_same_call_site_serves_stale_read(name, backend, opts):
+    d = shareit.open(name, backend=backend, create=True, timeout=5.0, **opts)
+    p, go, done = _start_writer(name, backend, opts)
     try:
         d.update({"a": "old"})
         steps = [(iter, (d.keys(),)), (_let_write, (go, done)), (operator.getitem, (d, "a"))]
@@ -103,7 +146,7 @@ def test_prefetch_same_call_site_serves_stale_read(name, backend):
         assert results[2] == "new", "a read after a completed write returned the old value"
     finally:
         _finish(p)
-        d.close()
+        d.destroy()
 
 
 def _apply(fn, *args):
@@ -114,18 +157,27 @@ def _apply(fn, *args):
     "prefetch keyed on id(frame): a helper `_apply(fn, *args)` that lists the keys (iter) in one "
     "call and reads in a later call gets a new frame object at the same address (freed "
     "and reused), same code, same f_lasti -- the later read is served from the old snapshot"))
-@pytest.mark.parametrize("backend", ["manager"])
-def test_prefetch_reused_frame_serves_stale_read(name, backend):
-    d = shareit.open(name, backend=backend, create=True, timeout=5.0)
-    p, go, done = _start_writer(name, backend)
+@pytest.mark.parametrize("backend", ["manager", "redis"])
+def test_prefetch_reused_frame_serves_stale_read(name, backend, opts):
+    d = shareit.open(name, backend=backend, create=True, timeout=5.0, **opts)
+    parent_end, child_end = FORK.Pipe()
+    p = FORK.Process(target=_writer_loop, args=(name, backend, opts, child_end))
+    p.start()
+    stale = []
     try:
-        d.update({"a": "old"})
-        assert list(_apply(iter, d.keys())) == ["a"]
-        _let_write(go, done)
-        assert _apply(operator.getitem, d, "a") == "new", "stale read through a reused frame"
+        for i in range(50):  # the frame object's address is reused often, not always
+            d["a"] = f"old{i}"
+            assert list(_apply(iter, d.keys())) == ["a"]
+            parent_end.send(f"new{i}")  # the other process writes; we wait for its ack
+            assert parent_end.poll(TIMEOUT) and parent_end.recv() == "written"
+            got = _apply(operator.getitem, d, "a")
+            if got != f"new{i}":
+                stale.append((i, got))
+        assert not stale, f"reads after a completed write returned older values: {stale[:3]}"
     finally:
+        parent_end.send(None)
         _finish(p)
-        d.close()
+        d.destroy()
 
 
 # ---------------------------------------------------------------- 2. the undo journal
