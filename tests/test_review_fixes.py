@@ -502,3 +502,69 @@ def test_fork_guard_child_of_a_lock_holder_neither_writes_nor_releases(name):
         assert d.snapshot() == {"p": 2}
     finally:
         d.destroy()
+
+
+# ---------------------------------------------------------------- 3b. a relative runtime dir
+
+
+def _update_after_chdir(d, other_cwd, conn) -> None:
+    os.chdir(other_cwd)  # (SHAREIT_RUNTIME_DIR is relative: it now names another dir)
+    _STALL[:] = [conn, 0]
+    d.update({"a": -1, "n1": 1, "n2": Park(2), "n3": 3})
+
+
+def _holder_with_relative_runtime_dir(name, cwd, other_cwd, conn) -> None:
+    """cwd `cwd`, SHAREIT_RUNTIME_DIR relative: open, fill, fork a writer that chdirs
+    and is killed mid-update; then read (taking the lock: the rollback point)."""
+    d = None
+    try:
+        os.chdir(cwd)
+        os.environ["SHAREIT_RUNTIME_DIR"] = "rt"
+        _runtime._bases_checked.clear()
+        d = shareit.open(name, backend="reference", timeout=5.0)
+        d.update({"a": 1, "b": 2})
+        w_parent, w_child = FORK.Pipe()
+        p = FORK.Process(target=_update_after_chdir, args=(d, other_cwd, w_child))
+        p.start()
+        assert w_parent.poll(TIMEOUT) and w_parent.recv() == "parked"
+        conn.send(("kill", p.pid))
+        assert conn.poll(TIMEOUT) and conn.recv() == "killed"
+        p.join(TIMEOUT)
+        conn.send(("ok", d.snapshot()))
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(("error", repr(exc)))
+    finally:
+        if d is not None:
+            d.destroy()
+        conn.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "with a relative SHAREIT_RUNTIME_DIR, _journal_path() is recomputed from the cwd at "
+    "each use while the lock file's path was fixed at first use: a writer that chdir'd "
+    "writes its undo journal into another dir, and when it is SIGKILLed mid-update the "
+    "next lock taker finds no journal -- the half-done update stays (not atomic)"))
+def test_relative_runtime_dir_chdir_then_kill_mid_update_is_rolled_back(name, tmp_path):
+    cwd, other = tmp_path / "a", tmp_path / "b"
+    cwd.mkdir(mode=0o700)
+    other.mkdir(mode=0o700)
+    parent_end, child_end = FORK.Pipe()
+    h = FORK.Process(target=_holder_with_relative_runtime_dir,
+                     args=(name, str(cwd), str(other), child_end))
+    h.start()
+    try:
+        assert parent_end.poll(TIMEOUT)
+        kind, value = parent_end.recv()
+        assert kind == "kill", value
+        os.kill(value, signal.SIGKILL)
+        wait_until(lambda: gone(value), "the killed writer gone")
+        parent_end.send("killed")
+        assert parent_end.poll(TIMEOUT)
+        kind, value = parent_end.recv()
+        assert kind == "ok", value
+        assert value == {"a": 1, "b": 2}, f"a killed update stayed half-done: {value}"
+    finally:
+        h.join(TIMEOUT)
+        if h.is_alive():
+            h.kill()
+            h.join()
