@@ -14,7 +14,7 @@ import signal
 import pytest
 
 import shareit
-import shareit.testing  # noqa: F401  (registers the "reference" backend)
+import shareit.testing
 
 FORK = mp.get_context("fork")
 TIMEOUT = 10.0
@@ -27,13 +27,13 @@ def redis_url():
 
     try:
         from test_redis import start_server
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.skip(f"no redis: {exc}")
     tmp = tempfile.mkdtemp(prefix="shareit-review3-redis-")
     sock = os.path.join(tmp, "redis.sock")
     try:
         proc = start_server(sock)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         pytest.skip(f"no redis-server: {exc}")
     yield f"unix://{sock}"
@@ -111,7 +111,7 @@ def test_prefetch_guard_later_reads_are_fresh(name, backend, shape, opts):
             assert got["a"] == "new"
         elif shape == "one_line_loop":
             got = []
-            for k in d.keys(): _ = _let_write(go, done); got.append(d[k])  # noqa: E702
+            for k in d.keys(): _ = _let_write(go, done); got.append(d[k])  # noqa: E701, E702
             assert got[0] == "new"
         elif shape == "generator":
             gen = (d[k] for k in d.keys())
@@ -128,7 +128,8 @@ def test_prefetch_guard_later_reads_are_fresh(name, backend, shape, opts):
 
 @pytest.mark.xfail(strict=True, reason=(
     "prefetch keyed on (frame, code, f_lasti): one call site that first lists keys "
-    "(iter(d.keys())) and later reads (operator.getitem: a C caller, like dict(d)) -- a dispatch loop `r = fn(*args)` -- "
+    "(iter(d.keys())) and later reads (operator.getitem: a C caller, like dict(d)) -- "
+    "a dispatch loop `r = fn(*args)` -- "
     "matches both, so a read made after another process's completed write is served from "
     "the older snapshot (the pending snapshot is never dropped when the listing call "
     "did not read)"))
@@ -245,7 +246,7 @@ def _fresh_view(name, conn) -> None:
     try:
         with d.lock():
             conn.send(("ok", list(d.snapshot().items())))
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         conn.send(("error", repr(exc)))
     finally:
         d.close()
@@ -294,7 +295,8 @@ class _Evil:
 
 @root_only
 @pytest.mark.parametrize("how", ["other_user", "group_readable"])
-def test_journal_guard_planted_journal_with_right_identity_is_refused(name, attacker, tmp_path, how):
+def test_journal_guard_planted_journal_with_right_identity_is_refused(
+        name, attacker, tmp_path, how):
     """A journal carrying the right lock identity but content that runs code when unpickled,
     owned by another user (or readable by others): refused, never unpickled or replayed."""
     import pickle
@@ -347,7 +349,7 @@ def _runtime_dir_after_swap(base: str, target: str, conn) -> None:
             conn.send("fresh accepted")
         except PermissionDeniedError:
             conn.send("fresh refused")
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         conn.send(("error", repr(exc), ""))
     finally:
         conn.close()
@@ -360,7 +362,7 @@ def _run_swap(base, target):
     child_end.close()
     try:
         assert parent_end.poll(TIMEOUT)
-        kind, first, detail = parent_end.recv()
+        kind, first, _detail = parent_end.recv()
         assert parent_end.poll(TIMEOUT)
         fresh = parent_end.recv()
     finally:
@@ -449,7 +451,7 @@ def _in_forked_child(d) -> list:
             out.append((what, "done"))
         except shareit.LockTimeoutError:
             out.append((what, "timed out"))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             out.append((what, type(exc).__name__))
     return out
 
@@ -531,7 +533,7 @@ def _holder_with_relative_runtime_dir(name, cwd, other_cwd, conn) -> None:
         assert conn.poll(TIMEOUT) and conn.recv() == "killed"
         p.join(TIMEOUT)
         conn.send(("ok", d.snapshot()))
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         conn.send(("error", repr(exc)))
     finally:
         if d is not None:
