@@ -22,7 +22,7 @@ def counts(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> collections.Counte
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SHAREIT_CONFIG", raising=False)
     monkeypatch.delenv("SHAREIT_BACKEND", raising=False)
-    monkeypatch.setattr(_runtime, "_bases_checked", set())
+    monkeypatch.setattr(_runtime, "_bases_checked", {})
     seen: collections.Counter[str] = collections.Counter()
     for module, fn in ((config, "_load_toml"), (_runtime, "_check_base"),
                        (_runtime, "runtime_dir")):

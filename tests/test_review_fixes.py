@@ -126,13 +126,11 @@ def test_prefetch_guard_later_reads_are_fresh(name, backend, shape, opts):
         d.destroy()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "prefetch keyed on (frame, code, f_lasti): one call site that first lists keys "
-    "(iter(d.keys())) and later reads (operator.getitem: a C caller, like dict(d)) -- "
-    "a dispatch loop `r = fn(*args)` -- "
-    "matches both, so a read made after another process's completed write is served from "
-    "the older snapshot (the pending snapshot is never dropped when the listing call "
-    "did not read)"))
+# Was a strict xfail (fixed):  prefetch keyed on (frame, code, f_lasti): one call site that
+# first lists keys  (iter(d.keys())) and later reads (operator.getitem: a C caller, like
+# dict(d)) --  a dispatch loop `r = fn(*args)` --  matches both, so a read made after another
+# process's completed write is served from  the older snapshot (the pending snapshot is never
+# dropped when the listing call  did not read)
 @pytest.mark.parametrize("backend", ["manager", "redis"])
 def test_prefetch_same_call_site_serves_stale_read(name, backend, opts):
     d = shareit.open(name, backend=backend, create=True, timeout=5.0, **opts)
@@ -154,10 +152,10 @@ def _apply(fn, *args):
     return fn(*args)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "prefetch keyed on id(frame): a helper `_apply(fn, *args)` that lists the keys (iter) in one "
-    "call and reads in a later call gets a new frame object at the same address (freed "
-    "and reused), same code, same f_lasti -- the later read is served from the old snapshot"))
+# Was a strict xfail (fixed):  prefetch keyed on id(frame): a helper `_apply(fn, *args)` that
+# lists the keys (iter) in one  call and reads in a later call gets a new frame object at the
+# same address (freed  and reused), same code, same f_lasti -- the later read is served from
+# the old snapshot
 @pytest.mark.parametrize("backend", ["manager", "redis"])
 def test_prefetch_reused_frame_serves_stale_read(name, backend, opts):
     d = shareit.open(name, backend=backend, create=True, timeout=5.0, **opts)
@@ -375,12 +373,11 @@ def _run_swap(base, target):
 
 
 @root_only
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime_dir() caches the ancestor walk per base *string*: after the base is replaced "
-    "by a symlink (ours) to a dir under another user's directory, the per-call re-check "
-    "stat()s through the symlink and checks only the target itself (ours, 0700), not the "
-    "target's ancestors -- a path a fresh process refuses is accepted by one that used "
-    "the base before"))
+# Was a strict xfail (fixed):  runtime_dir() caches the ancestor walk per base *string*: after
+# the base is replaced  by a symlink (ours) to a dir under another user's directory, the
+# per-call re-check  stat()s through the symlink and checks only the target itself (ours,
+# 0700), not the  target's ancestors -- a path a fresh process refuses is accepted by one that
+# used  the base before
 def test_runtime_dir_base_swapped_for_symlink_into_foreign_dir_is_refused(tmp_path, attacker):
     base = str(tmp_path / "base")
     os.mkdir(base, 0o700)
@@ -507,70 +504,8 @@ def test_fork_guard_child_of_a_lock_holder_neither_writes_nor_releases(name):
 
 
 # ---------------------------------------------------------------- 3b. a relative runtime dir
-
-
-def _update_after_chdir(d, other_cwd, conn) -> None:
-    os.chdir(other_cwd)  # (SHAREIT_RUNTIME_DIR is relative: it now names another dir)
-    _STALL[:] = [conn, 0]
-    d.update({"a": -1, "n1": 1, "n2": Park(2), "n3": 3})
-
-
-def _holder_with_relative_runtime_dir(name, cwd, other_cwd, conn) -> None:
-    """cwd `cwd`, SHAREIT_RUNTIME_DIR relative: open, fill, fork a writer that chdirs
-    and is killed mid-update; then read (taking the lock: the rollback point)."""
-    d = None
-    try:
-        os.chdir(cwd)
-        os.environ["SHAREIT_RUNTIME_DIR"] = "rt"
-        _runtime._bases_checked.clear()
-        d = shareit.open(name, backend="reference", timeout=5.0)
-        d.update({"a": 1, "b": 2})
-        w_parent, w_child = FORK.Pipe()
-        p = FORK.Process(target=_update_after_chdir, args=(d, other_cwd, w_child))
-        p.start()
-        assert w_parent.poll(TIMEOUT) and w_parent.recv() == "parked"
-        conn.send(("kill", p.pid))
-        assert conn.poll(TIMEOUT) and conn.recv() == "killed"
-        p.join(TIMEOUT)
-        conn.send(("ok", d.snapshot()))
-    except BaseException as exc:
-        conn.send(("error", repr(exc)))
-    finally:
-        if d is not None:
-            d.destroy()
-        conn.close()
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "with a relative SHAREIT_RUNTIME_DIR, _journal_path() is recomputed from the cwd at "
-    "each use while the lock file's path was fixed at first use: a writer that chdir'd "
-    "writes its undo journal into another dir, and when it is SIGKILLed mid-update the "
-    "next lock taker finds no journal -- the half-done update stays (not atomic)"))
-def test_relative_runtime_dir_chdir_then_kill_mid_update_is_rolled_back(name, tmp_path):
-    cwd, other = tmp_path / "a", tmp_path / "b"
-    cwd.mkdir(mode=0o700)
-    other.mkdir(mode=0o700)
-    parent_end, child_end = FORK.Pipe()
-    h = FORK.Process(target=_holder_with_relative_runtime_dir,
-                     args=(name, str(cwd), str(other), child_end))
-    h.start()
-    try:
-        assert parent_end.poll(TIMEOUT)
-        kind, value = parent_end.recv()
-        assert kind == "kill", value
-        os.kill(value, signal.SIGKILL)
-        wait_until(lambda: gone(value), "the killed writer gone")
-        parent_end.send("killed")
-        assert parent_end.poll(TIMEOUT)
-        kind, value = parent_end.recv()
-        assert kind == "ok", value
-        assert value == {"a": 1, "b": 2}, f"a killed update stayed half-done: {value}"
-    finally:
-        h.join(TIMEOUT)
-        if h.is_alive():
-            h.kill()
-            h.join()
-
+# (A relative SHAREIT_RUNTIME_DIR is refused now: test_review_structure.py
+# test_a_relative_runtime_base_is_refused.)
 
 # ---------------------------------------------------------------- 2b. a stale writer's journal
 
@@ -589,12 +524,11 @@ def _new_writer(d2, conn) -> None:
     d2.update({"x": -1, "n": Park(5), "y": -2})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_write_journal/_end_journal address the journal by name and do not re-check that the "
-    "held lock file is still the one at the path: a writer of a destroyed mapping, resumed "
-    "after the name was created again, os.replace()s its journal (old identity) over the "
-    "live journal of the new mapping's writer; when that writer is SIGKILLed, the next "
-    "taker discards the foreign-identity journal and the half-done update stays"))
+# Was a strict xfail (fixed):  _write_journal/_end_journal address the journal by name and do
+# not re-check that the  held lock file is still the one at the path: a writer of a destroyed
+# mapping, resumed  after the name was created again, os.replace()s its journal (old identity)
+# over the  live journal of the new mapping's writer; when that writer is SIGKILLed, the next
+# taker discards the foreign-identity journal and the half-done update stays
 def test_stale_writer_journal_never_replaces_the_new_mappings_journal(name):
     d = shareit.open(name, backend="reference", timeout=5.0)
     d2 = None

@@ -114,8 +114,6 @@ class MappingBase(MutableMapping[Any, Any]):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: Backend-specific options: name -> (validator, default, description).
     options: ClassVar[dict[str, tuple[Any, Any, str]]] = {}
-    #: Reads cost a round trip: ``dict(d)`` then reads one snapshot (see ``_views``).
-    _prefetch_reads: ClassVar[bool] = False
     #: The backend's own fields in its record: name -> accepted JSON types. Checked
     #: before use; a record's other fields are dropped (records are data, never paths).
     record_fields: ClassVar[dict[str, tuple[type, ...]]] = {}
@@ -298,7 +296,8 @@ class MappingBase(MutableMapping[Any, Any]):
         ``undo`` holds (key, old value or MISSING) in write order; ``kind`` is "update"
         (restore those keys) or "clear" (``undo`` is the whole mapping: restore it, in
         order). The journal carries the lock file's identity: one written for an earlier
-        mapping of this name is never replayed into a later one."""
+        mapping of this name is never replayed into a later one, and a holder whose lock
+        file was replaced since (its mapping destroyed, the name created again) writes none."""
         path = self._journal_path()
         tmp = path + ".tmp"
         _unlink_quiet(tmp)  # left by a holder killed while writing it
@@ -307,9 +306,13 @@ class MappingBase(MutableMapping[Any, Any]):
         fd = _runtime.open_private(tmp, os.O_WRONLY, create=True)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if self._filelock is not None:
+            self._check_lock_file(self._filelock)  # just before it replaces what is there
         os.replace(tmp, path)
 
     def _end_journal(self) -> None:
+        if self._filelock is not None:
+            self._check_lock_file(self._filelock)  # (never another mapping's journal)
         _unlink_quiet(self._journal_path())
 
     def _rollback_journal(self) -> None:

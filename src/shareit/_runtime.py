@@ -50,12 +50,21 @@ _ANON_RE = re.compile(r"\+anon-[0-9]{1,10}-[0-9a-f]{8,32}")
 
 
 def base_dir() -> str:
-    """``$SHAREIT_RUNTIME_DIR`` made absolute (a relative one names a directory under the
-    current one: after a chdir, another directory, checked as such), else the default."""
+    """``$SHAREIT_RUNTIME_DIR`` (absolute: a relative one is a ConfigError), else the default."""
     d = os.environ.get("SHAREIT_RUNTIME_DIR")
     if d:
-        return d if d[0] == "/" else os.path.abspath(d)
+        return _absolute_base(d)
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _absolute_base(d: str) -> str:
+    if d[0] != "/":
+        raise ConfigError(
+            f"SHAREIT_RUNTIME_DIR must be an absolute path, not {d!r}: a relative one would "
+            f"name another directory after a chdir (and in the servers, which run from /). "
+            f"Use e.g. SHAREIT_RUNTIME_DIR={os.path.abspath(d)!r}"
+        )
+    return d
 
 
 def _owner_name(uid: int) -> str:
@@ -125,7 +134,8 @@ def _check_component(base: str, p: str, st: os.stat_result) -> None:
 #: (absolute base, euid) whose ancestors :func:`_check_base` passed. Only their owners --
 #: this user or root, as checked -- can change the ancestors since; the base itself is
 #: checked again at every call (one ``stat``: it may have been made writable by others).
-_bases_checked: set[tuple[str, int]] = set()
+#: (base, euid) -> (st_dev, st_ino) of the base whose ancestors were walked.
+_bases_checked: dict[tuple[str, int], tuple[int, int]] = {}
 
 
 def runtime_dir() -> str:
@@ -138,7 +148,7 @@ def runtime_dir() -> str:
     env = os.environ.get("SHAREIT_RUNTIME_DIR")
     st: os.stat_result | None = None
     if env:
-        base = env if env[0] == "/" else os.path.abspath(env)
+        base = _absolute_base(env)
     else:  # base_dir()'s default, with the one stat that also checks it below
         try:
             st = os.stat("/dev/shm")
@@ -146,17 +156,19 @@ def runtime_dir() -> str:
             pass
         base = "/dev/shm" if st is not None and stat.S_ISDIR(st.st_mode) else base_dir()
     d = os.path.join(base, f"shareit-{euid}")
-    if (base, euid) in _bases_checked:
+    seen = _bases_checked.get((base, euid))
+    if seen is not None:
         try:
-            if st is None or base != "/dev/shm":
-                st = os.stat(base)  # (through a symlink the walk checked)
-            _check_component(base, base, st)
-            check_private(d, os.lstat(d), "dir")
-            return d
+            st = os.lstat(base)  # the very entry the walk checked, not swapped since
+            if (st.st_dev, st.st_ino) == seen:
+                _check_component(base, base, os.stat(base) if stat.S_ISLNK(st.st_mode) else st)
+                check_private(d, os.lstat(d), "dir")
+                return d
+            del _bases_checked[(base, euid)]  # replaced since: walked again below
         except FileNotFoundError:
             pass
         except PermissionDeniedError:
-            _bases_checked.discard((base, euid))
+            _bases_checked.pop((base, euid), None)
             raise
     if not os.path.lexists(base):
         os.makedirs(base, 0o700, exist_ok=True)
@@ -166,7 +178,8 @@ def runtime_dir() -> str:
     except FileExistsError:
         pass
     check_private(d, os.lstat(d), "dir")
-    _bases_checked.add((base, euid))
+    lst = os.lstat(base)
+    _bases_checked[(base, euid)] = (lst.st_dev, lst.st_ino)
     return d
 
 

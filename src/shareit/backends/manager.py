@@ -79,7 +79,6 @@ class ManagerMapping(SharedMapping):
     """A mapping held by a server process; one round trip per operation."""
 
     backend = "manager"
-    _prefetch_reads = True
     record_fields: ClassVar[dict[str, tuple[type, ...]]] = {
         "authkey": (str,), "server_pid": (int,), "server_start": (int, type(None))}
     capabilities = Capabilities(
@@ -271,7 +270,6 @@ class ManagerMapping(SharedMapping):
             data = encode(req)
         except Exception as exc:
             raise TypeError(f"cannot send this key to the {self.server_title}: {exc}") from None
-        self._end_prefetch()
         link: Link | None = getattr(self._tls, "link", None)
         if link is None or link.generation != _runtime.fork_generation:
             link = self._link()
@@ -289,9 +287,6 @@ class ManagerMapping(SharedMapping):
     # ------------------------------------------------------------------ the five
 
     def __getitem__(self, key: Any) -> Any:
-        value = self._take_prefetched(key)
-        if value is not MISSING:
-            return value
         if self._declared is not None:
             key = self._check_key(key)  # otherwise the server's dict raises the same TypeError
         return _unpack(self._call("get", key))

@@ -80,7 +80,6 @@ class QueueMapping(ManagerMapping):
     """A mapping replicated into every process that uses it; reads are local."""
 
     backend = "queue"
-    _prefetch_reads = False  # dict(d) reads the local replica: no snapshot hand-off needed
     capabilities = Capabilities(
         attach_by_name=True,
         ordered=True,

@@ -152,7 +152,6 @@ class RedisMapping(SharedMapping):
 
     backend = "redis"
     opener = RedisMeta()
-    _prefetch_reads = True
     capabilities = Capabilities(
         attach_by_name=True,
         cross_machine=True,
@@ -199,7 +198,6 @@ class RedisMapping(SharedMapping):
 
     def _do(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one Redis call, translating redis-py's errors into shareit's."""
-        self._end_prefetch()
         try:
             return fn(*args, **kwargs)
         except _redis.exceptions.TimeoutError as exc:
@@ -316,9 +314,6 @@ class RedisMapping(SharedMapping):
     # ------------------------------------------------------------------ the five
 
     def __getitem__(self, key: Any) -> Any:
-        value = self._take_prefetched(key)
-        if value is not MISSING:
-            return value
         key = self._check_key(key)
         raw = self._do(self._r().hget, self._key, enc_key(key))
         if raw is None:
@@ -427,7 +422,6 @@ class RedisMapping(SharedMapping):
         key = self._check_key(key)
         if self._my_token():
             return super().transform(key, fn, default)
-        self._end_prefetch()  # this path talks to the pipeline directly, not through _do
         r = self._r()
         field = enc_key(key)
         deadline = time.monotonic() + self._config.timeout
