@@ -184,8 +184,10 @@ def test_bulk_operations_cost_one_round_trip(d) -> None:
         return d.info()["requests"] - before - 1  # minus the info() call itself
 
     assert round_trips(lambda: d.update(data)) == 1
-    assert round_trips(lambda: dict(d)) == 1
-    assert round_trips(lambda: {**d}) == 1
+    # dict(d) and {**d} list the keys, then read each key: every read a round trip of its
+    # own (serving them from the listing's snapshot also served later reads at the same
+    # call site from it: stale). A copy in one round trip is d.copy() or d.snapshot().
+    assert round_trips(lambda: dict(d)) >= len(data)
     assert dict(d) == data
     assert round_trips(lambda: d.snapshot()) == 1
     assert round_trips(lambda: [k for k in d]) == 1  # noqa: C416 (iteration, not list())
