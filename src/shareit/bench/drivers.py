@@ -42,8 +42,9 @@ def _filled(s: Subject, keys: list[str], value: Callable[[int], Any] = lambda i:
 KEYS = [f"key{i:04d}" for i in range(1024)]
 
 
-def w_get(s: Subject, p: Params, n: int, procs: int) -> Measured:
-    m = _filled(s, KEYS[:100])
+def _hot_get(s: Subject, p: Params, value: Callable[[int], Any]) -> Measured:
+    """One key read over and over, in a mapping of 100 keys holding ``value(i)``."""
+    m = _filled(s, KEYS[:100], value)
     try:
         def run(k: int) -> None:
             for _ in range(k):
@@ -51,17 +52,14 @@ def w_get(s: Subject, p: Params, n: int, procs: int) -> Measured:
         return _rate(rate(timed(run), p.min_time, p.repeats))
     finally:
         s.close(m)
+
+
+def w_get(s: Subject, p: Params, n: int, procs: int) -> Measured:
+    return _hot_get(s, p, lambda i: i)
 
 
 def w_get_dict(s: Subject, p: Params, n: int, procs: int) -> Measured:
-    m = _filled(s, KEYS[:100], lambda i: {"x": i, "tag": "t"})
-    try:
-        def run(k: int) -> None:
-            for _ in range(k):
-                m["key0042"]
-        return _rate(rate(timed(run), p.min_time, p.repeats))
-    finally:
-        s.close(m)
+    return _hot_get(s, p, lambda i: {"x": i, "tag": "t"})
 
 
 def w_get_spread(s: Subject, p: Params, n: int, procs: int) -> Measured:
