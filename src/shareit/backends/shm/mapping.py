@@ -334,6 +334,20 @@ class ShmMapping(SharedMapping):
                                 return
                         finally:
                             lk.unlock()
+                elif tk is str and not self._closed:  # a new key (to this process): flat
+                    if tv is float:
+                        vkind, vinl = V_FLOAT, f2i(value)
+                    elif _INT64_MIN <= value <= _INT64_MAX:
+                        vkind, vinl = V_INT, value
+                    else:
+                        vkind = 0
+                    if vkind:
+                        kb = key.encode("utf-8", "surrogatepass")
+                        h = _crc32(kb, K_STR)
+                        if insert(t, key, K_STR, kb, h, vkind, vinl, None):
+                            return
+                        t.set(key, K_STR, kb, h, vkind, vinl, None)
+                        return
         elif self._plain and (tk is str or tk is bytes or tk is int):
             # a heap value (or None, a bool): the value encoded once, the key only if needed
             if tv is str:
