@@ -275,9 +275,9 @@ def test_journal_guard_sigkill_mid_bulk_write_rolled_back_by_next_taker(name, op
         d.update({"a": 1, Park(9): 2, "z": 3})
         before = list(d.snapshot().items())
         _kill_parked(_update_parks if op == "update" else _clear_parks, (name,))
-        assert os.path.exists(_runtime.path(name, "undo")), "no journal left by the killed writer"
+        assert os.path.exists(d._journal_path()), "no journal left by the killed writer"
         assert _view_from_another_process(name) == before
-        assert not os.path.exists(_runtime.path(name, "undo"))
+        assert not os.path.exists(d._journal_path())
         assert list(d.snapshot().items()) == before
     finally:
         d.destroy()
@@ -306,7 +306,7 @@ def test_journal_guard_planted_journal_with_right_identity_is_refused(
         with d.lock():  # learn the identity the journal must carry
             token = d._lock_token
         assert token
-        path = _runtime.path(name, "undo")
+        path = d._journal_path()
         with open(path, "wb") as f:
             f.write(pickle.dumps((token, "update", [("a", True, _Evil(marker))])))
         if how == "other_user":
@@ -321,8 +321,8 @@ def test_journal_guard_planted_journal_with_right_identity_is_refused(
         os.unlink(path)
         assert d["a"] == 1
     finally:
-        if os.path.exists(_runtime.path(name, "undo")):
-            os.unlink(_runtime.path(name, "undo"))
+        if os.path.exists(d._journal_path()):
+            os.unlink(d._journal_path())
         d.destroy()
 
 
@@ -604,10 +604,6 @@ def _stale_writer_in_window(d, window, conn) -> None:
     conn.send(outcome)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the journal is addressed by the name only (STEM@undo): past its last lock-file check, "
-    "a stale writer unlinks the new mapping's live journal (and, its temp file gone with "
-    "destroy(), its os.replace fails with FileNotFoundError, not BackendDiedError)"))
 @pytest.mark.parametrize("window", ["replace", "unlink"])
 def test_stale_writer_resumed_inside_the_check_window_spares_the_new_journal(name, window):
     """The narrow TOCTOU of the journal: a writer of a destroyed mapping stopped just past its
@@ -655,3 +651,4 @@ def test_stale_writer_resumed_inside_the_check_window_spares_the_new_journal(nam
         for f in left:
             os.unlink(f)
     assert not left, f"left behind: {left}"
+
