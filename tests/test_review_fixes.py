@@ -652,3 +652,44 @@ def test_stale_writer_resumed_inside_the_check_window_spares_the_new_journal(nam
             os.unlink(f)
     assert not left, f"left behind: {left}"
 
+
+@pytest.mark.parametrize("how", ["handle", "by_name", "create_again"])
+def test_destroy_leaves_no_journal_of_any_identity(name, how):
+    """Journals of every identity of the name go with its destroy (through a handle, or by
+    name) or with its next create: the live one a SIGKILLed writer left, a stale writer's of
+    an earlier identity, and their temp files. Nothing else of the name is touched."""
+    import secrets
+
+    d = shareit.open(name, backend="reference")
+    try:
+        d.update({"a": 1, Park(9): 2})
+        _kill_parked(_update_parks, (name,))  # leaves this identity's journal
+        live = d._journal_path()
+        assert os.path.exists(live), "no journal left by the killed writer"
+        planted = [live + ".tmp"]
+        for _ in range(2):  # as a stale writer of an earlier mapping of the name leaves them
+            old = _runtime.path(name, "journal-" + secrets.token_bytes(16).hex())
+            planted += [old, old + ".tmp"]
+        for p in planted:
+            os.close(_runtime.open_private(p, os.O_WRONLY, create=True))
+        other = _runtime.path(name + "x", "journal-" + secrets.token_bytes(16).hex())
+        os.close(_runtime.open_private(other, os.O_WRONLY, create=True))  # another name's
+        if how == "handle":
+            d.destroy()
+        elif how == "by_name":
+            shareit.destroy(name)
+            d.close()
+        else:  # only the record gone (as an owner killed mid-destroy leaves it): the files
+            _runtime.remove_meta(name)  # stay until the name's next create sweeps them
+            d.close()
+            assert set(planted) <= set(_runtime.files_of(name))
+            shareit.open(name, backend="reference").destroy()
+        left = _runtime.files_of(name)
+        assert not left, f"left behind: {left}"
+        assert os.path.exists(other), "another name's journal was removed"
+        os.unlink(other)
+    finally:
+        if not d.closed:
+            d.destroy()
+        for f in _runtime.files_of(name) + _runtime.files_of(name + "x"):
+            os.unlink(f)
