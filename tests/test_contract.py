@@ -102,9 +102,9 @@ def test_a_generic_update_killed_half_way_is_rolled_back_by_the_next_locker(meth
         p.join(DEADLINE * 6)
         assert p.exitcode == -signal.SIGKILL
         assert d._stem is not None
-        assert os.path.exists(_runtime.path(d._stem, "undo")), "the child did not die mid-update"
+        assert os.path.exists(d._journal_path()), "the child did not die mid-update"
         assert dict(d) == {"a": 1, "b": 2}, "a half-done update() was seen"
-        assert not os.path.exists(_runtime.path(d._stem, "undo"))
+        assert not os.path.exists(d._journal_path())
         d.update(a=3)  # and the lock works on
         assert d.incr("a") == 4
     finally:

@@ -275,9 +275,9 @@ def test_journal_guard_sigkill_mid_bulk_write_rolled_back_by_next_taker(name, op
         d.update({"a": 1, Park(9): 2, "z": 3})
         before = list(d.snapshot().items())
         _kill_parked(_update_parks if op == "update" else _clear_parks, (name,))
-        assert os.path.exists(_runtime.path(name, "undo")), "no journal left by the killed writer"
+        assert os.path.exists(d._journal_path()), "no journal left by the killed writer"
         assert _view_from_another_process(name) == before
-        assert not os.path.exists(_runtime.path(name, "undo"))
+        assert not os.path.exists(d._journal_path())
         assert list(d.snapshot().items()) == before
     finally:
         d.destroy()
@@ -306,7 +306,7 @@ def test_journal_guard_planted_journal_with_right_identity_is_refused(
         with d.lock():  # learn the identity the journal must carry
             token = d._lock_token
         assert token
-        path = _runtime.path(name, "undo")
+        path = d._journal_path()
         with open(path, "wb") as f:
             f.write(pickle.dumps((token, "update", [("a", True, _Evil(marker))])))
         if how == "other_user":
@@ -321,8 +321,8 @@ def test_journal_guard_planted_journal_with_right_identity_is_refused(
         os.unlink(path)
         assert d["a"] == 1
     finally:
-        if os.path.exists(_runtime.path(name, "undo")):
-            os.unlink(_runtime.path(name, "undo"))
+        if os.path.exists(d._journal_path()):
+            os.unlink(d._journal_path())
         d.destroy()
 
 
@@ -563,4 +563,133 @@ def test_stale_writer_journal_never_replaces_the_new_mappings_journal(name):
         if d2 is not None:
             d2.destroy()
         for f in _runtime.files_of(name):
+            os.unlink(f)
+
+
+# ---------------------------------------------------------------- 2c. the narrow window
+
+
+def _is_journal(name: str, path: object) -> bool:
+    """``path`` is a journal file of ``name`` (whatever the journal's naming): a file of the
+    stem that is neither its data, its record nor its lock file, nor a temp file."""
+    base = os.path.basename(os.fsdecode(path))  # type: ignore[arg-type]
+    stem, sep, kind = base.partition("@")
+    return (stem == name and sep == "@" and not kind.endswith(".tmp")
+            and kind not in ("data", "meta", "mutex"))
+
+
+def _stale_writer_in_window(d, window, conn) -> None:
+    """In a forked child only: update ``d`` and stop exactly where the last lock-file check is
+    behind it -- at the journal's ``os.replace`` (``_write_journal``) or at its unlink
+    (``_end_journal``) -- until the parent says go."""
+    name = d.name
+    real = os.replace if window == "replace" else os.unlink
+
+    def hooked(*args, **kwargs):
+        if _is_journal(name, args[1] if window == "replace" else args[0]):
+            setattr(os, window, real)  # once
+            conn.send("parked")
+            assert conn.poll(TIMEOUT * 3), "the parent never said go"
+            assert conn.recv() == "go"
+        return real(*args, **kwargs)
+
+    setattr(os, window, hooked)
+    try:
+        d.update({"k": 1})
+        outcome = "ok"
+    except shareit.BackendDiedError:
+        outcome = "died"
+    except BaseException as exc:  # reported to the parent, which asserts on it
+        outcome = repr(exc)
+    conn.send(outcome)
+
+
+@pytest.mark.parametrize("window", ["replace", "unlink"])
+def test_stale_writer_resumed_inside_the_check_window_spares_the_new_journal(name, window):
+    """The narrow TOCTOU of the journal: a writer of a destroyed mapping stopped just past its
+    last lock-file check (at the journal's os.replace, or at its unlink in _end_journal), the
+    name destroyed and created again, the new mapping's writer parked mid-update; the stale
+    writer resumes, then the new writer is SIGKILLed: its half-done update is rolled back."""
+    d = shareit.open(name, backend="reference", timeout=5.0)
+    d2 = None
+    s_parent, s_child = FORK.Pipe()
+    w_parent, w_child = FORK.Pipe()
+    s = w = None
+    try:
+        d["k"] = 0
+        s = FORK.Process(target=_stale_writer_in_window, args=(d, window, s_child))
+        s.start()
+        assert s_parent.poll(TIMEOUT) and s_parent.recv() == "parked"  # past its last check
+        shareit.destroy(name)
+        d2 = shareit.open(name, backend="reference", timeout=5.0)
+        d2.update({"x": 1, "y": 2})
+        w = FORK.Process(target=_new_writer, args=(d2, w_child))
+        w.start()
+        assert w_parent.poll(TIMEOUT) and w_parent.recv() == "parked"  # journal written, x=-1
+        s_parent.send("go")
+        assert s_parent.poll(TIMEOUT), "the stale writer never finished"
+        outcome = s_parent.recv()
+        os.kill(w.pid, signal.SIGKILL)
+        w.join(TIMEOUT)
+        assert not w.is_alive()
+        assert d2.snapshot() == {"x": 1, "y": 2}, "the new mapping's killed update stayed"
+        # (past the replace window its journal's temp file went with destroy(); past the
+        # unlink window its update had completed before the destroy)
+        assert outcome == ("died" if window == "replace" else "ok"), outcome
+    finally:
+        for p in (s, w):
+            if p is not None:
+                if p.is_alive():
+                    p.join(TIMEOUT)
+                if p.is_alive():
+                    p.kill()
+                p.join(TIMEOUT)
+        d.close()
+        if d2 is not None:
+            d2.destroy()
+        left = _runtime.files_of(name)
+        for f in left:
+            os.unlink(f)
+    assert not left, f"left behind: {left}"
+
+
+@pytest.mark.parametrize("how", ["handle", "by_name", "create_again"])
+def test_destroy_leaves_no_journal_of_any_identity(name, how):
+    """Journals of every identity of the name go with its destroy (through a handle, or by
+    name) or with its next create: the live one a SIGKILLed writer left, a stale writer's of
+    an earlier identity, and their temp files. Nothing else of the name is touched."""
+    import secrets
+
+    d = shareit.open(name, backend="reference")
+    try:
+        d.update({"a": 1, Park(9): 2})
+        _kill_parked(_update_parks, (name,))  # leaves this identity's journal
+        live = d._journal_path()
+        assert os.path.exists(live), "no journal left by the killed writer"
+        planted = [live + ".tmp"]
+        for _ in range(2):  # as a stale writer of an earlier mapping of the name leaves them
+            old = _runtime.path(name, "journal-" + secrets.token_bytes(16).hex())
+            planted += [old, old + ".tmp"]
+        for p in planted:
+            os.close(_runtime.open_private(p, os.O_WRONLY, create=True))
+        other = _runtime.path(name + "x", "journal-" + secrets.token_bytes(16).hex())
+        os.close(_runtime.open_private(other, os.O_WRONLY, create=True))  # another name's
+        if how == "handle":
+            d.destroy()
+        elif how == "by_name":
+            shareit.destroy(name)
+            d.close()
+        else:  # only the record gone (as an owner killed mid-destroy leaves it): the files
+            _runtime.remove_meta(name)  # stay until the name's next create sweeps them
+            d.close()
+            assert set(planted) <= set(_runtime.files_of(name))
+            shareit.open(name, backend="reference").destroy()
+        left = _runtime.files_of(name)
+        assert not left, f"left behind: {left}"
+        assert os.path.exists(other), "another name's journal was removed"
+        os.unlink(other)
+    finally:
+        if not d.closed:
+            d.destroy()
+        for f in _runtime.files_of(name) + _runtime.files_of(name + "x"):
             os.unlink(f)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
@@ -105,14 +106,14 @@ def test_a_writer_killed_mid_update_is_rolled_back_whole(name) -> None:
         p.start()
         try:
             _wait_stalled(parent_end)
-            assert os.path.exists(_runtime.path(name, "undo")), "no journal while mid-update"
+            assert os.path.exists(d._journal_path()), "no journal while mid-update"
             os.kill(p.pid, signal.SIGKILL)
         finally:
             _join(p, expect_killed=True)
         assert d.snapshot() == {"a": 1, "b": 2}
         assert list(d) == ["a", "b"]
         assert "new1" not in d
-        left = [f for f in _files(name) if "undo" in f or "tmp" in f]
+        left = [f for f in _files(name) if "journal" in f or "tmp" in f]
         assert not left, f"left behind: {left}"
         d.update({"c": 3})
         assert d.snapshot() == {"a": 1, "b": 2, "c": 3}
@@ -274,19 +275,20 @@ def _plant(path: str, how: str, content: bytes, tmp_path, attacker) -> None:
 
 @root_only
 @pytest.mark.parametrize("how", ["symlink", "foreign"])
-@pytest.mark.parametrize("kind", ["undo", "data", "mutex"])
+@pytest.mark.parametrize("kind", ["journal", "data", "mutex"])
 def test_a_planted_journal_data_or_lock_file_is_refused_never_unpickled(
         name, kind, how, tmp_path, attacker) -> None:
-    """STEM@undo and STEM@data are pickles: one that is not ours (a symlink, another
+    """STEM@journal-HEX and STEM@data are pickles: one that is not ours (a symlink, another
     owner) is refused before a byte is read; the lock file likewise."""
     marker = str(tmp_path / "ran")
-    payload = pickle.dumps([("k", True, _Payload(marker))] if kind == "undo"
+    payload = pickle.dumps([("k", True, _Payload(marker))] if kind == "journal"
                            else ("x", {"k": pickle.dumps(_Payload(marker))}))
     d = shareit.open(name, backend="reference")
     try:
         d["k"] = 0
-        _plant(_runtime.path(name, kind), how, payload, tmp_path, attacker)
-        with pytest.raises(PermissionDeniedError, match=f"{name}@{kind}"):
+        path = d._journal_path() if kind == "journal" else _runtime.path(name, kind)
+        _plant(path, how, payload, tmp_path, attacker)
+        with pytest.raises(PermissionDeniedError, match=re.escape(os.path.basename(path))):
             e = shareit.open(name, backend="reference")  # a fresh handle: a fresh lock fd
             try:
                 e["k"]
@@ -584,7 +586,7 @@ def test_a_malformed_journal_of_our_own_wedges_nothing_silently(name, content) -
     d = shareit.open(name, backend="reference")
     try:
         d["k"] = 1
-        fd = _runtime.open_private(_runtime.path(name, "undo"), os.O_WRONLY, create=True)
+        fd = _runtime.open_private(d._journal_path(), os.O_WRONLY, create=True)
         os.write(fd, content)
         os.close(fd)
         with pytest.raises(Exception) as info:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import secrets
 from abc import abstractmethod
 from collections.abc import Mapping, MutableMapping
@@ -170,9 +171,9 @@ class MappingBase(MutableMapping[Any, Any]):
     @classmethod
     def _cleanup_record(cls, name: str, record: Mapping[str, Any]) -> None:
         """Remove what a named mapping holds beside its record, once no user is left
-        (its last user left, or its owner died). Default: the default lock's files."""
-        for kind in _LOCK_FILES:
-            _unlink_quiet(_runtime.path(name, kind))
+        (its last user left, or its owner died). Default: the default lock's files (its
+        lock file and the journals of every identity, see :func:`_remove_lock_files`)."""
+        _remove_lock_files(name)
 
     def _close(self) -> None:
         """Release this process's resources (connections, mappings, descriptors)."""
@@ -188,8 +189,7 @@ class MappingBase(MutableMapping[Any, Any]):
         mine, record = self._still_mine()
         if mine:
             if self._stem is not None:
-                for kind in _LOCK_FILES:
-                    _unlink_quiet(_runtime.path(self._stem, kind))
+                _remove_lock_files(self._stem)  # (journals of every identity)
             if self._name is not None:
                 _runtime.remove_meta(self._name, expect=record)
         self._close()
@@ -212,18 +212,20 @@ class MappingBase(MutableMapping[Any, Any]):
                 f"backend {self.backend!r} uses the default lock for an anonymous mapping: pass "
                 f"stem=_runtime.anon_stem() to SharedMapping.__init__, or override _lock_acquire"
             )
-        return _runtime.path(self._stem, "mutex")
+        return _runtime.path(self._stem, _LOCK_KIND)
+
+    def _lock_stem(self) -> str:
+        return self._lock_path().rpartition(_runtime.SEP)[0]
 
     def _create_lock(self) -> None:
         """Make the default lock's file: a backend that keeps the default lock calls this
         in ``_create``, before the mapping can be reached. A handle never creates it, so
         one used after ``destroy()`` raises BackendDiedError and leaves nothing behind.
 
-        Leftovers of the stem (a lock file or journal of a killed creator or writer of an
-        earlier mapping of this name) are removed first; the new lock file holds a random
-        identity, which the undo journal carries (see :meth:`_rollback_journal`)."""
-        for kind in _LOCK_FILES:
-            _unlink_quiet(_runtime.path(self._lock_path().rpartition(_runtime.SEP)[0], kind))
+        Leftovers of the stem (a lock file, or journals of any identity, of a killed creator
+        or writer of an earlier mapping of this name) are removed first; the new lock file
+        holds a random identity, which names the undo journal (see :meth:`_journal_path`)."""
+        _remove_lock_files(self._lock_stem())
         fd = _runtime.open_private(self._lock_path(), os.O_RDWR, create=True)
         try:
             os.write(fd, secrets.token_bytes(_TOKEN_SIZE))
@@ -265,7 +267,8 @@ class MappingBase(MutableMapping[Any, Any]):
         """With ``lock`` just taken: its descriptor must be the file at its path now, holding
         the identity this handle first saw. Only ``_create_lock`` makes that file, so one
         gone or replaced means this handle's mapping was destroyed (and perhaps the name
-        created again): BackendDiedError, and the journal at the path is never touched."""
+        created again): BackendDiedError. (Whatever it says, this handle only ever touches
+        the journal of the identity it first saw: see :meth:`_journal_path`.)"""
         fd = lock.fileno()
         st = os.fstat(fd)
         try:
@@ -288,35 +291,57 @@ class MappingBase(MutableMapping[Any, Any]):
     # ------------------------------------------------------------ the undo journal
 
     def _journal_path(self) -> str:
-        return _runtime.path(self._lock_path().rpartition(_runtime.SEP)[0], "undo")
+        """This handle's mapping's undo journal: ``STEM@journal-HEX``, HEX the hex of the
+        identity in its lock file as this handle first saw it (the lock taken once).
+
+        The journal's *name* is bound to the mapping, not only to the name: a writer of a
+        mapping destroyed since (and the name created again) can only ever write, replace
+        or unlink its own identity's journal, never the new mapping's -- however late it
+        resumes after its last lock-file check. HEX is made here from the token's bytes
+        (``bytes.hex``): only [0-9a-f], never text read from a file."""
+        if self._lock_token is None:
+            raise RuntimeError("the undo journal of a handle that never took its lock")
+        return _runtime.path(self._lock_stem(), _JOURNAL_KIND + self._lock_token.hex())
 
     def _write_journal(self, undo: list[tuple[Any, Any]], kind: str = "update") -> None:
         """Before a generic bulk write (lock held): what to restore if this process dies.
 
         ``undo`` holds (key, old value or MISSING) in write order; ``kind`` is "update"
         (restore those keys) or "clear" (``undo`` is the whole mapping: restore it, in
-        order). The journal carries the lock file's identity: one written for an earlier
-        mapping of this name is never replayed into a later one, and a holder whose lock
-        file was replaced since (its mapping destroyed, the name created again) writes none."""
+        order). It goes to this identity's journal (:meth:`_journal_path`), written to a
+        temp file and moved in place; it carries the identity too. A holder whose lock
+        file was replaced since (its mapping destroyed, the name perhaps created again)
+        writes none: BackendDiedError, checked just before the move -- and should it be
+        destroyed right after that check, the move can only reach its own identity's
+        journal (whose temp file went with the destroy: BackendDiedError too)."""
         path = self._journal_path()
         tmp = path + ".tmp"
         _unlink_quiet(tmp)  # left by a holder killed while writing it
         entries = [(k, v is not MISSING, None if v is MISSING else v) for k, v in undo]
-        data = pickle.dumps((self._lock_token or b"", kind, entries), _codec.PROTOCOL)
+        data = pickle.dumps((self._lock_token, kind, entries), _codec.PROTOCOL)
         fd = _runtime.open_private(tmp, os.O_WRONLY, create=True)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if self._filelock is not None:
-            self._check_lock_file(self._filelock)  # just before it replaces what is there
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            if self._filelock is not None:
+                self._check_lock_file(self._filelock)  # (fails early: no journal, no write)
+            try:
+                os.replace(tmp, path)
+            except FileNotFoundError:  # only a destroy of the name removes our temp file
+                raise self._lock_gone() from None
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
 
     def _end_journal(self) -> None:
-        if self._filelock is not None:
-            self._check_lock_file(self._filelock)  # (never another mapping's journal)
+        """The bulk write is done (or undone): its journal goes. Only this identity's: a
+        handle of a mapping destroyed since never removes the new mapping's journal."""
         _unlink_quiet(self._journal_path())
 
     def _rollback_journal(self) -> None:
-        """Just after taking the default lock: undo a bulk write its dead holder left."""
+        """Just after taking the default lock: undo a bulk write its dead holder left in the
+        journal of this mapping's identity (journals of other identities are never read:
+        they go with the name's next destroy or create, :func:`_remove_lock_files`)."""
         path = self._journal_path()
         try:
             fd = _runtime.open_private(path, os.O_RDONLY)
@@ -326,8 +351,8 @@ class MappingBase(MutableMapping[Any, Any]):
             blob = f.read()
         try:
             token, kind, entries = pickle.loads(blob)  # (our own private file, written above)
-            if not (type(token) is bytes and kind in ("update", "clear")
-                    and type(entries) is list
+            if not (type(token) is bytes and token == self._lock_token
+                    and kind in ("update", "clear") and type(entries) is list
                     and all(type(e) is tuple and len(e) == 3 for e in entries)):
                 raise ValueError("not a journal")
         except Exception:
@@ -335,9 +360,8 @@ class MappingBase(MutableMapping[Any, Any]):
                 f"the undo journal {path} of mapping {self._label()} is malformed: it is not "
                 f"one shareit wrote; remove it (or destroy the mapping)"
             ) from None
-        if token == (self._lock_token or b""):
-            self._replay_undo(kind, entries)  # idempotent: a rollback cut short reruns
-        _unlink_quiet(path)  # (another mapping's of this name: never replayed into this one)
+        self._replay_undo(kind, entries)  # idempotent: a rollback cut short reruns
+        _unlink_quiet(path)
 
     def _replay_undo(self, kind: str, entries: list[tuple[Any, bool, Any]]) -> None:
         """Restore what a journal of ``kind`` holds (see :meth:`_write_journal`)."""
@@ -453,10 +477,28 @@ class MappingBase(MutableMapping[Any, Any]):
         return LockContext(self, timeout)
 
 
-#: The default lock's files: the lock, its undo journal, the journal being written.
-_LOCK_FILES = ("mutex", "undo", "undo.tmp")
+#: The default lock's file: ``STEM@mutex``, holding the mapping's random identity.
+_LOCK_KIND = "mutex"
 #: Bytes of random identity in a default lock's file.
 _TOKEN_SIZE = 16
+#: Its undo journals: ``STEM@journal-HEX`` (and ``.tmp`` while written), HEX the identity.
+_JOURNAL_KIND = "journal-"
+_JOURNAL_RE = re.compile(r"journal-(?:[0-9a-f]{2})*(?:\.tmp)?")
+
+
+def _remove_lock_files(stem: str) -> None:
+    """Remove the default lock's files of ``stem``: its lock file and the undo journals of
+    every identity, with their temp files (a killed writer's, a stale writer's).
+
+    Only names of exactly that form, in our private runtime dir (checked by
+    ``runtime_dir``; no one else can add to it); ``unlink`` never follows a symlink and
+    reads nothing, and no part of a name found here is used but to remove that entry."""
+    _unlink_quiet(_runtime.path(stem, _LOCK_KIND))
+    d = _runtime.runtime_dir()
+    head = stem + _runtime.SEP  # (SEP is in no stem: only this stem's files start so)
+    for entry in os.listdir(d):
+        if entry.startswith(head) and _JOURNAL_RE.fullmatch(entry, len(head)):
+            _unlink_quiet(os.path.join(d, entry))
 
 
 def unhashable(key: Any) -> TypeError:

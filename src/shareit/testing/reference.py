@@ -20,7 +20,9 @@ Features
   write replaces the file with ``os.replace``: a writer killed at any
   instant leaves the old file or the new one, never a torn one. Because reads
   take the lock too, the generic bulk writes (one key at a time, with the
-  default lock's undo journal) are seen whole or not at all.
+  default lock's undo journal, ``STEM@journal-HEX``: HEX is the identity in
+  the lock file, so a handle of a mapping destroyed since never touches a
+  later mapping's journal) are seen whole or not at all.
 - Any hashable, picklable key; any picklable value, stored by value.
 - Attach by name (runtime-dir records), pickle anytime, every start method.
 
