@@ -105,7 +105,7 @@ def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
         try:
             t.store_inline(t.slots["n"], f2i(value) if kind == L.V_FLOAT else value)
         finally:
-            t.release()
+            t.leave()
         assert _state(a) == _state(b)
         assert a["n"] == b["n"] == value or value != value
         assert a._t.c[L.C_JSTATE] == 0 and a._t.c[L.C_STAMP] == b._t.c[L.C_STAMP]
@@ -152,7 +152,7 @@ def test_the_flat_writes_do_what_the_steps_do(key, value, via) -> None:
             tb.put(*item)
             tb.journal.commit()
         finally:
-            tb.release()
+            tb.leave()
         assert _state(a) == _state(b)
         assert a[key] == b[key] == value and a.verify() == b.verify() == []
         assert a._t.slots == b._t.slots
@@ -217,7 +217,7 @@ def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool, via: str) 
         try:
             got_b = tb.remove(key, kkind, kb, h, want)
         finally:
-            tb.release()
+            tb.leave()
         assert _state(a) == _state(b)
         assert got_a == got_b or (got_a is got_b is fastpath.ABSENT)
         assert a.snapshot() == b.snapshot() and a.verify() == b.verify() == []

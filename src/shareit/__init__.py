@@ -26,6 +26,7 @@ from .errors import (
     NotFoundError,
     PermissionDeniedError,
     RecordError,
+    ReentrantWriteError,
     ShareitError,
     UnknownBackendError,
 )
@@ -50,6 +51,7 @@ __all__ = [
     "BackendTimeoutError",
     "LockTimeoutError",
     "LockLostError",
+    "ReentrantWriteError",
     "CapacityError",
     "ClosedError",
     "NotFoundError",

@@ -16,6 +16,7 @@ __all__ = [
     "BackendTimeoutError",
     "LockTimeoutError",
     "LockLostError",
+    "ReentrantWriteError",
     "CapacityError",
     "ClosedError",
     "NotFoundError",
@@ -62,6 +63,15 @@ class LockLostError(ShareitError, RuntimeError):
     """
 
 
+class ReentrantWriteError(ShareitError, RuntimeError):
+    """A write began while this thread's own write to the same mapping was still in
+    progress -- from a signal handler (or a callback) that ran in the middle of it.
+    The inner write changes nothing; caught, the interrupted write goes on and lands.
+    Let the handler record what it wants written and write it after the outer write
+    returns (a flag, a queue), or write to another mapping.
+    """
+
+
 class CapacityError(ShareitError):
     """A fixed-size store is full, or the file system holding it has no room left."""
 
@@ -97,4 +107,13 @@ def lock_timeout(what: str, timeout: float,
     return LockTimeoutError(
         f"could not lock {what} within {timeout:g} s: {why}. "
         f"Pass a larger timeout (the 'timeout' option, or lock(timeout=...)) if that is expected"
+    )
+
+
+def reentrant_write(label: str) -> ReentrantWriteError:
+    """The error of a write begun inside this thread's own write to ``label``."""
+    return ReentrantWriteError(
+        f"a write to {label} began while this thread's own write to it was still in "
+        f"progress (a signal handler or a callback writing from inside it): nothing was "
+        f"written. Record what to write and write it after the outer write returns"
     )

@@ -270,16 +270,29 @@ class ManagerMapping(SharedMapping):
             data = encode(req)
         except Exception as exc:
             raise TypeError(f"cannot send this key to the {self.server_title}: {exc}") from None
-        link: Link | None = getattr(self._tls, "link", None)
+        tls = self._tls
+        link: Link | None = getattr(tls, "link", None)
         if link is None or link.generation != _runtime.fork_generation:
             link = self._link()
+        # Out of the thread's slot while a request is in flight: a call made meanwhile by
+        # a signal handler of this thread connects afresh instead of reading this call's
+        # reply; and a call cut short (KeyboardInterrupt) leaves a reply unread: the
+        # connection goes with it, never to answer the next call with a stale reply.
+        tls.link = None
         conn = link.conn
         try:
             conn.send_bytes(data)
             reply = decode(conn.recv_bytes())
-        except (OSError, EOFError) as exc:
-            self._drop_link()
-            raise self._died(exc) from None
+        except BaseException as exc:
+            if link.pid == os.getpid():
+                conn.close()
+            if isinstance(exc, (OSError, EOFError)):
+                raise self._died(exc) from None
+            raise
+        nested = getattr(tls, "link", None)
+        tls.link = link  # (it may hold lock() on the server: it stays this thread's link)
+        if nested is not None and nested is not link and nested.pid == os.getpid():
+            nested.conn.close()  # a signal handler's, made while this call was in flight
         if reply[0]:
             return reply[1]
         raise reply[1]

@@ -34,7 +34,7 @@ def consistent_copy(t: Table, with_heap: bool = True, columns: tuple[str, ...] =
         if got is not None:
             return got
         attempt += 1
-        if attempt >= 32 and attempt % 8 == 0 and t.acquire(0):
+        if attempt >= 32 and attempt % 8 == 0 and not t.lock.busy and t.acquire(0):
             try:  # writers are only busy, not stuck: copy in a gap, never waiting
                 got = _try_copy(t, c[C_GSEQ], with_heap, columns)
             finally:

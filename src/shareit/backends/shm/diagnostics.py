@@ -58,7 +58,7 @@ def verify(t: Table) -> list[str]:
                 problems.append(f"entry {e} is not reachable by its key")
                 break
     finally:
-        t.release()
+        t.leave()
     return problems
 
 

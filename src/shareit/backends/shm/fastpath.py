@@ -102,33 +102,41 @@ def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
     nothing changed, otherwise. (A key in ``slots`` means this process set its lock up:
     a forked child's ``slots`` start empty.)"""
     lk = t.lock
-    if lk.depth:
+    if lk.depth or lk.busy:
         return False  # lock() held by a thread of ours
+    n = len(vraw)  # (calls before the lock: a signal handler may run at a call)
+    words = (n + 7) >> 3
     rc = lk.trylock()
     if rc:
         if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
             lk.mutex.make_consistent()
             lk.unlock()
         return False
-    # the lock is held: from here on, everything read is what the steps would read. (gen
-    # needs no check: it changes only with grow set until the epoch names the new one.)
-    c = t.c
-    if (c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1
-            or w != t.slots.get(key, -1)):
-        lk.unlock()  # (repairs, growth, another thread's remap: the steps do it)
-        return False
-    g = t.g
-    u32 = g.u32
-    qs = g.qs
-    old_meta = u32[w * 2 + 5]
-    old = qs[w + 3]
-    n = len(vraw)
-    words = (n + 7) >> 3
-    spare = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT) - words
-    if (not old_meta & LIVE or (old_meta & 0xFF) not in HEAP_KINDS or spare < 0
-            or spare > SPARE_MAX or words > INPLACE_MAX_WORDS):  # (spare: 15 bits of meta)
+    lk.busy = 1  # (a write begun by a signal handler from here on: ReentrantWriteError)
+    try:
+        # the lock is held: from here on, everything read is what the steps would read.
+        # (gen needs no check: it changes only with grow set until the epoch names the new one.)
+        c = t.c
+        if (c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1
+                or w != t.slots.get(key, -1)):
+            lk.busy = 0
+            lk.unlock()  # (repairs, growth, another thread's remap: the steps do it)
+            return False
+        g = t.g
+        u32 = g.u32
+        qs = g.qs
+        old_meta = u32[w * 2 + 5]
+        old = qs[w + 3]
+        spare = ((old >> 32) + 7 >> 3) + (old_meta >> SPARE_SHIFT) - words
+        if (not old_meta & LIVE or (old_meta & 0xFF) not in HEAP_KINDS or spare < 0
+                or spare > SPARE_MAX or words > INPLACE_MAX_WORDS):  # (spare: 15 bits of meta)
+            lk.busy = 0
+            lk.unlock()
+            return False
+    except BaseException:  # (a raising signal handler, at the dict's get: nothing begun)
+        lk.busy = 0
         lk.unlock()
-        return False
+        raise
     try:
         fault = L.FAULT
         c[C_WRITER] = lk.pid
@@ -182,6 +190,7 @@ def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
     except BaseException:  # (KeyboardInterrupt, a raising signal handler: undo, unlock)
         _abandon(t)
         raise
+    lk.busy = 0
     lk.unlock()
     return True
 
@@ -192,25 +201,27 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
     ``Journal.commit``); False, with nothing changed, if the key exists, the table has no
     room, or anything needs repair."""
     lk = t.lock
-    if lk.depth or lk.forkgen != _runtime.fork_generation:
+    if lk.depth or lk.busy or lk.forkgen != _runtime.fork_generation:
         return False  # lock() held by a thread of ours, or not set up in this process
+    nk = len(kb)  # (calls before the lock: a signal handler may run at a call)
+    kw = (nk + 7) >> 3
+    vw = 0 if vraw is None else (len(vraw) + 7) >> 3
+    words = kw + vw
     rc = lk.trylock()
     if rc:
         if rc == EOWNERDEAD:  # held now, after a dead holder: the steps repair
             lk.mutex.make_consistent()
             lk.unlock()
         return False
+    lk.busy = 1  # (a write begun by a signal handler from here on: ReentrantWriteError)
     c = t.c
     if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1:
+        lk.busy = 0
         lk.unlock()  # (repairs, growth: the steps do it)
         return False
     g = t.g
     q = g.q
     used = q[H_USED]
-    nk = len(kb)
-    kw = (nk + 7) >> 3
-    vw = 0 if vraw is None else (len(vraw) + 7) >> 3
-    words = kw + vw
     top = q[H_TOP]
     try:  # read.probe, inline (a call and its tuple cost ~15 % of an insert)
         i32 = g.i32
@@ -230,6 +241,7 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
                     u = ebase + e * 8
                     if (u32[u + 2] == h and u32[u + 3] == nk and (u32[u + 5] >> 8) & 0xFF == kkind
                             and mv[hoff + u32[u + 4] * 8 : hoff + u32[u + 4] * 8 + nk] == kb):
+                        lk.busy = 0
                         lk.unlock()  # an existing key: the steps do it
                         return False
                 slot += 1
@@ -241,9 +253,11 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
             if free >= 0:
                 slot = free
     except BaseException:
+        lk.busy = 0
         lk.unlock()
         raise
     if slot < 0 or used >= g.cap or top + words > g.heapw:
+        lk.busy = 0
         lk.unlock()  # (no room: the steps do it, growing the table)
         return False
     try:
@@ -300,6 +314,7 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
     except BaseException:  # (KeyboardInterrupt, a raising signal handler: undo, unlock)
         _abandon(t)
         raise
+    lk.busy = 0
     lk.unlock()
     return True
 
@@ -316,6 +331,7 @@ def _abandon(t: Table) -> None:
         elif c[C_TSEQ] & 1:  # between begin's stores, or the commit's: nothing to undo
             c[C_TSEQ] += 1
     finally:
+        t.lock.busy = 0
         t.lock.unlock()
 
 
@@ -332,7 +348,7 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
     ``w``: the key's entry from ``t.slots`` (a key this process placed; ``kkind``, ``kb``
     and ``h`` are then unused): no probe, its index slot found from the entry's hash."""
     lk = t.lock
-    if lk.depth or (w < 0 and lk.forkgen != _runtime.fork_generation):
+    if lk.depth or lk.busy or (w < 0 and lk.forkgen != _runtime.fork_generation):
         return NOT_FLAT  # (a key in slots: this process set its lock up)
     rc = lk.trylock()
     if rc:
@@ -341,6 +357,7 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
             lk.unlock()
         return NOT_FLAT
     try:
+        lk.busy = 1
         c = t.c
         g = t.g
         if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1:
@@ -437,7 +454,15 @@ def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
         if (used > 64 and live < used // 4) or (garbage > 4096 and garbage * 4 > q[H_TOP] * 3):
             t.maybe_compact()  # (the very test it makes, here without a call)
         return value
+    except BaseException:  # (KeyboardInterrupt, a raising signal handler: undo, as _abandon)
+        c = t.c  # (the state was checked clean before any call: a transaction open is ours)
+        if c[C_JSTATE]:
+            t.abort()
+        elif c[C_TSEQ] & 1:
+            c[C_TSEQ] += 1
+        raise
     finally:
+        lk.busy = 0
         lk.unlock()
 
 
@@ -449,9 +474,9 @@ def store_number(t: Table, key: Any, kind: int, inline: int, delta: Any, vt: Any
     thread inside ``lock()``) and the caller takes the general path. With ``delta``
     (``incr``), adds it (coerced by ``vt`` if given) and returns the new value."""
     w = t.slots.get(key, -1)  # filled only once this process's lock is set up
-    if w < 0:
-        return False
     lk = t.lock
+    if w < 0 or lk.busy:
+        return False
     rc = lk.trylock()
     if rc:
         got = lk.contended(rc, t.timeout)
@@ -460,6 +485,7 @@ def store_number(t: Table, key: Any, kind: int, inline: int, delta: Any, vt: Any
         if not got:
             return False
     try:
+        lk.busy = 1
         c = t.c
         if c[C_GSEQ] != t.epoch or c[C_JSTATE] or c[C_GROW] or c[C_TSEQ] & 1:
             return False
@@ -485,6 +511,7 @@ def store_number(t: Table, key: Any, kind: int, inline: int, delta: Any, vt: Any
             return False
         t.store_inline(w, inline)
     finally:
+        lk.busy = 0
         lk.unlock()
     return True if delta is None else new
 

@@ -29,8 +29,8 @@ EBUSY, EOWNERDEAD = errno.EBUSY, errno.EOWNERDEAD  # what trylock() returns besi
 class WriterLock:
     """This process's handle on a table's writer lock (see the module docstring)."""
 
-    __slots__ = ("seg", "cmm", "c", "maps", "mutex", "trylock", "unlock", "depth", "forkgen",
-                 "pid")
+    __slots__ = ("seg", "cmm", "c", "maps", "mutex", "trylock", "unlock", "depth", "busy",
+                 "forkgen", "pid")
 
     def __init__(self, seg: str, cmm: Any, c: Any, maps: Maps):
         self.seg, self.cmm, self.c, self.maps = seg, cmm, c, maps
@@ -38,6 +38,10 @@ class WriterLock:
         self.trylock: Any = None  # () -> 0 (held), EBUSY, or EOWNERDEAD (held; repair)
         self.unlock: Any = None
         self.depth = 0  # only the holding thread changes it
+        #: 1 while a write of the holding thread runs (from its lock to its unlock): a write
+        #: begun then -- by a signal handler of that thread: the mutex is recursive -- would
+        #: act on what the outer write has half done, and raises ReentrantWriteError instead.
+        self.busy = 0
         self.forkgen = -1
         self.pid = 0  # this process's, once set up (the control segment names the last writer)
 
@@ -60,7 +64,7 @@ class WriterLock:
                 self.maps.flock = None
             self.mutex, self.maps.flock = flock_get(ctrl_path(self.seg))
         self.trylock, self.unlock = self.mutex.trylock, self.mutex.unlock
-        self.depth = 0
+        self.depth = self.busy = 0
         self.pid = os.getpid()
         self.forkgen = _runtime.fork_generation
 

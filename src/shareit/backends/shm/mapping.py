@@ -223,7 +223,7 @@ class ShmMapping(SharedMapping):
         try:
             return self._read_locked(key, kkind, kb, h)
         finally:
-            t.release()
+            t.leave()
 
     def _read_locked(self, key: Any, kkind: int, kb: bytes, h: int) -> tuple[bool, Any]:
         got: Got | None = read_entry(self._t, kkind, kb, h)
@@ -312,6 +312,8 @@ class ShmMapping(SharedMapping):
                     else:
                         want = 0
                     lk = t.lock
+                    if lk.busy:  # inside this thread's own write: the general path raises
+                        want = 0
                     rc = lk.trylock() if want else 1
                     if not rc or (want and self._contended(rc)):
                         try:
@@ -459,7 +461,7 @@ class ShmMapping(SharedMapping):
         try:
             return t.remove(key, kkind, kb, h, want)
         finally:
-            t.release()
+            t.leave()
 
     def _update_items(self, items: list[tuple[Any, Any]]) -> None:
         if len(items) > numeric.SMALL_BATCH and numeric.update_in_numpy(self, items):
@@ -472,14 +474,14 @@ class ShmMapping(SharedMapping):
         try:
             t.put_many(encoded)
         finally:
-            t.release()
+            t.leave()
 
     def clear(self) -> None:
         t = self._wlocked()
         try:
             t.rebuild(empty=True)
         finally:
-            t.release()
+            t.leave()
 
     def incr(self, key: Any, delta: Any = 1, default: Any = 0) -> Any:
         if type(key) is not str or self._declared is not None:
@@ -502,7 +504,7 @@ class ShmMapping(SharedMapping):
             t.write_one(key, kkind, kb, h, *encode_value(new))
             return new
         finally:
-            t.release()
+            t.leave()
 
     # ------------------------------------------------------------------ numeric bulk access
 

@@ -48,7 +48,7 @@ def get_many(m: ShmMapping, keys: Any, default: Any = MISSING) -> Any:
         ents = t.g.entries()
         meta, val = ents["meta"][at], ents["val"][at]  # fancy indexing copies
     finally:
-        t.release()
+        t.leave()
     if not have.all() and default is MISSING:
         raise KeyError(batch.key(int(np.argmin(have))))
     out = np.empty(batch.n, dtype=m.config.value_type)
@@ -109,7 +109,7 @@ def _set_batch(t: Table, batch: KeyBatch, vkind: int, inline: Any) -> None:
         t.rebuild(extra_entries=int(add.sum()), extra_heap=heap,
                   changes=(found, batch, vkind, inline))
     finally:
-        t.release()
+        t.leave()
 
 
 def _key_batch(m: ShmMapping, keys: Any) -> KeyBatch:

@@ -21,7 +21,7 @@ from itertools import islice
 from typing import Any
 
 from ... import _runtime
-from ...errors import BackendDiedError, CapacityError, lock_timeout
+from ...errors import BackendDiedError, CapacityError, lock_timeout, reentrant_write
 from . import layout as L
 from .cache import ReadCache
 from .codec import decode_value
@@ -129,6 +129,9 @@ class Table:
                 raise self.died() from None
         if not lk.acquire(timeout):
             return False
+        if lk.busy:  # inside this thread's own write (a signal handler's lock() or write)
+            lk.release()
+            raise reentrant_write(f"shm mapping {self.label}")
         if lk.depth == 1:
             try:
                 self._after_acquire()  # repairs whatever a dead writer left
@@ -145,9 +148,16 @@ class Table:
             raise OSError(rc, f"unlocking the writer lock failed ({os.strerror(rc)})")
 
     def wlock(self) -> None:
-        """Take the lock within ``timeout``, or raise ``LockTimeoutError``."""
+        """Take the lock for one write (or locked read) within ``timeout``, or raise
+        ``LockTimeoutError``; :meth:`leave` ends it."""
         if not self.acquire(self.timeout):
             raise self.timed_out()
+        self.lock.busy = 1
+
+    def leave(self) -> None:
+        """The end of one write begun by :meth:`enter` or :meth:`wlock`."""
+        self.lock.busy = 0
+        self.release()
 
     def enter(self) -> None:
         """:meth:`wlock` for one write: when the lock is free and the table needs no repair
@@ -160,6 +170,10 @@ class Table:
                 lk.unlock()
             self.wlock()
             return
+        if lk.busy:  # (the mutex is recursive: a signal handler inside this thread's write)
+            lk.unlock()
+            raise reentrant_write(f"shm mapping {self.label}")
+        lk.busy = 1
         lk.depth += 1
         if lk.depth == 1:
             c = self.c
@@ -168,7 +182,7 @@ class Table:
                 try:
                     self._after_acquire()
                 except BaseException:
-                    self.release()
+                    self.leave()
                     raise
             else:
                 c[L.C_WRITER] = lk.pid
@@ -358,16 +372,16 @@ class Table:
             j.begin()
             try:
                 self.put(key, kkind, kb, h, vkind, vinl, vraw)
+                j.commit()  # (in the try: a signal handler may raise at its call)
             except L.Grow:
                 self.abort(forget=False)
                 self.write_one(key, kkind, kb, h, vkind, vinl, vraw)  # (grows first)
             except BaseException:
                 self.abort()
                 raise
-            else:
-                j.commit()
         finally:
             lk = self.lock
+            lk.busy = 0
             lk.depth -= 1
             rc = lk.unlock()
             if rc:
@@ -380,6 +394,7 @@ class Table:
             self.journal.begin()
             try:
                 self.put(key, kkind, kb, h, vkind, vinl, vraw)
+                self.journal.commit()
             except L.Grow:
                 self.abort(forget=False)
                 words = (len(kb) + 7) // 8 + (len(vraw or b"") + 7) // 8
@@ -390,7 +405,6 @@ class Table:
             except BaseException:
                 self.abort()
                 raise
-            self.journal.commit()
             return
         raise AssertionError("shm: no room after growing")  # pragma: no cover
 
@@ -414,10 +428,10 @@ class Table:
         self.journal.begin()
         try:
             self.delete(g, e, slot)
+            self.journal.commit()
         except BaseException:
             self.abort()
             raise
-        self.journal.commit()
         self.slots.pop(key, None)
         self.maybe_compact()
         return value
@@ -429,13 +443,13 @@ class Table:
             try:
                 for item in encoded:
                     self.put(*item)
+                self.journal.commit()
             except L.Grow:
                 self.abort()
             except BaseException:
                 self.abort()
                 raise
             else:
-                self.journal.commit()
                 return
         heap = sum((len(kb) + 7) // 8 + (len(v or b"") + 7) // 8 + 1
                    for _, _, kb, _, _, _, v in encoded)

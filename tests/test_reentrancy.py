@@ -1,0 +1,134 @@
+"""A signal handler that uses a mapping while its own thread is inside a call to it.
+
+Python runs a signal handler in the main thread between two bytecodes of whatever
+runs there -- in the middle of a write, or while a call waits for a server's reply.
+(The shm backend's flat and stepped writes: ``tests/test_review_fastpath_probe.py``.)
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+
+import shareit
+from shareit.testing import join_all
+
+FORK = mp.get_context("fork")
+DEADLINE = 30.0
+
+
+def _in_read_syscall(pid: int) -> bool:
+    """Whether the main thread of ``pid`` is blocked in read(2) (a reply it waits for)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split(" ", 1)[0] == "0"
+    except OSError:
+        return False
+
+
+def _waiting_caller(name: str, backend: str, conn) -> None:
+    d = shareit.open(name, backend=backend, timeout=20.0)
+    got: list[object] = []
+
+    def on_usr1(signum, frame) -> None:
+        got.append(d.get("other"))  # a read while the outer call waits for its reply
+        conn.send("handler done")
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    conn.send("calling")
+    try:
+        result = d.transform("k", lambda v: v + 1)  # waits: the parent holds lock()
+    except Exception as e:
+        result = f"{type(e).__name__}: {e}"
+    conn.send((got, result, d.snapshot()))
+    d.close()
+
+
+@pytest.mark.parametrize("backend", ["manager", "queue"])
+def test_a_handler_call_during_a_waiting_call_gets_its_own_reply(name, backend) -> None:
+    """Was: the handler's request went down the connection the interrupted call was
+    waiting on, so the handler read that call's reply and the call read the handler's
+    (or both waited for the lock the parent holds). Each must get its own answer."""
+    d = shareit.open(name, backend=backend, timeout=20.0)
+    parent, child = FORK.Pipe()
+    p = FORK.Process(target=_waiting_caller, args=(name, backend, child))
+    try:
+        d.update({"k": 1, "other": "o"})
+        with d.lock():
+            p.start()
+            child.close()
+            assert parent.poll(DEADLINE) and parent.recv() == "calling"
+            deadline = time.monotonic() + DEADLINE
+            while not _in_read_syscall(p.pid):  # blocked on the transform's reply
+                assert time.monotonic() < deadline, "the child never waited for its reply"
+                time.sleep(0.005)
+            os.kill(p.pid, signal.SIGUSR1)
+            # the handler's read needs no lock: it must be answered while the lock is held
+            done = parent.poll(10.0)
+        assert done and parent.recv() == "handler done", "the handler's read never returned"
+        assert parent.poll(DEADLINE)
+        got, result, snap = parent.recv()
+        assert join_all([p], DEADLINE) == [0]
+        assert got == ["o"], got
+        assert result == 2, result
+        assert snap == {"k": 2, "other": "o"} and d.snapshot() == snap
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(DEADLINE)
+        d.close()
+
+
+def _interrupted_caller(name: str, backend: str, conn) -> None:
+    d = shareit.open(name, backend=backend, timeout=20.0)
+
+    def on_usr1(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    conn.send("calling")
+    try:
+        d.transform("k", lambda v: v + 1)  # waits: the parent holds lock(); interrupted
+        first = "not interrupted"
+    except KeyboardInterrupt:
+        first = "interrupted"
+    conn.send(first)
+    assert conn.poll(DEADLINE) and conn.recv() == "released"
+    # the interrupted call's reply may still come: the next calls must not read it
+    conn.send((d.get("other"), d.get("k"), d.snapshot()))
+    d.close()
+
+
+@pytest.mark.parametrize("backend", ["manager", "queue"])
+def test_a_call_cut_short_leaves_no_reply_for_the_next_call(name, backend) -> None:
+    """Ctrl-C while a call waits for the server: the next call must get its own reply,
+    not the interrupted call's."""
+    d = shareit.open(name, backend=backend, timeout=20.0)
+    parent, child = FORK.Pipe()
+    p = FORK.Process(target=_interrupted_caller, args=(name, backend, child))
+    try:
+        d.update({"k": 1, "other": "o"})
+        with d.lock():
+            p.start()
+            assert parent.poll(DEADLINE) and parent.recv() == "calling"
+            deadline = time.monotonic() + DEADLINE
+            while not _in_read_syscall(p.pid):
+                assert time.monotonic() < deadline, "the child never waited for its reply"
+                time.sleep(0.005)
+            os.kill(p.pid, signal.SIGUSR1)
+            assert parent.poll(DEADLINE) and parent.recv() == "interrupted"
+        parent.send("released")
+        assert parent.poll(DEADLINE)
+        other, k, snap = parent.recv()
+        assert join_all([p], DEADLINE) == [0]
+        assert (other, k) == ("o", d["k"]) and snap == d.snapshot()
+        assert d["k"] in (1, 2)  # (the server may have run the interrupted transform)
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(DEADLINE)
+        d.close()
