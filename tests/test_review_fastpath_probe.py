@@ -379,8 +379,10 @@ def _handler_reenters(name: str, op: str, catch: bool, conn) -> None:
     d["s2"] = "x" * 40  # (placed by this process, with room: its overwrite is flat)
     d._t.slots.pop("s", None)
     fired: list[object] = []
+    seen: list[tuple] = []
 
     def on_usr1(signum, frame) -> None:
+        seen.append((d.get("keep"), d.get("s2"), d.get("main", "absent")))  # reads: fine
         try:
             d["from_handler"] = 42
         except shareit.ReentrantWriteError as e:
@@ -418,7 +420,7 @@ def _handler_reenters(name: str, op: str, catch: bool, conn) -> None:
     busy = d._t.lock.busy
     d._t.slots.clear()
     conn.send(([type(f).__name__ for f in fired], outer, odd, busy, d.snapshot(), len(d),
-               d.verify()))
+               d.verify(), seen))
     d.close()
 
 
@@ -439,9 +441,11 @@ def test_a_signal_handler_writing_during_a_write(name, op, catch) -> None:
         p.start()
         child.close()
         assert parent.poll(DEADLINE), "child hung"
-        fired, outer, odd, busy, snap, n, problems = parent.recv()
+        fired, outer, odd, busy, snap, n, problems, seen = parent.recv()
         assert join_all([p], DEADLINE) == [0]
         assert fired == ["ReentrantWriteError"], fired
+        # the handler's reads see the state before the interrupted write, never part of it
+        assert seen == [([1, 2], "x" * 40, "absent")], seen
         want = {**OLD, "warm": 0, "s2": "x" * 40}
         if catch:  # the outer write lands
             assert outer == "returned"
