@@ -8,6 +8,7 @@ machine, can neither fail it nor be disturbed by it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import shutil
@@ -25,6 +26,21 @@ _SESSION_DIR = tempfile.mkdtemp(
     prefix="shareit-tests-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
 )
 os.environ["SHAREIT_RUNTIME_DIR"] = _SESSION_DIR
+_PID = os.getpid()
+
+
+@atexit.register
+def _remove_empty_session_dir() -> None:
+    """A session that never ran (a usage error, ``--collect-only``) leaves nothing: its
+    directories go if empty (a leak's files stay, for the report). Only in the process
+    that made them: a forked child exiting through ``sys.exit`` runs this too."""
+    if os.getpid() != _PID:
+        return
+    for root, _, _ in sorted(os.walk(_SESSION_DIR), key=lambda x: -len(x[0])):
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
 
 
 def _our_files() -> set[str]:
