@@ -132,3 +132,72 @@ def test_a_call_cut_short_leaves_no_reply_for_the_next_call(name, backend) -> No
             p.kill()
             p.join(DEADLINE)
         d.close()
+
+
+def _value_handler_during_incr(d, inner: str, catch: bool, conn) -> None:
+    """In a forked child (value mappings are shared by inheritance): a signal handler
+    writes key "a" while the main thread's ``incr("a")`` is between its read and its
+    store (raised from the coercion call that incr makes there)."""
+    fired: list[str] = []
+
+    def on_usr1(signum, frame) -> None:
+        try:
+            if inner == "incr":
+                d.incr("a", 100)
+            elif inner == "set":
+                d["a"] = 500
+            else:
+                del d["a"]
+        except shareit.ReentrantWriteError:
+            fired.append("ReentrantWriteError")
+            if not catch:
+                raise
+        else:
+            fired.append("wrote")
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    coerce = d._cv
+
+    raised: list[int] = []
+
+    def cv(x):
+        if not raised:  # once (the handler's own set coerces too)
+            raised.append(1)
+            signal.raise_signal(signal.SIGUSR1)
+        return coerce(x)
+
+    d._cv = cv
+    try:
+        outer: object = d.incr("a", 1)
+    except shareit.ReentrantWriteError:
+        outer = "raised"
+    conn.send((fired, outer, d.get("a"), d.incr("b")))  # (and the lock still works)
+
+
+@pytest.mark.parametrize("catch", [True, False], ids=["handler_catches", "handler_raises"])
+@pytest.mark.parametrize("inner", ["incr", "set", "del"])
+def test_value_a_handler_write_inside_incr_of_the_same_key(inner, catch) -> None:
+    """Was: the per-key mutex is recursive, so the handler's write of the key landed
+    between incr's read and its store, and incr then stored its stale sum over it: the
+    handler's write was lost though it returned. Now it raises ReentrantWriteError,
+    having changed nothing; caught, the incr lands; not caught, the incr raises it."""
+    d = shareit.open(backend="value", keys=["a", "b"])
+    parent, child = FORK.Pipe()
+    p = FORK.Process(target=_value_handler_during_incr, args=(d, inner, catch, child))
+    try:
+        d["a"] = 10
+        p.start()
+        assert parent.poll(DEADLINE), "child hung"
+        fired, outer, a, b = parent.recv()
+        assert join_all([p], DEADLINE) == [0]
+        assert fired == ["ReentrantWriteError"], fired
+        if catch:
+            assert (outer, a) == (11, 11)
+        else:
+            assert (outer, a) == ("raised", 10)
+        assert b == 1 and d.snapshot() == {"a": a, "b": 1}
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(DEADLINE)
+        d.close()

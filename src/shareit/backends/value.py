@@ -103,7 +103,7 @@ from .._opening import INHERIT_ONLY
 from .._ops import add, check_number
 from ..base import Capabilities, SharedMapping
 from ..config import Config
-from ..errors import BackendDiedError, ConfigError, lock_timeout
+from ..errors import BackendDiedError, ConfigError, lock_timeout, reentrant_write
 
 _CTYPES = {"int8": "b", "uint8": "B", "int16": "h", "uint16": "H", "int32": "i", "uint32": "I",
            "int64": "q", "uint64": "Q", "float32": "f", "float64": "d", "bool": "?"}
@@ -178,6 +178,10 @@ class ValueMapping(SharedMapping):
         self._mutexes = [RobustMutex(mutex_buf, RobustMutex.SIZE * j)
                          for j in range(len(config.keys) + 1)]  # [mapping, key 0, key 1, ...]
         self._kmutex = self._mutexes[1:]
+        #: 1 while this process's ``incr`` of key i runs under its mutex: the mutex is
+        #: recursive, so a write of key i begun then (by a signal handler of that thread:
+        #: only the holder sees its own flag) raises ReentrantWriteError, never lost.
+        self._busy = bytearray(len(config.keys))
         self._index = {k: i for i, k in enumerate(config.keys)}
         self._keys = list(config.keys)
         self._numpy_dtype = config.value_type
@@ -440,6 +444,8 @@ class ValueMapping(SharedMapping):
         if rc or hdr[1] != hdr[2]:
             m = self._key_acquire(i, rc)
         try:
+            if self._busy[i]:
+                raise reentrant_write(f"key {key!r} of value mapping {self._label()}")
             words = self._w
             w = words[i]
             words[i] = w | 2  # _WRITING: a multi-key read collects again, or waits a moment
@@ -459,6 +465,8 @@ class ValueMapping(SharedMapping):
         if rc or self._hdr[_BEGUN] != self._hdr[_ENDED]:
             m = self._key_acquire(i, rc)
         try:
+            if self._busy[i]:
+                raise reentrant_write(f"key {key!r} of value mapping {self._label()}")
             w = self._w[i]
             if not w & _PRESENT:
                 raise KeyError(key)
@@ -507,13 +515,20 @@ class ValueMapping(SharedMapping):
         if rc or hdr[1] != hdr[2]:
             m = self._key_acquire(i, rc)
         try:
-            words = self._w
-            w = words[i]
-            current = self._v[i] if w & 1 else self._cv(default)
-            new = self._cv(add(key, current, delta))
-            words[i] = w | 2  # as in __setitem__
-            self._vset[i] = new
-            words[i] = ((w | 7) + 2) & _OK
+            busy = self._busy
+            if busy[i]:
+                raise reentrant_write(f"key {key!r} of value mapping {self._label()}")
+            busy[i] = 1  # (calls from here to the store: a signal handler may run at each)
+            try:
+                words = self._w
+                w = words[i]
+                current = self._v[i] if w & 1 else self._cv(default)
+                new = self._cv(add(key, current, delta))
+                words[i] = w | 2  # as in __setitem__
+                self._vset[i] = new
+                words[i] = ((w | 7) + 2) & _OK
+            finally:
+                busy[i] = 0
         finally:
             if m is None:
                 self._lock_release()
