@@ -31,3 +31,14 @@ def proc_state(pid: int) -> bytes:
 def gone(pid: int) -> bool:
     """Dead: reaped, or a zombie waiting for its parent."""
     return proc_state(pid) in (b"Z", b"X")
+
+
+def reading(pid: int, fd: int) -> bool:
+    """Whether the main thread of ``pid`` is blocked in read(2) on its descriptor ``fd``
+    (a reply it waits for on that connection; not a read of anything else)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[0] == "0" and int(fields[1], 16) == fd

@@ -15,19 +15,11 @@ import time
 import pytest
 
 import shareit
+from helpers import reading
 from shareit.testing import join_all
 
 FORK = mp.get_context("fork")
 DEADLINE = 30.0
-
-
-def _in_read_syscall(pid: int) -> bool:
-    """Whether the main thread of ``pid`` is blocked in read(2) (a reply it waits for)."""
-    try:
-        with open(f"/proc/{pid}/syscall") as f:
-            return f.read().split(" ", 1)[0] == "0"
-    except OSError:
-        return False
 
 
 def _waiting_caller(name: str, backend: str, conn) -> None:
@@ -39,7 +31,8 @@ def _waiting_caller(name: str, backend: str, conn) -> None:
         conn.send("handler done")
 
     signal.signal(signal.SIGUSR1, on_usr1)
-    conn.send("calling")
+    d.get("k")  # (this thread's connection made: the transform's reply comes on it)
+    conn.send(("calling", d._tls.link.conn.fileno()))
     try:
         result = d.transform("k", lambda v: v + 1)  # waits: the parent holds lock()
     except Exception as e:
@@ -61,9 +54,11 @@ def test_a_handler_call_during_a_waiting_call_gets_its_own_reply(name, backend) 
         with d.lock():
             p.start()
             child.close()
-            assert parent.poll(DEADLINE) and parent.recv() == "calling"
+            assert parent.poll(DEADLINE)
+            tag, fd = parent.recv()
+            assert tag == "calling"
             deadline = time.monotonic() + DEADLINE
-            while not _in_read_syscall(p.pid):  # blocked on the transform's reply
+            while not reading(p.pid, fd):  # blocked on the transform's reply
                 assert time.monotonic() < deadline, "the child never waited for its reply"
                 time.sleep(0.005)
             os.kill(p.pid, signal.SIGUSR1)
@@ -90,7 +85,8 @@ def _interrupted_caller(name: str, backend: str, conn) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGUSR1, on_usr1)
-    conn.send("calling")
+    d.get("k")  # (this thread's connection made: the transform's reply comes on it)
+    conn.send(("calling", d._tls.link.conn.fileno()))
     try:
         d.transform("k", lambda v: v + 1)  # waits: the parent holds lock(); interrupted
         first = "not interrupted"
@@ -114,9 +110,11 @@ def test_a_call_cut_short_leaves_no_reply_for_the_next_call(name, backend) -> No
         d.update({"k": 1, "other": "o"})
         with d.lock():
             p.start()
-            assert parent.poll(DEADLINE) and parent.recv() == "calling"
+            assert parent.poll(DEADLINE)
+            tag, fd = parent.recv()
+            assert tag == "calling"
             deadline = time.monotonic() + DEADLINE
-            while not _in_read_syscall(p.pid):
+            while not reading(p.pid, fd):
                 assert time.monotonic() < deadline, "the child never waited for its reply"
                 time.sleep(0.005)
             os.kill(p.pid, signal.SIGUSR1)

@@ -162,6 +162,7 @@ class Link:
     pid: int  # the process that opened it: a forked child must not close its parent's
     generation: int  # ``_runtime.fork_generation`` when opened
     server_pid: int  # the server's answer to the hello
+    locks: int = 0  # lock() levels this connection holds on the server (a client's count)
 
 
 def connect(address: str, authkey: bytes, timeout: float, bound: float,

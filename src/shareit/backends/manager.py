@@ -46,6 +46,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
@@ -57,6 +58,7 @@ from ..config import Config
 from ..errors import (
     BackendDiedError,
     BackendTimeoutError,
+    LockLostError,
     PermissionDeniedError,
     RecordError,
     lock_timeout,
@@ -271,13 +273,18 @@ class ManagerMapping(SharedMapping):
         except Exception as exc:
             raise TypeError(f"cannot send this key to the {self.server_title}: {exc}") from None
         tls = self._tls
+        if getattr(tls, "lost", 0):  # (inside a lock() block whose connection went)
+            raise self._lock_lost()
         link: Link | None = getattr(tls, "link", None)
         if link is None or link.generation != _runtime.fork_generation:
             link = self._link()
         # Out of the thread's slot while a request is in flight: a call made meanwhile by
         # a signal handler of this thread connects afresh instead of reading this call's
         # reply; and a call cut short (KeyboardInterrupt) leaves a reply unread: the
-        # connection goes with it, never to answer the next call with a stale reply.
+        # connection goes with it, never to answer the next call with a stale reply --
+        # and with it any lock() it held (the server releases it): every later call of
+        # the block raises LockLostError, and so does leaving it (unless it is left by
+        # an exception already).
         tls.link = None
         conn = link.conn
         try:
@@ -286,6 +293,8 @@ class ManagerMapping(SharedMapping):
         except BaseException as exc:
             if link.pid == os.getpid():
                 conn.close()
+                if link.locks:
+                    tls.lost = link.locks
             if isinstance(exc, (OSError, EOFError)):
                 raise self._died(exc) from None
             raise
@@ -369,10 +378,28 @@ class ManagerMapping(SharedMapping):
 
     def _lock_acquire(self, timeout: float) -> bool:
         got: bool = self._call_waiting(timeout, "acquire", timeout)
+        if got:
+            self._tls.link.locks += 1
         return got
 
     def _lock_release(self) -> None:
+        tls = self._tls
+        lost = getattr(tls, "lost", 0)
+        if lost:  # the server released it with the connection: nothing to send
+            tls.lost = lost - 1
+            if sys.exc_info()[1] is None:  # (leaving by an exception: that one goes on)
+                raise self._lock_lost()
+            return
         self._call("release")
+        tls.link.locks -= 1
+
+    def _lock_lost(self) -> LockLostError:
+        return LockLostError(
+            f"the lock() of mapping {self._label()} was released when a call inside it was "
+            f"cut short (an exception while it waited for the server, which then dropped its "
+            f"connection): what the block read may have changed since, and nothing it wrote "
+            f"after that call was sent"
+        )
 
     def _call_waiting(self, timeout: float, *req: Any) -> Any:
         """A call the server may hold for up to ``timeout`` s: widen the client's bound for it."""

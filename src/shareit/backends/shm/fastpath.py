@@ -188,7 +188,11 @@ def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
         c[C_JSTATE] = 0  # commit
         c[C_TSEQ] += 1
     except BaseException:  # (KeyboardInterrupt, a raising signal handler: undo, unlock)
-        _abandon(t)
+        try:
+            _abandon(t)
+        finally:  # (inline: a second interrupt at _abandon's entry must not keep the lock)
+            lk.busy = 0
+            lk.unlock()
         raise
     lk.busy = 0
     lk.unlock()
@@ -312,7 +316,11 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
         c[C_JSTATE] = 0  # commit
         c[C_TSEQ] += 1
     except BaseException:  # (KeyboardInterrupt, a raising signal handler: undo, unlock)
-        _abandon(t)
+        try:
+            _abandon(t)
+        finally:  # (inline: a second interrupt at _abandon's entry must not keep the lock)
+            lk.busy = 0
+            lk.unlock()
         raise
     lk.busy = 0
     lk.unlock()
@@ -323,16 +331,13 @@ def _abandon(t: Table) -> None:
     """A flat write interrupted inside its transaction by an exception: roll it back (the
     journal is whole before any data changes) and forget what this process cached (an
     insert records its entry before the commit) -- or, cut between the commit's two stores,
-    finish the commit -- and release the lock, as ``Table.set`` does."""
+    finish the commit -- as ``Table.set`` does. (The caller then releases the lock: a
+    second interrupt here leaves the transaction open, and the next writer repairs it.)"""
     c = t.c
-    try:
-        if c[C_JSTATE]:
-            t.abort()
-        elif c[C_TSEQ] & 1:  # between begin's stores, or the commit's: nothing to undo
-            c[C_TSEQ] += 1
-    finally:
-        t.lock.busy = 0
-        t.lock.unlock()
+    if c[C_JSTATE]:
+        t.abort()
+    elif c[C_TSEQ] & 1:  # between begin's stores, or the commit's: nothing to undo
+        c[C_TSEQ] += 1
 
 
 NOT_FLAT = object()  # (remove_flat: not a common case, nothing done)

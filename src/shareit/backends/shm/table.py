@@ -133,11 +133,14 @@ class Table:
             lk.release()
             raise reentrant_write(f"shm mapping {self.label}")
         if lk.depth == 1:
+            lk.busy = 1  # (a repair is a write: a signal handler's write waits it out)
             try:
                 self._after_acquire()  # repairs whatever a dead writer left
             except BaseException:
+                lk.busy = 0
                 lk.release()
                 raise
+            lk.busy = 0
         return True
 
     def release(self) -> None:
