@@ -10,12 +10,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import time
 
 import pytest
 
 import shareit
-from helpers import reading
+from helpers import reading, wait_until
 from shareit.testing import join_all
 
 FORK = mp.get_context("fork")
@@ -57,10 +56,7 @@ def test_a_handler_call_during_a_waiting_call_gets_its_own_reply(name, backend) 
             assert parent.poll(DEADLINE)
             tag, fd = parent.recv()
             assert tag == "calling"
-            deadline = time.monotonic() + DEADLINE
-            while not reading(p.pid, fd):  # blocked on the transform's reply
-                assert time.monotonic() < deadline, "the child never waited for its reply"
-                time.sleep(0.005)
+            wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")
             os.kill(p.pid, signal.SIGUSR1)
             # the handler's read needs no lock: it must be answered while the lock is held
             done = parent.poll(10.0)
@@ -113,10 +109,7 @@ def test_a_call_cut_short_leaves_no_reply_for_the_next_call(name, backend) -> No
             assert parent.poll(DEADLINE)
             tag, fd = parent.recv()
             assert tag == "calling"
-            deadline = time.monotonic() + DEADLINE
-            while not reading(p.pid, fd):
-                assert time.monotonic() < deadline, "the child never waited for its reply"
-                time.sleep(0.005)
+            wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")
             os.kill(p.pid, signal.SIGUSR1)
             assert parent.poll(DEADLINE) and parent.recv() == "interrupted"
         parent.send("released")

@@ -255,10 +255,7 @@ def test_manager_a_call_cut_short_inside_lock_is_never_silently_unlocked(name) -
         wait_until(lambda: proc_state(server) == b"T", "the server stopped")
         stopped = True
         parent.send("server stopped")
-        deadline = time.monotonic() + DEADLINE
-        while not reading(p.pid, fd):
-            assert time.monotonic() < deadline, "the child never waited for its reply"
-            time.sleep(0.005)
+        wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")
         os.kill(p.pid, signal.SIGUSR1)
         assert parent.poll(DEADLINE) and parent.recv() == "caught"
         os.kill(server, signal.SIGCONT)
@@ -302,10 +299,7 @@ def test_manager_ctrl_c_inside_lock_leaves_as_keyboardinterrupt(name) -> None:
         wait_until(lambda: proc_state(server) == b"T", "the server stopped")
         stopped = True
         parent.send("server stopped")
-        deadline = time.monotonic() + DEADLINE
-        while not reading(p.pid, fd):
-            assert time.monotonic() < deadline, "the child never waited for its reply"
-            time.sleep(0.005)
+        wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")
         os.kill(p.pid, signal.SIGUSR1)
         os.kill(server, signal.SIGCONT)
         stopped = False
@@ -560,10 +554,7 @@ def test_manager_a_handler_call_inside_a_widened_wait_keeps_the_bounds(name) -> 
             assert parent.poll(DEADLINE)
             tag, fd = parent.recv()
             assert tag == "calling"
-            deadline = time.monotonic() + DEADLINE
-            while not reading(p.pid, fd):
-                assert time.monotonic() < deadline, "the child never waited for its reply"
-                time.sleep(0.005)
+            wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")
             os.kill(p.pid, signal.SIGUSR1)  # (it cuts the read short: the handler runs now)
         assert parent.poll(DEADLINE)
         got, before, during, after, same, k = parent.recv()
