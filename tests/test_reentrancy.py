@@ -192,3 +192,53 @@ def test_value_a_handler_write_inside_incr_of_the_same_key(inner, catch) -> None
             p.kill()
             p.join(DEADLINE)
         d.close()
+
+
+def _handler_takes_lock(name: str, conn) -> None:
+    from shareit.backends.shm import layout as L
+
+    d = shareit.open(name, backend="shm")
+    d["warm"] = 0
+    fired: list[str] = []
+
+    def on_usr1(signum, frame) -> None:
+        try:
+            with d.lock():
+                fired.append("locked")
+        except shareit.ReentrantWriteError:
+            fired.append("ReentrantWriteError")
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+
+    def hook(step: str) -> None:
+        if step == "mid_entry" and not fired:
+            signal.raise_signal(signal.SIGUSR1)
+
+    L.fault = hook
+    L.FAULT = "hooked"
+    d["main"] = 1  # a new key: the flat insert, interrupted mid-entry
+    L.FAULT = None
+    with d.lock():  # and the lock is free again
+        d["after"] = 2
+    conn.send((fired, d.snapshot(), d.verify(), d._t.lock.busy, d._t.lock.depth))
+    d.close()
+
+
+def test_shm_a_handler_taking_lock_inside_a_write(name) -> None:
+    """``lock()`` taken by a signal handler while its thread is inside a write would hold
+    the lock over the half-done write (the mutex is recursive): ReentrantWriteError."""
+    d = shareit.open(name, backend="shm")
+    parent, child = FORK.Pipe()
+    p = FORK.Process(target=_handler_takes_lock, args=(name, child))
+    try:
+        p.start()
+        assert parent.poll(DEADLINE), "child hung"
+        fired, snap, problems, busy, depth = parent.recv()
+        assert join_all([p], DEADLINE) == [0]
+        assert fired == ["ReentrantWriteError"]
+        assert (snap, problems, busy, depth) == ({"warm": 0, "main": 1, "after": 2}, [], 0, 0)
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(DEADLINE)
+        d.close()
