@@ -371,3 +371,40 @@ def test_flat_writes_and_their_inline_probes_match_the_steps(ops) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_flat_writes_inside_this_threads_lock() -> None:
+    """Inside this thread's ``lock()`` the writes are still flat (the mutex is recursive:
+    ``edit``, ``transform`` and user blocks gain by it), while another thread's write
+    waits for the block's end."""
+    import threading
+
+    d = shareit.open(backend="shm")
+    try:
+        d["s"] = "y" * 40  # placed by this process, with room
+        d["s"] = "old"
+        d["gone"] = 1
+        done = threading.Event()
+
+        def other() -> None:
+            d["b"] = "other"
+            done.set()
+
+        t: Table = d._t
+        with d.lock():
+            t.journal.saved_header = True  # (Journal.begin resets it; the flat paths do not)
+            d["s"] = "new"  # overwrite in place
+            d["fresh"] = "v"  # insert
+            d["n"] = 5  # insert of a number
+            del d["gone"]  # remove by its slot
+            assert t.journal.saved_header, "a write inside lock() took the steps"
+            b = threading.Thread(target=other)
+            b.start()
+            assert not done.wait(0.3), "another thread wrote inside this thread's lock()"
+            assert "b" not in d
+        b.join(10)
+        assert done.is_set() and d["b"] == "other"
+        assert d.snapshot() == {"s": "new", "fresh": "v", "n": 5, "b": "other"}
+        assert d.verify() == [] and t.lock.depth == 0 and t.lock.busy == 0
+    finally:
+        d.close()

@@ -7,8 +7,9 @@ every step inline, instead of by the Table's steps one call after another:
 - :func:`overwrite`: a str/bytes/pickled value over a key this process placed
   (its entry from ``Table.slots``: no key encoding, no probe) whose room it fits,
   written in place; :func:`insert`: a new key; :func:`write_flat` picks one of
-  the two. The lock is free and nothing needs repair. Each does the very stores,
-  in the same order and with the same fault points, as ``Table.enter``,
+  the two. The lock is free (or held by this thread's ``lock()``: the mutex is
+  recursive, and other threads find it taken) and nothing needs repair. Each
+  does the very stores, in the same order and with the same fault points, as ``Table.enter``,
   ``Journal.begin``, ``Table.put`` and ``Journal.commit`` (a journal's records
   written with one ``pack_into``); ``tests/test_shm_table.py`` pins the bytes
   they leave, called directly and through ``d[k] = value``, to those of the
@@ -102,8 +103,8 @@ def overwrite(t: Table, key: Any, w: int, vkind: int, vraw: bytes) -> bool:
     nothing changed, otherwise. (A key in ``slots`` means this process set its lock up:
     a forked child's ``slots`` start empty.)"""
     lk = t.lock
-    if lk.depth or lk.busy:
-        return False  # lock() held by a thread of ours
+    if lk.busy:
+        return False  # (inside this thread's own write: the steps raise ReentrantWriteError)
     n = len(vraw)  # (calls before the lock: a signal handler may run at a call)
     words = (n + 7) >> 3
     rc = lk.trylock()
@@ -205,8 +206,8 @@ def insert(t: Table, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: 
     ``Journal.commit``); False, with nothing changed, if the key exists, the table has no
     room, or anything needs repair."""
     lk = t.lock
-    if lk.depth or lk.busy or lk.forkgen != _runtime.fork_generation:
-        return False  # lock() held by a thread of ours, or not set up in this process
+    if lk.busy or lk.forkgen != _runtime.fork_generation:
+        return False  # inside this thread's own write, or the lock not set up in this process
     nk = len(kb)  # (calls before the lock: a signal handler may run at a call)
     kw = (nk + 7) >> 3
     vw = 0 if vraw is None else (len(vraw) + 7) >> 3
@@ -345,15 +346,16 @@ NOT_FLAT = object()  # (remove_flat: not a common case, nothing done)
 
 def remove_flat(t: Table, key: Any, kkind: int, kb: bytes, h: int, want: bool,
                 w: int = -1) -> Any:
-    """``Table.remove`` flat, when the lock is free and nothing needs repair: the stores of
-    ``enter``, ``Journal.begin``, ``Table.delete`` and ``Journal.commit`` in their order,
-    with their fault points. The key's value with ``want`` (else None), ``ABSENT`` if
-    there is no such key, ``NOT_FLAT`` (nothing done) for the Table's steps to do it.
+    """``Table.remove`` flat, when the lock is free (or this thread's) and nothing needs
+    repair: the stores of ``enter``, ``Journal.begin``, ``Table.delete`` and
+    ``Journal.commit`` in their order, with their fault points. The key's value with
+    ``want`` (else None), ``ABSENT`` if there is no such key, ``NOT_FLAT`` (nothing done)
+    for the Table's steps to do it.
 
     ``w``: the key's entry from ``t.slots`` (a key this process placed; ``kkind``, ``kb``
     and ``h`` are then unused): no probe, its index slot found from the entry's hash."""
     lk = t.lock
-    if lk.depth or lk.busy or (w < 0 and lk.forkgen != _runtime.fork_generation):
+    if lk.busy or (w < 0 and lk.forkgen != _runtime.fork_generation):
         return NOT_FLAT  # (a key in slots: this process set its lock up)
     rc = lk.trylock()
     if rc:
