@@ -242,3 +242,72 @@ def test_shm_a_handler_taking_lock_inside_a_write(name) -> None:
             p.kill()
             p.join(DEADLINE)
         d.close()
+
+
+def _value_handler_during_bulk(d, inner: str, conn) -> None:
+    """In a forked child: a signal handler writes while the main thread is inside an
+    ``update`` (raised at its "mid_update" step), or updates while it is inside an
+    ``incr`` (raised from the coercion call incr makes between its read and store)."""
+    from shareit.backends import value as V
+
+    fired: list[str] = []
+
+    def on_usr1(signum, frame) -> None:
+        try:
+            if inner == "set":
+                d["a"] = 99
+            else:
+                d.update({"a": 99, "b": 98})
+        except shareit.ReentrantWriteError:
+            fired.append("ReentrantWriteError")
+        else:
+            fired.append("wrote")
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    if inner == "set":
+        def hook(step: str) -> None:
+            if step == "mid_update" and not fired:
+                signal.raise_signal(signal.SIGUSR1)
+
+        V.fault = hook
+        V.FAULT = "hooked"
+        d.update({"a": 1, "b": 2})
+        V.FAULT = None
+    else:
+        coerce = d._cv
+        raised: list[int] = []
+
+        def cv(x):
+            if not raised:
+                raised.append(1)
+                signal.raise_signal(signal.SIGUSR1)
+            return coerce(x)
+
+        d._cv = cv
+        d.incr("a", 1)
+    conn.send((fired, d.snapshot()))
+
+
+@pytest.mark.parametrize("inner", ["set", "update"])
+def test_value_a_handler_write_inside_a_bulk_write_or_incr(inner) -> None:
+    """Was: every mutex is recursive, so a handler's write inside an ``update`` took the
+    whole lock again, saw a bulk write in flight and undid it as a dead writer's (the
+    update then half landed); a handler's ``update`` inside an ``incr`` wrote the key the
+    incr then overwrote with its stale sum. Now: ReentrantWriteError, nothing changed."""
+    d = shareit.open(backend="value", keys=["a", "b"])
+    parent, child = FORK.Pipe()
+    p = FORK.Process(target=_value_handler_during_bulk, args=(d, inner, child))
+    try:
+        d.update({"a": 10, "b": 20})
+        p.start()
+        assert parent.poll(DEADLINE), "child hung"
+        fired, snap = parent.recv()
+        assert join_all([p], DEADLINE) == [0]
+        assert fired == ["ReentrantWriteError"], fired
+        want = {"a": 1, "b": 2} if inner == "set" else {"a": 11, "b": 20}
+        assert snap == want and d.snapshot() == want
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(DEADLINE)
+        d.close()

@@ -182,6 +182,9 @@ class ValueMapping(SharedMapping):
         #: recursive, so a write of key i begun then (by a signal handler of that thread:
         #: only the holder sees its own flag) raises ReentrantWriteError, never lost.
         self._busy = bytearray(len(config.keys))
+        #: 1 while this process's bulk write (update, clear) runs under every mutex: a
+        #: write begun then by a signal handler would take it for a dead writer's and undo it.
+        self._bulk = 0
         self._index = {k: i for i, k in enumerate(config.keys)}
         self._keys = list(config.keys)
         self._numpy_dtype = config.value_type
@@ -249,6 +252,9 @@ class ValueMapping(SharedMapping):
                 died = True
                 if j:
                     self._abandoned(j - 1)
+        if self._bulk or 1 in self._busy:  # (every mutex is recursive: only this thread
+            self._lock_release()          # gets here while its own write is in flight)
+            raise reentrant_write(f"value mapping {self._label()}")
         hdr = self._hdr
         if hdr[_STATE] == _DESTROYED:
             self._lock_release()
@@ -546,6 +552,7 @@ class ValueMapping(SharedMapping):
         slots = [(self._index[k], v) for k, v in items]
         self._wlock()
         try:
+            self._bulk = 1
             self._begin_bulk()
             try:
                 words, vset = self._w, self._vset
@@ -563,11 +570,13 @@ class ValueMapping(SharedMapping):
                 raise
             self._end_bulk([i for i, _ in slots])
         finally:
+            self._bulk = 0
             self._lock_release()
 
     def clear(self) -> None:
         self._wlock()
         try:
+            self._bulk = 1
             self._begin_bulk()
             words = self._w
             touched = [i for i, w in enumerate(words.tolist()) if w & _PRESENT]
@@ -581,6 +590,7 @@ class ValueMapping(SharedMapping):
                 raise
             self._end_bulk(touched)
         finally:
+            self._bulk = 0
             self._lock_release()
 
     def values_array(self) -> np.ndarray:
