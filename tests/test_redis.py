@@ -507,3 +507,101 @@ def test_info_survives_a_lock_key_no_shareit_wrote(planted) -> None:
         assert d.info()["lock_held"] is False and d.info()["lock_holder"] is None
     finally:
         d.close()
+
+
+# ------------------------------------------------------------------ signal handlers
+
+
+def _waiting(pid: int) -> bool:
+    """Whether the main thread of ``pid`` is blocked waiting for input: poll(2) or
+    recvfrom(2), as redis-py's reads with a timeout are."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split(" ", 1)[0] in ("7", "45")
+    except OSError:
+        return False
+
+
+def _redis_caller(name: str, url: str, mode: str, conn) -> None:
+    d = shareit.open(name, backend="redis", url=url, timeout=20.0)
+    got: list[object] = []
+
+    def on_usr1(signum, frame) -> None:
+        if mode == "cut":
+            raise KeyboardInterrupt
+        got.append(d.get("other"))  # its own call, while the outer one waits for its reply
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    conn.send("ready")
+    assert conn.poll(30) and conn.recv() == "stopped"
+    conn.send("calling")  # (from here, the next wait for input is the outer call's)
+    outer: object
+    try:
+        outer = d.get("k") if mode == "nested" else d.__setitem__("a", 1)
+    except KeyboardInterrupt:
+        outer = "interrupted"
+    conn.send("returned")
+    assert conn.poll(30) and conn.recv() == "resumed"
+    d["b"] = 2
+    conn.send((got, outer, d.get("other"), d.get("k"), d.get("b")))
+    d.close()
+
+
+@pytest.mark.parametrize("mode", ["cut", "nested"])
+def test_a_signal_handler_and_a_call_in_flight(mode) -> None:
+    """A call cut short while it waits for the server (Ctrl-C) must leave no reply for
+    the next call to read; a handler's call made meanwhile must get its own reply."""
+    import multiprocessing as mp
+
+    name = f"sig-{mode}-{os.getpid()}"
+    url = SERVER["url"]
+    server = SERVER["proc"].pid
+    d = shareit.open(name, backend="redis", url=url)
+    parent, child = mp.get_context("fork").Pipe()
+    p = mp.get_context("fork").Process(target=_redis_caller, args=(name, url, mode, child))
+    stopped = False
+    try:
+        d.update({"k": "kval", "other": "o"})
+        p.start()
+        assert parent.poll(30) and parent.recv() == "ready"
+        os.kill(server, signal.SIGSTOP)
+        stopped = True
+        deadline = time.monotonic() + 30
+        while _proc_state(server) != "T":  # (kill() returns before it has stopped)
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        parent.send("stopped")
+        assert parent.poll(30) and parent.recv() == "calling"
+        while not _waiting(p.pid):  # the outer call waits for the stopped server's reply
+            assert time.monotonic() < deadline, "the child never waited for its reply"
+            time.sleep(0.005)
+        os.kill(p.pid, signal.SIGUSR1)
+        if mode == "cut":
+            assert parent.poll(30) and parent.recv() == "returned"
+        os.kill(server, signal.SIGCONT)
+        stopped = False
+        if mode == "nested":
+            assert parent.poll(30) and parent.recv() == "returned"
+        parent.send("resumed")
+        assert parent.poll(30)
+        got, outer, other, k, b = parent.recv()
+        p.join(30)
+        assert p.exitcode == 0
+        assert (other, k, b) == ("o", "kval", 2)
+        if mode == "cut":
+            assert outer == "interrupted" and got == []
+        else:
+            assert (outer, got) == ("kval", ["o"])
+    finally:
+        if stopped:
+            os.kill(server, signal.SIGCONT)
+        if p.is_alive():
+            p.kill()
+            p.join(30)
+        d.destroy()
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        data = f.read()
+    return data[data.rindex(")") + 2 :].split()[0]
