@@ -60,11 +60,10 @@ def cut(monkeypatch):
         signal.signal(signal.SIGINT, old)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_call records tls.lost = link.locks when *any* call is cut short, the release call "
-    "included: link.locks is only decremented after release returns, so a ^C during the "
-    "block's own release leaves tls.lost set after the block is over -- every later call "
-    "of that thread on that handle raises LockLostError, for good"))
+# Was a strict xfail (fixed): _call records tls.lost = link.locks when *any* call is cut
+# short, the release call included: link.locks is only decremented after release returns,
+# so a ^C during the block's own release leaves tls.lost set after the block is over --
+# every later call of that thread on that handle raises LockLostError, for good
 @pytest.mark.parametrize("backend", ["manager", "queue"])
 @pytest.mark.parametrize("levels", [1, 2])
 def test_manager_release_cut_short_leaves_the_handle_usable(name, cut, levels, backend) -> None:
@@ -155,11 +154,10 @@ def test_manager_lost_lock_stays_in_its_thread_and_handle(name, cut) -> None:
         d.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transform's lock is taken by lock_get, which link.locks does not count: a call cut "
-    "short inside fn closes the connection (the server releases the lock) without tls.lost; "
-    "transform's except then sends 'release' on a fresh connection and the server's "
-    "RuntimeError replaces the user's KeyboardInterrupt"))
+# Was a strict xfail (fixed): transform's lock is taken by lock_get, which link.locks does
+# not count: a call cut short inside fn closes the connection (the server releases the
+# lock) without tls.lost; transform's except then sends 'release' on a fresh connection
+# and the server's RuntimeError replaces the user's KeyboardInterrupt
 def test_manager_transform_fn_cut_short_leaves_as_keyboardinterrupt(name, cut) -> None:
     d = shareit.open(name, backend="manager", timeout=10.0)
     try:
@@ -176,12 +174,11 @@ def test_manager_transform_fn_cut_short_leaves_as_keyboardinterrupt(name, cut) -
         d.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edit's lock is taken by lock_get (link.locks stays 0): a call cut short inside the "
-    "edit body closes the connection -- the server releases the lock -- but records no "
-    "tls.lost; the body goes on and the edit's exit sends set_release on a fresh "
-    "connection, whose op_set_release _put()s before checking the holder: the write lands "
-    "while another thread holds lock() (then RuntimeError, not LockLostError)"))
+# Was a strict xfail (fixed): edit's lock is taken by lock_get (link.locks stays 0): a
+# call cut short inside the edit body closes the connection -- the server releases the
+# lock -- but records no tls.lost; the body goes on and the edit's exit sends set_release
+# on a fresh connection, whose op_set_release _put()s before checking the holder: the
+# write lands while another thread holds lock() (then RuntimeError, not LockLostError)
 @pytest.mark.parametrize("backend", ["manager", "queue"])
 def test_manager_edit_body_cut_short_never_writes_unlocked(name, cut, backend) -> None:
     d = shareit.open(name, backend=backend, timeout=10.0)
@@ -225,10 +222,10 @@ def test_manager_edit_body_cut_short_never_writes_unlocked(name, cut, backend) -
         d.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_lock_release decides 'leaving by an exception' from sys.exc_info(), which is also "
-    "set by any except clause the with statement sits in: a block that lost its lock and "
-    "is left normally inside an except clause releases silently (no LockLostError)"))
+# Was a strict xfail (fixed): _lock_release decides 'leaving by an exception' from
+# sys.exc_info(), which is also set by any except clause the with statement sits in: a
+# block that lost its lock and is left normally inside an except clause releases silently
+# (no LockLostError)
 def test_manager_lost_lock_reported_inside_an_except_clause(name, cut) -> None:
     d = shareit.open(name, backend="manager", timeout=10.0)
     try:
@@ -287,11 +284,10 @@ def _value_child(d, what: str, conn) -> None:
         conn.send((type(exc).__name__, None))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_bulk/_busy are plain attributes of the handle: a fork (the way value mappings reach "
-    "children) while another thread is inside update() or incr() copies them set, and in "
-    "the child no one ever clears them -- every update/lock()/clear (and every write of "
-    "that key) there raises ReentrantWriteError for good"))
+# Was a strict xfail (fixed): _bulk/_busy are plain attributes of the handle: a fork (the
+# way value mappings reach children) while another thread is inside update() or incr()
+# copies them set, and in the child no one ever clears them -- every update/lock()/clear
+# (and every write of that key) there raises ReentrantWriteError for good
 @pytest.mark.parametrize("during", ["update", "incr"])
 def test_value_fork_while_another_thread_is_in_a_bulk_write_or_incr(during) -> None:
     d = shareit.open(backend="value", keys=["a", "b"])

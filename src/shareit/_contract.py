@@ -103,8 +103,8 @@ class LockContext:
         self.acquire()
         return self._mapping
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._mapping._lock_exit(exc_type is not None)
 
 
 class MappingBase(MutableMapping[Any, Any]):
@@ -290,6 +290,12 @@ class MappingBase(MutableMapping[Any, Any]):
 
     # ------------------------------------------------------------ the undo journal
 
+
+    def _lock_exit(self, by_exception: bool) -> None:
+        """Leave a ``with d.lock():`` block (``by_exception``: an exception is leaving it).
+        Default: :meth:`_lock_release`. A backend that can find its lock lost overrides
+        this so that the exception already leaving the block goes on, not its own."""
+        self._lock_release()
     def _journal_path(self) -> str:
         """This handle's mapping's undo journal: ``STEM@journal-HEX``, HEX the hex of the
         identity in its lock file as this handle first saw it (the lock taken once).

@@ -46,7 +46,6 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
@@ -383,15 +382,33 @@ class ManagerMapping(SharedMapping):
         return got
 
     def _lock_release(self) -> None:
+        self._end_hold(False, "release")
+
+    def _lock_exit(self, by_exception: bool) -> None:
+        self._end_hold(by_exception, "release")
+
+    def _end_hold(self, by_exception: bool, *req: Any) -> Any:
+        """End one level of this thread's hold of the server's lock with ``req``
+        ("release", or "set_release" and its write). If the hold was lost -- a call cut
+        short closed the connection that owned it -- nothing is sent: LockLostError,
+        unless an exception is already leaving (``by_exception``), which goes on."""
         tls = self._tls
         lost = getattr(tls, "lost", 0)
-        if lost:  # the server released it with the connection: nothing to send
+        if lost:
             tls.lost = lost - 1
-            if sys.exc_info()[1] is None:  # (leaving by an exception: that one goes on)
-                raise self._lock_lost()
-            return
-        self._call("release")
-        tls.link.locks -= 1
+            if by_exception:
+                return None
+            raise self._lock_lost()
+        link: Link = tls.link  # (it holds the lock: this thread's link)
+        try:
+            got = self._call(*req)
+        except BaseException:
+            lost = getattr(tls, "lost", 0)
+            if lost:  # this very call was cut short: its connection, and the hold, went
+                tls.lost = lost - 1  # (this level is over either way)
+            raise
+        link.locks -= 1
+        return got
 
     def _lock_lost(self) -> LockLostError:
         return LockLostError(
@@ -420,11 +437,12 @@ class ManagerMapping(SharedMapping):
         got = self._call_waiting(timeout, "lock_get", key, timeout)
         if got is None:
             raise lock_timeout(f"mapping {self._label()}", timeout)
+        self._tls.link.locks += 1  # (held now, as by lock())
         present, stored = got
         if present:
             return _unpack(stored)
         if default is MISSING:
-            self._call("release")
+            self._end_hold(False, "release")
             raise KeyError(key)
         return _copy_default(default)
 
@@ -435,9 +453,9 @@ class ManagerMapping(SharedMapping):
             new = self._coerce(fn(current))
             stored = _pack(new)
         except BaseException:
-            self._call("release")
+            self._end_hold(True, "release")
             raise
-        self._call("set_release", key, stored)
+        self._end_hold(False, "set_release", key, stored)  # (never after the hold is lost)
         return new
 
     def edit(self, key: Any, default: Any = MISSING) -> _Edit:  # type: ignore[override]
@@ -464,14 +482,14 @@ class _Edit:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
-            self._m._call("release")
+            self._m._end_hold(True, "release")
             return
         try:
             stored = _pack(self._m._coerce(self._value))
         except BaseException:
-            self._m._call("release")
+            self._m._end_hold(True, "release")
             raise
-        self._m._call("set_release", self._key, stored)
+        self._m._end_hold(False, "set_release", self._key, stored)
 
 
 def _unlink_quiet(path: str) -> None:

@@ -90,6 +90,7 @@ import ctypes
 import os
 import signal
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from multiprocessing.sharedctypes import RawArray
 from typing import Any, ClassVar
@@ -127,6 +128,20 @@ def fault(step: str) -> None:
     """At step :data:`FAULT` of a bulk write, SIGKILL this process (tests replace this)."""
     if FAULT == step:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+#: Every value handle of this process: a child forked while one of its threads was inside
+#: a write gets copies of its busy/bulk flags with no write behind them; cleared at the fork.
+_handles: weakref.WeakValueDictionary[int, ValueMapping] = weakref.WeakValueDictionary()
+
+
+def _clear_flags_in_child() -> None:
+    for h in list(_handles.values()):
+        h._busy[:] = bytes(len(h._busy))
+        h._bulk = 0
+
+
+os.register_at_fork(after_in_child=_clear_flags_in_child)
 
 
 def _initial(name: str, v: Any) -> str:
@@ -185,6 +200,7 @@ class ValueMapping(SharedMapping):
         #: 1 while this process's bulk write (update, clear) runs under every mutex: a
         #: write begun then by a signal handler would take it for a dead writer's and undo it.
         self._bulk = 0
+        _handles[id(self)] = self  # (forked while another thread wrote: cleared at the fork)
         self._index = {k: i for i, k in enumerate(config.keys)}
         self._keys = list(config.keys)
         self._numpy_dtype = config.value_type
@@ -252,8 +268,10 @@ class ValueMapping(SharedMapping):
                 died = True
                 if j:
                     self._abandoned(j - 1)
-        if self._bulk or 1 in self._busy:  # (every mutex is recursive: only this thread
-            self._lock_release()          # gets here while its own write is in flight)
+        # (every mutex is recursive: only this thread gets here while its own write is
+        # in flight)
+        if self._bulk or 1 in self._busy:
+            self._lock_release()
             raise reentrant_write(f"value mapping {self._label()}")
         hdr = self._hdr
         if hdr[_STATE] == _DESTROYED:
