@@ -42,3 +42,51 @@ def reading(pid: int, fd: int) -> bool:
     except OSError:
         return False
     return len(fields) > 1 and fields[0] == "0" and int(fields[1], 16) == fd
+
+
+def wait_stopped(pid: int, timeout: float = DEADLINE) -> None:
+    """Poll /proc until ``pid`` is stopped (SIGSTOP: ``kill()`` returns before it is)."""
+    wait_until(lambda: proc_state(pid) in (b"T", b"t"), f"process {pid} stopped", timeout)
+
+
+# ------------------------------------------------ shm: the flat paths against the steps
+
+
+def shm_state(d) -> tuple[bytes, bytes]:
+    """The control segment (but the mutex's bytes) and the data segment of a shm mapping,
+    as bytes."""
+    from shareit.backends.shm import layout as L
+
+    t = d._t
+    ctl = bytes(t.cmv)
+    return ctl[: L.MUTEX_OFFSET] + ctl[L.MUTEX_OFFSET + 64 :], bytes(t.g.mv)
+
+
+def apply_op(d, op: tuple) -> object:
+    """``("set", k, v)``, ``("pop", k)`` or ``("del", k)`` on ``d``; "absent" for none."""
+    if op[0] == "set":
+        d[op[1]] = op[2]
+        return None
+    if op[0] == "pop":
+        return d.pop(op[1], "absent")
+    try:
+        del d[op[1]]
+    except KeyError:
+        return "absent"
+    return None
+
+
+def by_steps(d, op: tuple) -> object:
+    """:func:`apply_op` with every flat path of shm's ``fastpath`` turned off: the
+    Table's steps."""
+    import pytest
+
+    from shareit.backends.shm import fastpath
+    from shareit.backends.shm import mapping as M
+
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(M, "insert", lambda *a: False)
+        mp_.setattr(M, "overwrite", lambda *a: False)
+        mp_.setattr(M, "write_flat", lambda *a: False)
+        mp_.setattr(M, "remove_flat", lambda *a, **k: fastpath.NOT_FLAT)
+        return apply_op(d, op)

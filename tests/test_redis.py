@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 import shareit
+from helpers import wait_stopped
 from shareit.testing import SharedMappingSuite
 
 SERVER: dict = {}
@@ -566,11 +567,9 @@ def test_a_signal_handler_and_a_call_in_flight(mode) -> None:
         assert parent.poll(30) and parent.recv() == "ready"
         os.kill(server, signal.SIGSTOP)
         stopped = True
-        deadline = time.monotonic() + 30
-        while _proc_state(server) != "T":  # (kill() returns before it has stopped)
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        wait_stopped(server, 30)
         parent.send("stopped")
+        deadline = time.monotonic() + 30
         assert parent.poll(30) and parent.recv() == "calling"
         while not _waiting(p.pid):  # the outer call waits for the stopped server's reply
             assert time.monotonic() < deadline, "the child never waited for its reply"
@@ -600,8 +599,3 @@ def test_a_signal_handler_and_a_call_in_flight(mode) -> None:
             p.join(30)
         d.destroy()
 
-
-def _proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
-    return data[data.rindex(")") + 2 :].split()[0]

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shareit
+from helpers import apply_op, by_steps, shm_state, wait_stopped
 from shareit.backends.shm import fastpath
 from shareit.backends.shm import layout as L
 from shareit.backends.shm import mapping as M
@@ -35,49 +36,16 @@ DEADLINE = 30.0
 # ---------------------------------------------------------------------------- helpers
 
 
-def _state(d) -> tuple[bytes, bytes]:
-    """The control segment (but the mutex's bytes) and the data segment, as bytes."""
-    t = d._t
-    ctl = bytes(t.cmv)
-    return ctl[: L.MUTEX_OFFSET] + ctl[L.MUTEX_OFFSET + 64 :], bytes(t.g.mv)
 
 
-def _apply(d, op: tuple) -> object:
-    if op[0] == "set":
-        d[op[1]] = op[2]
-        return None
-    if op[0] == "pop":
-        return d.pop(op[1], "absent")
-    try:
-        del d[op[1]]
-    except KeyError:
-        return "absent"
-    return None
 
 
-def _by_steps(d, op: tuple) -> object:
-    """``op`` with every flat path of ``fastpath`` off: the Table's steps."""
-    with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(M, "insert", lambda *a: False)
-        mp_.setattr(M, "overwrite", lambda *a: False)
-        mp_.setattr(M, "write_flat", lambda *a: False)
-        mp_.setattr(M, "remove_flat", lambda *a, **k: fastpath.NOT_FLAT)
-        return _apply(d, op)
 
 
 def _same(x: object, y: object) -> bool:
     return x == y or (x != x and y != y)
 
 
-def wait_stopped(pid: int, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st_ = f.read()
-        if st_[st_.rindex(b")") + 2 :].split()[0] in (b"T", b"t"):
-            return
-        time.sleep(0.001)  # polling /proc with a deadline
-    raise AssertionError(f"process {pid} did not stop within {deadline} s")
 
 
 # ------------------------------------------- the inline probes against the Table's steps
@@ -120,14 +88,14 @@ def test_inline_probes_match_the_steps_over_wraparound_and_kind_collisions(ops, 
                     a._t.slots.clear()  # a cached key takes the inline store, not put)
                     b._t.slots.clear()
                 op = op[:-1]
-                got_a = _apply(a, op)
-                got_b = _by_steps(b, op)
+                got_a = apply_op(a, op)
+                got_b = by_steps(b, op)
                 assert _same(got_a, got_b), op
                 if op[0] == "set":
                     model[op[1]] = op[2]
                 else:
                     model.pop(op[1], None)
-                assert _state(a) == _state(b), op
+                assert shm_state(a) == shm_state(b), op
                 assert a._t.g.isize == isize, "no growth: the wrap-around stays forced"
             assert a.verify() == b.verify() == []
             snap = a.snapshot()
@@ -214,9 +182,9 @@ def test_edge_numbers_as_a_new_key_match_the_steps_and_round_trip(value) -> None
         for m in (a, b):
             m["pad"] = "x"
             m["warm"] = 1
-        _apply(a, ("set", "new", value))
-        _by_steps(b, ("set", "new", value))
-        assert _state(a) == _state(b)
+        apply_op(a, ("set", "new", value))
+        by_steps(b, ("set", "new", value))
+        assert shm_state(a) == shm_state(b)
         for m in (a, b, ):
             got = m["new"]
             assert type(got) is type(value) and _same(got, value)
@@ -224,8 +192,8 @@ def test_edge_numbers_as_a_new_key_match_the_steps_and_round_trip(value) -> None
                 assert repr(got) == repr(value)  # (-0.0 keeps its sign)
         a._t.slots.clear()
         b._t.slots.clear()
-        assert _same(a.pop("new"), _by_steps(b, ("pop", "new")))
-        assert _state(a) == _state(b)
+        assert _same(a.pop("new"), by_steps(b, ("pop", "new")))
+        assert shm_state(a) == shm_state(b)
     finally:
         a.close()
         b.close()
@@ -240,18 +208,18 @@ def test_a_new_key_that_needs_growth_grows_like_the_steps(why: str) -> None:
         i = 0
         while a._t.g.q[L.H_USED] < a._t.g.cap:  # fill to the last entry
             key = f"f{i}"
-            _apply(a, ("set", key, i))
-            _by_steps(b, ("set", key, i))
+            apply_op(a, ("set", key, i))
+            by_steps(b, ("set", key, i))
             i += 1
         gen = a.info()["generation"]
         key = "L" * (a._t.g.heapw * 8 + 8) if why == "heap" else "one-more"
         if why == "heap":  # room for an entry, none for the key
-            _apply(a, ("del", "f0"))
-            _by_steps(b, ("del", "f0"))
-        _apply(a, ("set", key, 12.5))
-        _by_steps(b, ("set", key, 12.5))
+            apply_op(a, ("del", "f0"))
+            by_steps(b, ("del", "f0"))
+        apply_op(a, ("set", key, 12.5))
+        by_steps(b, ("set", key, 12.5))
         assert a.info()["generation"] > gen
-        assert _state(a) == _state(b)
+        assert shm_state(a) == shm_state(b)
         assert a[key] == 12.5 and a.verify() == []
     finally:
         a.close()
@@ -340,7 +308,7 @@ def test_a_stopped_writer_inside_the_changed_paths(name, step, op) -> None:
         p.start()
         child.close()
         assert parent.poll(DEADLINE) and parent.recv() == "at"
-        wait_stopped(p.pid)
+        wait_stopped(p.pid, DEADLINE)
         t0 = time.monotonic()
         assert d.snapshot() == {**OLD, "warm": 0}
         assert ("fresh" in d) is False and d.get("s") == "old" and len(d) == 4

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import shareit
-from helpers import proc_state, reading, wait_until
+from helpers import reading, wait_stopped, wait_until
 from shareit.backends.shm import fastpath
 from shareit.backends.shm import layout as L
 from shareit.backends.shm.journal import Journal
@@ -252,7 +252,7 @@ def test_manager_a_call_cut_short_inside_lock_is_never_silently_unlocked(name) -
         assert tag == "locked"
         os.kill(server, signal.SIGSTOP)
         # (kill() returns before the server has stopped: until it has, it may still answer)
-        wait_until(lambda: proc_state(server) == b"T", "the server stopped")
+        wait_stopped(server, DEADLINE)
         stopped = True
         parent.send("server stopped")
         wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")
@@ -296,7 +296,7 @@ def test_manager_ctrl_c_inside_lock_leaves_as_keyboardinterrupt(name) -> None:
         assert tag == "locked"
         os.kill(server, signal.SIGSTOP)
         # (kill() returns before the server has stopped: until it has, it may still answer)
-        wait_until(lambda: proc_state(server) == b"T", "the server stopped")
+        wait_stopped(server, DEADLINE)
         stopped = True
         parent.send("server stopped")
         wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")

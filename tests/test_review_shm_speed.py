@@ -22,6 +22,7 @@ import zlib
 import pytest
 
 import shareit
+from helpers import wait_stopped
 from shareit.backends.shm import layout as L
 from shareit.errors import BackendDiedError, NotFoundError
 from shareit.testing import join_all
@@ -66,15 +67,6 @@ def whole(value) -> str:
     return tag_s
 
 
-def wait_stopped(pid: int, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        if st[st.rindex(b")") + 2 :].split()[0] in (b"T", b"t"):
-            return
-        time.sleep(0.001)  # polling /proc with a deadline
-    raise AssertionError(f"process {pid} did not stop within {deadline} s")
 
 
 def _hooked_child(name: str, step: str, action: str, conn, ops) -> None:
@@ -123,7 +115,7 @@ def run_hooked(name: str, step: str, action: str, ops):
         join_all([p], DEADLINE)
         return p, None
     if action == "stop":
-        wait_stopped(p.pid)
+        wait_stopped(p.pid, DEADLINE)
     else:
         assert join_all([p], DEADLINE) == [-signal.SIGKILL]
     return p, parent

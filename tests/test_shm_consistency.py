@@ -12,6 +12,7 @@ import time
 import pytest
 
 import shareit
+from helpers import wait_stopped
 from shareit.backends.shm import layout as L
 from shareit.errors import LockTimeoutError
 from shareit.testing import join_all
@@ -29,15 +30,6 @@ def d(name):
     m.close()
 
 
-def wait_stopped(pid: int, deadline: float = 10.0) -> None:
-    """Poll /proc until ``pid`` is stopped (SIGSTOP), with a deadline."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                return
-        time.sleep(0.001)
-    raise AssertionError(f"process {pid} did not stop within {deadline} s")
 
 
 def state_of(d) -> dict:

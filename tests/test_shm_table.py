@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shareit
+from helpers import apply_op, by_steps, shm_state
 from shareit.backends.shm import fastpath
 from shareit.backends.shm import layout as L
 from shareit.backends.shm.codec import encode_key, encode_value, f2i
@@ -78,11 +79,6 @@ def test_a_writer_killed_between_table_steps_is_repaired(name, steps: str, s_aft
         d.close()
 
 
-def _state(d) -> tuple[bytes, bytes]:
-    """The control segment (but the mutex's bytes) and the data segment, as bytes."""
-    t: Table = d._t
-    ctl = bytes(t.cmv)
-    return ctl[: L.MUTEX_OFFSET] + ctl[L.MUTEX_OFFSET + 64 :], bytes(t.g.mv)
 
 
 @pytest.mark.parametrize("value", [7, -(2**63), 2**63 - 1, 2.5, -0.0, float("inf")])
@@ -96,7 +92,7 @@ def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
         for m in (a, b):  # the same history: the same bytes
             m.update({"pad": "x" * 20, "n": 0.5 if kind == L.V_FLOAT else 1, "z": 3})
             m["n"] = 1.5 if kind == L.V_FLOAT else 2  # (now placed: the hot path applies)
-        assert _state(a) == _state(b)
+        assert shm_state(a) == shm_state(b)
         tseq = a._t.c[L.C_TSEQ]
         a["n"] = value  # the inlined copy
         assert a._t.c[L.C_TSEQ] == tseq, "the hot path ran (it opens no transaction)"
@@ -106,7 +102,7 @@ def test_the_inlined_hot_path_does_what_table_store_inline_does(value) -> None:
             t.store_inline(t.slots["n"], f2i(value) if kind == L.V_FLOAT else value)
         finally:
             t.leave()
-        assert _state(a) == _state(b)
+        assert shm_state(a) == shm_state(b)
         assert a["n"] == b["n"] == value or value != value
         assert a._t.c[L.C_JSTATE] == 0 and a._t.c[L.C_STAMP] == b._t.c[L.C_STAMP]
     finally:
@@ -131,7 +127,7 @@ def test_the_flat_writes_do_what_the_steps_do(key, value, via) -> None:
             for k in ("s", b"b", 12):
                 m[k] = "y" * 40
                 m[k] = "old"
-        assert _state(a) == _state(b)
+        assert shm_state(a) == shm_state(b)
         item = _encoded(key, value)
         ta: Table = a._t
         flat = not placed or type(value) in (str, bytes, list)
@@ -153,7 +149,7 @@ def test_the_flat_writes_do_what_the_steps_do(key, value, via) -> None:
             tb.journal.commit()
         finally:
             tb.leave()
-        assert _state(a) == _state(b)
+        assert shm_state(a) == shm_state(b)
         assert a[key] == b[key] == value and a.verify() == b.verify() == []
         assert a._t.slots == b._t.slots
     finally:
@@ -204,7 +200,7 @@ def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool, via: str) 
         for m in (a, b):
             m.update({"pad": "x" * 20, "n": 1, "s": [1, 2]})
             m["s"] = "y" * 40
-        assert _state(a) == _state(b)
+        assert shm_state(a) == shm_state(b)
         _, kkind, kb, h, *_ = _encoded(key, None)
         ta: Table = a._t
         ta.journal.saved_header = True  # (Journal.begin resets it; the flat path does not)
@@ -218,7 +214,7 @@ def test_the_flat_remove_does_what_the_steps_do(key: str, want: bool, via: str) 
             got_b = tb.remove(key, kkind, kb, h, want)
         finally:
             tb.leave()
-        assert _state(a) == _state(b)
+        assert shm_state(a) == shm_state(b)
         assert got_a == got_b or (got_a is got_b is fastpath.ABSENT)
         assert a.snapshot() == b.snapshot() and a.verify() == b.verify() == []
         assert a._t.slots == b._t.slots
@@ -323,29 +319,8 @@ _OPS = st.lists(st.one_of(st.tuples(st.just("set"), _KEYS, _VALUES),
                 min_size=1, max_size=40)
 
 
-def _by_steps(d, op: tuple) -> object:
-    """``op`` on ``d`` with every flat path of ``fastpath`` turned off: the Table's steps."""
-    from shareit.backends.shm import mapping as M
-
-    with pytest.MonkeyPatch.context() as mp_:
-        mp_.setattr(M, "insert", lambda *a: False)
-        mp_.setattr(M, "overwrite", lambda *a: False)
-        mp_.setattr(M, "write_flat", lambda *a: False)
-        mp_.setattr(M, "remove_flat", lambda *a: fastpath.NOT_FLAT)
-        return _apply(d, op)
 
 
-def _apply(d, op: tuple) -> object:
-    if op[0] == "set":
-        d[op[1]] = op[2]
-        return None
-    if op[0] == "pop":
-        return d.pop(op[1], "absent")
-    try:
-        del d[op[1]]
-    except KeyError:
-        return "absent"
-    return None
 
 
 @settings(max_examples=60, deadline=None)
@@ -358,14 +333,14 @@ def test_flat_writes_and_their_inline_probes_match_the_steps(ops) -> None:
     try:
         model: dict = {}
         for op in ops:
-            got_a = _apply(a, op)
-            got_b = _by_steps(b, op)
+            got_a = apply_op(a, op)
+            got_b = by_steps(b, op)
             assert got_a == got_b or got_a != got_a  # (a float nan is not drawn; -0.0 is)
             if op[0] == "set":
                 model[op[1]] = op[2]
             else:
                 model.pop(op[1], None)
-            assert _state(a) == _state(b), op
+            assert shm_state(a) == shm_state(b), op
         assert a.snapshot() == b.snapshot() == model
         assert a.verify() == b.verify() == []
     finally:

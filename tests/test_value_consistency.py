@@ -12,6 +12,7 @@ import time
 import pytest
 
 import shareit
+from helpers import wait_stopped
 from shareit.backends import value as V
 from shareit.testing import join_all
 from shareit.testing.linearizability import run_random_history
@@ -24,15 +25,6 @@ MIX = (("get", 4), ("update", 3), ("snapshot", 2), ("set", 1), ("incr", 1))
 PROMPT = 0.5
 
 
-def wait_stopped(pid: int, deadline: float = 10.0) -> None:
-    """Poll /proc until ``pid`` is stopped (SIGSTOP), with a deadline."""
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                return
-        time.sleep(0.001)
-    raise AssertionError(f"process {pid} did not stop within {deadline} s")
 
 
 def state_of(d) -> dict:
