@@ -383,12 +383,7 @@ class Table:
                 self.abort()
                 raise
         finally:
-            lk = self.lock
-            lk.busy = 0
-            lk.depth -= 1
-            rc = lk.unlock()
-            if rc:
-                raise OSError(rc, f"unlocking the writer lock failed ({os.strerror(rc)})")
+            self.leave()
 
     def write_one(self, key: Any, kkind: int, kb: bytes, h: int, vkind: int, vinl: int,
                   vraw: bytes | None) -> None:
