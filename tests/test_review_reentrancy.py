@@ -234,6 +234,20 @@ def _locked_caller(name: str, mode: str, conn) -> None:
     d.close()
 
 
+def _cut_short_in_flight(server: int, parent, pid: int) -> None:
+    """The child says it holds lock(); stop the server, let the child's next call wait
+    for its reply on the mapping's socket, and interrupt that call with SIGUSR1."""
+    assert parent.poll(DEADLINE)
+    tag, fd = parent.recv()
+    assert tag == "locked"
+    os.kill(server, signal.SIGSTOP)
+    # (kill() returns before the server has stopped: until it has, it may still answer)
+    wait_stopped(server, DEADLINE)
+    parent.send("server stopped")
+    wait_until(lambda: reading(pid, fd), "the child waiting for its reply")
+    os.kill(pid, signal.SIGUSR1)
+
+
 def test_manager_a_call_cut_short_inside_lock_is_never_silently_unlocked(name) -> None:
     """Was a strict xfail: a call cut short closes its connection (never to read its
     reply as the next call's), and the server releases the lock() that connection held;
@@ -242,24 +256,13 @@ def test_manager_a_call_cut_short_inside_lock_is_never_silently_unlocked(name) -
     d = shareit.open(name, backend="manager", timeout=20.0)
     parent, child = FORK.Pipe()
     p = FORK.Process(target=_locked_caller, args=(name, "caught", child))
-    stopped = False
+    server = d.info()["pid"]
     try:
-        server = d.info()["pid"]
         p.start()
         child.close()
-        assert parent.poll(DEADLINE)
-        tag, fd = parent.recv()
-        assert tag == "locked"
-        os.kill(server, signal.SIGSTOP)
-        # (kill() returns before the server has stopped: until it has, it may still answer)
-        wait_stopped(server, DEADLINE)
-        stopped = True
-        parent.send("server stopped")
-        wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")
-        os.kill(p.pid, signal.SIGUSR1)
+        _cut_short_in_flight(server, parent, p.pid)
         assert parent.poll(DEADLINE) and parent.recv() == "caught"
         os.kill(server, signal.SIGCONT)
-        stopped = False
         try:  # the child is still inside its lock() block: this must time out
             with d.lock(timeout=1.0):
                 taken = True
@@ -272,8 +275,7 @@ def test_manager_a_call_cut_short_inside_lock_is_never_silently_unlocked(name) -
         assert taken  # (the server released it with the connection)
         assert escaped == "LockLostError" and "b" not in d
     finally:
-        if stopped:
-            os.kill(server, signal.SIGCONT)
+        os.kill(server, signal.SIGCONT)  # (harmless if it runs)
         if p.is_alive():
             p.kill()
             p.join(DEADLINE)
@@ -286,30 +288,18 @@ def test_manager_ctrl_c_inside_lock_leaves_as_keyboardinterrupt(name) -> None:
     d = shareit.open(name, backend="manager", timeout=20.0)
     parent, child = FORK.Pipe()
     p = FORK.Process(target=_locked_caller, args=(name, "escapes", child))
-    stopped = False
+    server = d.info()["pid"]
     try:
-        server = d.info()["pid"]
         p.start()
         child.close()
-        assert parent.poll(DEADLINE)
-        tag, fd = parent.recv()
-        assert tag == "locked"
-        os.kill(server, signal.SIGSTOP)
-        # (kill() returns before the server has stopped: until it has, it may still answer)
-        wait_stopped(server, DEADLINE)
-        stopped = True
-        parent.send("server stopped")
-        wait_until(lambda: reading(p.pid, fd), "the child waiting for its reply")
-        os.kill(p.pid, signal.SIGUSR1)
+        _cut_short_in_flight(server, parent, p.pid)
         os.kill(server, signal.SIGCONT)
-        stopped = False
         assert parent.poll(DEADLINE)
         _done, escaped = parent.recv()
         assert join_all([p], DEADLINE) == [0]
         assert escaped == "KeyboardInterrupt"
     finally:
-        if stopped:
-            os.kill(server, signal.SIGCONT)
+        os.kill(server, signal.SIGCONT)  # (harmless if it runs)
         if p.is_alive():
             p.kill()
             p.join(DEADLINE)
